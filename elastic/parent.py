@@ -54,10 +54,16 @@ def resolve_parent_path(cfg: Any) -> Path:
         return check_checkpoint(cfg.parent.path)
     if "toy" not in cfg or cfg.toy is None:
         raise ModelError("parent.path is not set; point it at a local NemotronH checkpoint or use recipe=toy")
+    import hashlib
+
+    from omegaconf import OmegaConf
+
     from elastic import toy
 
-    settings = {k: v for k, v in dict(cfg.toy).items() if k != "cache_dir"}
-    out = Path(cfg.toy.cache_dir).expanduser() / toy.settings_key(settings)
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.toy, resolve=True).items() if k != "cache_dir"}
+    # one cache folder per distinct build, so changing a toy setting never reuses a stale parent
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    out = Path(cfg.toy.cache_dir).expanduser() / f"parent-{key}"
     return check_checkpoint(toy.build_toy_parent(out, **settings))
 
 

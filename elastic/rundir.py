@@ -196,17 +196,22 @@ class RunDir:
     def is_done(self, stage: str) -> bool:
         return self.done_path(stage).exists()
 
-    def mark_done(self, stage: str, summary: Any = None, config: Any = None) -> Path:
+    def mark_done(self, stage: str, summary: Any = None, config: Any = None, **extra) -> Path:
         return write_json(
             self.done_path(stage),
             {
                 "stage": stage,
                 "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "summary": summary,
-                "config": config,
                 "git_sha": git_sha(),
+                **extra,
+                "config": config,
             },
         )
+
+    def done_record(self, stage: str) -> dict | None:
+        p = self.done_path(stage)
+        return read_json(p) if p.exists() else None
 
     def clear_done(self, stage: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,129 @@
+"""Activation-based importance of every elastic axis (Minitron / Minitron-SSM), on calibration data.
+
+Width scores aggregate an activation's magnitude as "mean over the sequence, L2 over the batch",
+the combination Minitron found to rank best:
+
+* hidden channels -- the outputs of every RMSNorm that feeds a mixer, plus ``norm_f``, summed;
+* FFN neurons     -- the MLP's hidden activation (the input of ``down_proj``), per MLP layer;
+* Mamba heads     -- the mixer's per-head activation entering ``out_proj`` (after the gated
+  group norm), L2 over ``head_dim``, per Mamba layer; heads are later ranked *within their group*;
+* attention heads -- the per-head input of ``o_proj`` (recorded for reports; not pruned by default).
+
+Depth scores skip one layer at a time (the residual carries its input through) and measure how the
+output moves: the normalised MSE of the logits against the full model, and the rise in LM loss.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from elastic.models.nemotron_h import arch_of
+
+
+class _SeqMeanBatchL2:
+    """Accumulates sum over sequences of (mean over tokens of |a|)^2; `result()` takes the sqrt."""
+
+    def __init__(self):
+        self.sq: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, per_seq: torch.Tensor) -> None:  # per_seq: [B, C]
+        v = per_seq.float().pow(2).sum(0).cpu()
+        self.sq[key] = self.sq[key] + v if key in self.sq else v
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {k: v.sqrt() for k, v in self.sq.items()}
+
+
+def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+@torch.no_grad()
+def width_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Scores for hidden channels, FFN neurons, Mamba heads and attention heads (higher = more important)."""
+    arch = arch_of(model)
+    acc = _SeqMeanBatchL2()
+    hooks = []
+
+    def mean_abs(x: torch.Tensor) -> torch.Tensor:  # [B, S, C] -> [B, C]
+        return x.abs().float().mean(1)
+
+    def on_norm(_m, _inp, out):
+        acc.add("hidden", mean_abs(out))
+
+    def on_ffn(layer):
+        return lambda _m, inp: acc.add(f"ffn.{layer}", mean_abs(inp[0]))
+
+    def on_heads(prefix, layer, n_heads):
+        def hook(_m, inp):
+            x = inp[0]
+            per_head = x.float().unflatten(-1, (n_heads, -1)).norm(dim=-1)  # [B, S, heads]
+            acc.add(f"{prefix}.{layer}", per_head.mean(1))
+
+        return hook
+
+    model_layers = model.model.layers
+    for i, (block, kind) in enumerate(zip(model_layers, arch.pattern)):
+        hooks.append(block.norm.register_forward_hook(on_norm))
+        if kind == "-":
+            hooks.append(block.mixer.down_proj.register_forward_pre_hook(on_ffn(i)))
+        elif kind == "M":
+            hooks.append(block.mixer.out_proj.register_forward_pre_hook(on_heads("mamba", i, arch.mamba_num_heads)))
+        elif kind == "*":
+            hooks.append(block.mixer.o_proj.register_forward_pre_hook(on_heads("attn", i, arch.num_attention_heads)))
+    hooks.append(model.model.norm_f.register_forward_hook(on_norm))
+    device = next(model.parameters()).device
+    try:
+        for ids in tqdm(list(batches), desc="importance: width", disable=not progress, unit="batch"):
+            model(ids.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return acc.result()
+
+
+@torch.no_grad()
+def depth_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per-layer importance by skipping it alone: ``depth_mse`` (normalised logit MSE) and ``depth_loss``
+    (LM-loss rise). Higher = more important."""
+    layers_ = model.model.layers
+    n = len(layers_)
+    mse = torch.zeros(n, dtype=torch.float64)
+    dloss = torch.zeros(n, dtype=torch.float64)
+    batches = list(batches)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(batches) * (n + 1), desc="importance: depth", disable=not progress, unit="fwd")
+    try:
+        for ids in batches:
+            ids = ids.to(device)
+            full = model(ids, use_cache=False).logits.float()
+            base = _lm_loss(full, ids)
+            denom = full.pow(2).mean()
+            bar.update()
+            for i in range(n):
+                # Bypassing a block == its residual alone; swapping the list is cheaper than running it.
+                model.model.layers = nn.ModuleList([b for j, b in enumerate(layers_) if j != i])
+                try:
+                    skipped = model(ids, use_cache=False).logits.float()
+                finally:
+                    model.model.layers = layers_
+                mse[i] += ((skipped - full).pow(2).mean() / denom).item()
+                dloss[i] += (_lm_loss(skipped, ids) - base).item()
+                bar.update()
+    finally:
+        bar.close()
+    k = max(len(batches), 1)
+    return {"depth_mse": (mse / k).float(), "depth_loss": (dloss / k).float()}
+
+
+def compute_scores(model, batches, *, depth: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:
+    """All importance scores of `model` on `batches` (token-id tensors [B, S])."""
+    batches = list(batches)
+    scores = width_scores(model, batches, progress=progress)
+    if depth:
+        scores.update(depth_scores(model, batches, progress=progress))
+    return scores

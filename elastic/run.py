@@ -1,0 +1,140 @@
+"""Entry point: ``python -m elastic.run [stage=<stage>] [recipe=<recipe>] [key=value ...]``.
+
+A thin Hydra wrapper: it composes ``conf/config.yaml`` + ``recipes/<recipe>.yaml`` + the command
+line and hands the config to `pipeline`, which runs the stages (each ``elastic.stages.<name>.run``)
+against one run directory. `pipeline` is plain Python and testable without Hydra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Hub look-ups cannot succeed here and each one wastes ~45 s retrying; a user with a hub sets these to 0.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from elastic.stages import ORDER  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+# Exceptions that mean "bad input": reported as one line, exit code 2, no traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from elastic.arch import ArchError
+    from elastic.data import DataError
+    from elastic.parent import ModelError
+
+    return (ArchError, DataError, ModelError, FileNotFoundError, FileExistsError)
+
+
+def stage_fingerprint(cfg: Any, stage: str) -> str:
+    """Hash of what a stage's output depends on: its own config group, the parent, the data and the seed."""
+    from omegaconf import OmegaConf
+
+    def part(key: str):
+        return OmegaConf.to_container(cfg[key], resolve=True) if key in cfg and OmegaConf.is_config(cfg[key]) else cfg.get(key)
+
+    blob = {k: part(k) for k in (stage, "parent", "data", "toy", "seed")}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def available_stages() -> list[str]:
+    return [s for s in ORDER if importlib.util.find_spec(f"elastic.stages.{s}") is not None]
+
+
+def pipeline(cfg: Any) -> dict[str, Any]:
+    """Run `cfg.stage` (or every implemented stage, in order, for ``all``) in `cfg.run_dir`."""
+    from elastic.rundir import RunDir
+
+    implemented = available_stages()
+    if cfg.stage == "all":
+        stages = implemented
+    elif cfg.stage in implemented:
+        stages = [cfg.stage]
+    elif cfg.stage in ORDER:
+        raise ValueError(f"stage {cfg.stage!r} is not implemented yet; implemented: {', '.join(implemented)}")
+    else:
+        raise ValueError(f"unknown stage {cfg.stage!r}; choose one of: all, {', '.join(implemented)}")
+
+    run = RunDir(cfg.run_dir)
+    print(f"elastic: run directory {run.root}")
+    results: dict[str, Any] = {}
+    for stage in stages:
+        fp = stage_fingerprint(cfg, stage)
+        done = run.done_record(stage)
+        if done and done.get("fingerprint") == fp and not cfg.force:
+            print(f"[{stage}] already done with this config (force=true reruns it): {run.path(stage)}")
+            results[stage] = done.get("summary")
+            continue
+        run.clear_done(stage)
+        print(f"[{stage}] running ...")
+        t0 = time.time()
+        module = importlib.import_module(f"elastic.stages.{stage}")
+        summary = module.run(cfg, run)
+        seconds = round(time.time() - t0, 1)
+        run.mark_done(stage, summary, config=cfg.get(stage), fingerprint=fp, seconds=seconds)
+        results[stage] = summary
+        print(f"[{stage}] done in {seconds}s -> {run.path(stage)}")
+    _print_summary(run, results)
+    return results
+
+
+def _print_summary(run, results: dict) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(json.dumps(results, indent=2, default=str))
+        return
+    table = Table(title=f"elastic run: {run.root}")
+    table.add_column("stage")
+    table.add_column("outputs")
+    for stage, summary in results.items():
+        text = json.dumps(summary, default=str) if not isinstance(summary, str) else summary
+        table.add_row(stage, text if len(text) < 400 else text[:397] + "...")
+    Console().print(table)
+
+
+def _preflight(argv: list[str]) -> None:
+    """Catch the commonest typos before Hydra prints a long report about them."""
+    for arg in argv:
+        key, _, val = arg.partition("=")
+        if key == "recipe" and val and not (RECIPES_DIR / f"{val}.yaml").exists():
+            names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+            _fail(f"unknown recipe {val!r}; choose one of: {', '.join(names)}")
+        if key == "stage" and val and val != "all" and val not in ORDER:
+            _fail(f"unknown stage {val!r}; choose one of: all, {', '.join(ORDER)}")
+
+
+def _fail(msg: str) -> None:
+    print(f"elastic: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    import hydra
+
+    _preflight(sys.argv[1:])
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def _main(cfg) -> None:
+        try:
+            pipeline(cfg)
+        except _user_errors() + (ValueError,) as e:
+            if os.environ.get("ELASTIC_TRACEBACK"):
+                raise
+            _fail(str(e))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Stage `importance`: score and rank every elastic axis of the parent on calibration data.
+
+    python -m elastic.run stage=importance parent.path=/ckpt/NVIDIA-Nemotron-Nano-9B-v2 \
+        data.files='calib/*.jsonl' run_dir=runs/9b
+    python -m elastic.run stage=importance            # tiny CPU variant: the toy parent, ~20 s
+
+Writes ``importance/scores.safetensors`` (raw scores), ``importance/ranking.safetensors`` (the
+importance order of every axis, the one index set that search, prune and distill all use) and
+``importance/summary.json`` (per-layer depth scores, readable), each with a ``.meta.json`` sidecar.
+"""
+
+from __future__ import annotations
+
+import time
+
+from elastic.importance import compute_scores
+from elastic.inputs import token_batches
+from elastic.models.nemotron_h import Ranking, arch_of
+from elastic.parent import load_model, load_tokenizer, resolve_device, resolve_parent_path
+from elastic.rundir import RunDir
+
+STAGE = "importance"
+
+
+def run(cfg, run: RunDir) -> dict:
+    c = cfg.importance
+    parent_path = resolve_parent_path(cfg)
+    tok = load_tokenizer(parent_path)
+    model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))
+    arch = arch_of(model)
+    batches = token_batches(cfg, tok, "calib", num_sequences=c.num_sequences, batch_size=c.batch_size, seq_len=c.seq_len)
+    t0 = time.time()
+    scores = compute_scores(model, batches, depth=c.depth)
+    if not c.depth:  # keep the layer order as given so depth pruning still has a (trivial) ranking
+        import torch
+
+        scores["depth_mse"] = scores["depth_loss"] = torch.arange(arch.num_layers, 0, -1).float()
+    ranking = Ranking.from_scores(scores, arch, depth_metric=c.depth_metric)
+    ranking.validate(arch)
+    inputs = {"parent": str(parent_path), "calibration_sequences": sum(len(b) for b in batches)}
+    meta = dict(stage=STAGE, config=cfg.importance, inputs=inputs, arch=arch.to_dict())
+    run.save_tensors("importance/scores.safetensors", scores, **meta)
+    run.save_tensors("importance/ranking.safetensors", ranking.to_tensors(), **meta)
+    summary = {
+        "parent": str(parent_path),
+        "arch": arch.to_dict(),
+        "layers": [
+            {"index": i, "kind": k, "depth_mse": float(scores["depth_mse"][i]), "depth_loss": float(scores["depth_loss"][i])}
+            for i, k in enumerate(arch.pattern)
+        ],
+        "depth_order": ranking.depth.tolist(),
+        "seconds": round(time.time() - t0, 1),
+    }
+    run.save_json("importance/summary.json", summary, **meta)
+    return {"ranking": str(run.path("importance/ranking.safetensors")), "depth_order": summary["depth_order"]}
+
+
+def load_ranking(run: RunDir) -> Ranking:
+    """The parent's ranking from a finished importance stage (clear error if it has not run)."""
+    path = run.path("importance/ranking.safetensors")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m elastic.run stage=importance run_dir={run.root}` first")
+    return Ranking.from_tensors(run.load_tensors("importance/ranking.safetensors"))

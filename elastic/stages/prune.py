@@ -1,0 +1,163 @@
+"""Stage `prune`: slice the parent into one architecture, saved as a plain Hugging Face checkpoint.
+
+    python -m elastic.run stage=prune prune.target=0.6 run_dir=RUN          # a budget: grid search picks the shape
+    python -m elastic.run stage=prune 'prune.arch={hidden_size:3136,intermediate_size:12544,mamba_num_heads:96,drop_layers:14}' \
+        parent.path=/ckpt/NVIDIA-Nemotron-Nano-9B-v2 run_dir=runs/9b
+    python -m elastic.run stage=prune                                       # tiny CPU variant on the toy parent
+
+How a budget becomes a shape (Minitron-style, no training): enumerate every combination of the
+width choices (within `max_width_prune` of the parent, in `granularity` steps) and depth choices
+(drop the k least important droppable layers, k up to `max_depth_prune` of the layers) whose
+parameter count lies in ``[(1 - tolerance) * target, target]``; take the `num_candidates` with the
+most parameters; slice each with the importance ranking and keep the one with the lowest held-out
+loss. Everything is recorded in ``prune/<name>/candidates.json``.
+
+Output: ``prune/<name>/`` (safetensors weights, config.json derived from the kept sizes, tokenizer,
+``arch.json``) that ``AutoModelForCausalLM.from_pretrained`` loads with no project code, and
+``prune/latest.json`` pointing at it for the next stage.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from elastic.arch import Arch, ArchError, human_count
+from elastic.inputs import heldout_loss, token_batches
+from elastic.models.nemotron_h import Ranking, arch_of, make_arch, slice_model
+from elastic.parent import load_model, load_tokenizer, resolve_device, resolve_parent_path
+from elastic.rundir import RunDir, write_json
+from elastic.search_space import Space, parse_budget
+
+STAGE = "prune"
+
+
+def get_ranking(kind: str, run: RunDir, arch: Arch, seed: int) -> Ranking:
+    if kind == "importance":
+        from elastic.stages.importance import load_ranking
+
+        ranking = load_ranking(run)
+    elif kind == "identity":
+        ranking = Ranking.identity(arch)
+    elif kind == "random":
+        ranking = Ranking.random(arch, torch.Generator().manual_seed(int(seed)))
+    else:
+        raise ValueError(f"prune.ranking must be importance, identity or random, got {kind!r}")
+    ranking.validate(arch)
+    return ranking
+
+
+def arch_from_sizes(parent: Arch, ranking: Ranking, sizes: dict[str, Any], protect_kinds: str) -> Arch:
+    """An explicit `prune.arch` mapping -> a validated child `Arch`."""
+    known = {"hidden_size", "intermediate_size", "mamba_num_heads", "drop_layers", "layers"}
+    unknown = set(sizes) - known
+    if unknown:
+        raise ArchError(f"prune.arch has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    if "drop_layers" in sizes and "layers" in sizes:
+        raise ArchError("give prune.arch.drop_layers or prune.arch.layers, not both")
+    layers = tuple(int(i) for i in sizes["layers"]) if sizes.get("layers") is not None else None
+    return make_arch(
+        parent,
+        ranking,
+        hidden_size=sizes.get("hidden_size"),
+        intermediate_size=sizes.get("intermediate_size"),
+        mamba_num_heads=sizes.get("mamba_num_heads"),
+        drop_layers=int(sizes.get("drop_layers") or 0),
+        layers=layers,
+        protect_kinds=protect_kinds,
+    )
+
+
+def grid_candidates(parent: Arch, ranking: Ranking, target: int, c: Any) -> list[Arch]:
+    """Every architecture of the grid whose size is within the budget band, most parameters first."""
+    g = c.granularity
+    space = Space.build(
+        parent,
+        hidden_step=int(g.hidden),
+        ffn_step=int(g.ffn),
+        mamba_heads_per_group_step=int(g.mamba_heads_per_group),
+        max_width_prune=float(c.max_width_prune),
+        max_depth_prune=float(c.max_depth_prune),
+        protect_kinds=c.protect_kinds,
+    )
+    protect = {i for i, k in enumerate(parent.pattern) if k in c.protect_kinds}
+    kept = {d: ranking.layers_after_dropping(d, parent.num_layers, protect) for d in space.drops}
+    lo = (1 - float(c.tolerance)) * target
+    out, smallest, largest = [], None, None
+    for h, f, m, d in space:
+        a = parent.replace(hidden_size=h, intermediate_size=f, mamba_num_heads=m, layers=kept[d], pattern="".join(parent.pattern[i] for i in kept[d]))
+        n = a.num_params()
+        smallest = n if smallest is None else min(smallest, n)
+        largest = n if largest is None else max(largest, n)
+        if lo <= n <= target:
+            out.append(a)
+    if not out:
+        raise ArchError(
+            f"no architecture of the grid has between {human_count(lo)} and {human_count(target)} parameters "
+            f"(the grid spans {human_count(smallest)} .. {human_count(largest)}; widen max_width_prune / max_depth_prune, "
+            "refine granularity or raise tolerance)"
+        )
+    out.sort(key=lambda a: (-a.num_params(), -a.hidden_size, -a.num_layers))
+    return out
+
+
+def default_name(arch: Arch) -> str:
+    return f"h{arch.hidden_size}-f{arch.intermediate_size}-m{arch.mamba_num_heads}-L{arch.num_layers}"
+
+
+def run(cfg, run: RunDir) -> dict:
+    c = cfg.prune
+    if (c.target is None) == (c.arch is None):
+        raise ArchError("set exactly one of prune.target (a parameter budget, e.g. 0.6) or prune.arch (explicit sizes)")
+    parent_path = resolve_parent_path(cfg)
+    tok = load_tokenizer(parent_path)
+    model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))
+    parent = arch_of(model)
+    ranking = get_ranking(c.ranking, run, parent, cfg.seed)
+
+    record: dict[str, Any] = {"parent": str(parent_path), "parent_params": parent.num_params(), "ranking": c.ranking}
+    if c.arch is not None:
+        sizes = OmegaConf.to_container(c.arch, resolve=True) if OmegaConf.is_config(c.arch) else dict(c.arch)
+        arch = arch_from_sizes(parent, ranking, sizes, c.protect_kinds)
+        record["rule"] = "explicit sizes"
+    else:
+        target = parse_budget(c.target, parent.num_params())
+        cands = grid_candidates(parent, ranking, target, c)
+        record.update(rule="grid", target_params=target, grid_matches=len(cands))
+        cands = cands[: int(c.num_candidates)]
+        if int(c.score_sequences) > 0 and len(cands) > 1:
+            batches = token_batches(cfg, tok, "heldout", num_sequences=int(c.score_sequences), batch_size=int(c.score_batch_size))
+            scored = []
+            for a in tqdm(cands, desc="prune: scoring candidates", unit="arch"):
+                scored.append((heldout_loss(slice_model(model, a, ranking), batches), a))
+            record["candidates"] = [{"arch": a.to_dict(), "params": a.num_params(), "heldout_loss": l} for l, a in scored]
+            arch = min(scored, key=lambda t: t[0])[1]
+        else:
+            record["candidates"] = [{"arch": a.to_dict(), "params": a.num_params()} for a in cands]
+            arch = cands[0]
+
+    t0 = time.time()
+    child = slice_model(model, arch, ranking)
+    name = c.name or default_name(arch)
+    record.update(arch=arch.to_dict(), params=arch.num_params(), summary=arch.short(), name=name)
+    with run.artifact_dir(
+        f"prune/{name}", stage=STAGE, config=c, inputs={"parent": str(parent_path), "ranking": c.ranking},
+        overwrite=bool(cfg.force), arch=arch.to_dict(), params=arch.num_params(), parent_params=parent.num_params(),
+    ) as (tmp, _extra):
+        child.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "arch.json", arch.to_dict())
+        write_json(tmp / "candidates.json", record)
+        # the ranking of the child (identity on widths, parent's depth order renumbered) lets a later
+        # stage prune it again consistently
+        from safetensors.torch import save_file
+
+        save_file(ranking.child(arch).to_tensors(), str(tmp / "ranking.safetensors"))
+    out = run.path("prune", name)
+    write_json(run.path("prune/latest.json"), {"name": name, "path": str(out), "arch": arch.to_dict(), "params": arch.num_params()})
+    print(f"prune: {arch.short()} ({arch.num_params() / parent.num_params():.1%} of the parent) -> {out} [{time.time() - t0:.1f}s]")
+    return {"name": name, "path": str(out), "params": arch.num_params(), "parent_params": parent.num_params()}
