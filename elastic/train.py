@@ -1,0 +1,486 @@
+"""The one training loop, shared by the distill stage and the search stage's joint router training.
+
+Built on accelerate, so the same code runs on one CPU, one GPU, DDP or FSDP over many GPUs and
+nodes (``accelerate launch``; see ``scripts/distill_multigpu.sh``). What a step computes and which
+parameters it trains are plugged in by the caller:
+
+``step_fn(batch, model, teacher, step) -> (loss, metrics)``
+    ``batch`` is one micro-batch (a ``LongTensor[micro_batch, seq_len]`` of token ids on the
+    device), ``model`` the prepared (maybe DDP/FSDP-wrapped) trained module, ``teacher`` whatever
+    was passed as ``teacher`` (frozen, not wrapped), ``step`` the 0-based optimizer step. Return
+    the scalar loss of this micro-batch (a token mean) and a dict of floats to log. Every
+    parameter use must happen inside ``model(...)`` so DDP/FSDP see it (see ``losses.KDStudent``).
+``param_groups(model) -> list[dict]``
+    Optimizer groups of the UNwrapped model (``{"params": [...], "lr": ..., "weight_decay": ...,
+    "warmup_steps": ..., "name": ...}``); missing keys come from :class:`TrainConfig`. Default:
+    every trainable parameter, no weight decay on vectors (norms, biases).
+``extra_state``
+    Objects with ``state_dict()``/``load_state_dict()`` saved in every checkpoint (e.g. a router's
+    temperature schedule); RNG states of python, numpy and torch are always saved.
+
+Data comes from :class:`StepBatches`: a deterministic global stream of packed rows
+(``data.Mixture``) in which optimizer step ``t`` owns rows ``[t*B, (t+1)*B)`` (``B`` = global batch
+in sequences). Micro-step ``a`` of process ``r`` takes rows ``(a*W + r)*m ... +m`` (``m`` = micro
+batch, ``W`` = world size), so W processes with ``B/(m*W)`` accumulation steps see exactly the rows
+one process sees with ``B/m``: the loss curve does not depend on the number of GPUs.
+
+Checkpoints (``checkpoint_every`` steps) go to ``checkpoint_dir/step_<N>/``: written into a hidden
+temporary folder by every process (``Accelerator.save_state``: model, optimizer, RNG states; FSDP
+sharded), completed by ``trainer_state.json`` (step, per-step metrics, data position, scheduler,
+run fingerprint) and renamed into place only then; a crash mid-write leaves no ``step_*`` folder.
+On start, the newest complete checkpoint is resumed (``resume=None``), after checking that its
+fingerprint matches this run's; later steps then give bit-identical losses on the same hardware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TrainConfig", "TrainResult", "StepBatches", "ResumeError", "SimulatedCrash", "train",
+    "make_accelerator", "default_param_groups", "latest_checkpoint", "clear_checkpoints",
+    "gather_state_dict", "memory_gb",
+]
+
+StepFn = Callable[[torch.Tensor, nn.Module, Any, int], "tuple[torch.Tensor, Mapping[str, Any]]"]
+ParamGroupsFn = Callable[[nn.Module], "list[dict]"]
+
+STATE_FILE = "trainer_state.json"
+EXTRA_FILE = "extra_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed: it belongs to another run, or `resume=true` found none."""
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by `TrainConfig.fail_at_step` (tests kill a run mid-phase with it)."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (one phase). Sizes are per optimizer step unless noted."""
+
+    max_steps: int                         # optimizer steps of this run
+    lr: float = 1e-4                       # peak learning rate (groups may set their own)
+    warmup_steps: int = 0                  # linear warmup from 0 to the peak
+    min_lr_ratio: float = 0.1              # cosine decays to lr * min_lr_ratio at max_steps
+    weight_decay: float = 0.01             # AdamW decoupled weight decay (matrices only by default)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0          # max global grad norm; None/0 = no clipping
+    gradient_checkpointing: bool = False   # recompute activations in backward (HF models inside `model`)
+    checkpoint_every: int = 0              # save a resumable checkpoint every N steps; 0 = never
+    keep_checkpoints: int = 2              # newest checkpoints kept on disk
+    resume: bool | None = None             # None: resume if a checkpoint exists; True: must; False: start over
+    log_every: int = 1                     # tracker logging period in steps
+    seed: int = 0                          # seeds python/numpy/torch at a fresh start
+    fail_at_step: int | None = None        # testing: raise SimulatedCrash after this many steps
+    desc: str = "train"                    # progress bar label
+    log_prefix: str = ""                   # tracker metric prefix, e.g. "phase1/"
+    step_offset: int = 0                   # tracker step of this run's step 0 (phases continue one curve)
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"bad schedule: warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module                        # the prepared (maybe wrapped) module, still on the device
+    steps: int                              # optimizer steps done in total (resumed ones included)
+    history: list[dict] = field(default_factory=list)  # per-step metrics, index = step - 1
+    resumed_from: int | None = None         # the step of the checkpoint this run resumed, if any
+    tokens: int = 0                         # global tokens seen (all processes, resumed steps included)
+    seconds: float = 0.0                    # wall time of this invocation
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class StepBatches:
+    """This process's micro-batches of each optimizer step, cut from a global row stream.
+
+    ``stream`` has ``take(n)`` (addresses of the next n global rows), ``fetch(addresses)``,
+    ``catch_up()``, ``state_dict()``/``load_state_dict()`` and ``seq_len`` -- a ``data.Mixture``.
+    ``batch_size`` is the GLOBAL batch in sequences; gradient accumulation is derived from it.
+    """
+
+    def __init__(self, stream, *, batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1):
+        if micro_batch_size < 1 or batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1 (batch_size={batch_size}, micro_batch_size={micro_batch_size})")
+        if batch_size % (micro_batch_size * world_size):
+            raise ValueError(
+                f"batch_size {batch_size} is not a multiple of micro_batch_size x processes "
+                f"({micro_batch_size} x {world_size}); change one of them"
+            )
+        self.stream, self.batch_size, self.micro_batch_size = stream, batch_size, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.grad_accum = batch_size // (micro_batch_size * world_size)
+
+    @property
+    def seq_len(self) -> int:
+        return self.stream.seq_len
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def next_step(self) -> list[torch.Tensor]:
+        addresses = self.stream.take(self.batch_size)
+        m, w, r = self.micro_batch_size, self.world_size, self.rank
+        out = [self.stream.fetch(addresses[(a * w + r) * m : (a * w + r + 1) * m]) for a in range(self.grad_accum)]
+        self.stream.catch_up()
+        return out
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def make_accelerator(*, device: str = "auto", mixed_precision: str = "auto", log_with=None, project_dir=None, **kwargs):
+    """An `Accelerator` for this project's conventions.
+
+    ``device="cpu"`` (or no GPU) forces CPU; ``mixed_precision="auto"`` is bf16 on GPU, none on CPU.
+    The scheduler is NOT prepared by the loop (accelerate would step it once per process), so
+    nothing else needs configuring here.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    cpu = device == "cpu" or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if mixed_precision == "auto":
+        mixed_precision = "no" if cpu else "bf16"
+    project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) if project_dir else None
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with or None,
+                       project_config=project, **kwargs)
+
+
+def default_param_groups(model: nn.Module) -> list[dict]:
+    """Matrices with weight decay, vectors (norm weights, biases, A_log, D, dt_bias) without."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _lr_lambda(warmup: int, total: int, floor: float) -> Callable[[int], float]:
+    def f(step: int) -> float:  # `step` = optimizer steps done; the lr used for step s is f(s)
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Turn on HF activation checkpointing in every outermost HF model inside `model`."""
+    done: list[str] = []
+    for name, m in model.named_modules():
+        if hasattr(m, "gradient_checkpointing_enable") and not any(name.startswith(d + ".") or d == "" for d in done):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            done.append(name)
+    return len(done)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or this process's resident memory on CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+    except ImportError:  # pragma: no cover
+        return float("nan")
+
+
+def gather_state_dict(accelerator, model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor] | None:
+    """The full state dict of a prepared model on the main process (FSDP shards gathered), keys with
+    ``prefix`` stripped and only those kept; None on other processes. Call on EVERY process."""
+    sd = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process or sd is None:
+        return None
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    if not checkpoint_dir.is_dir():
+        return []
+    out = []
+    for p in checkpoint_dir.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in `checkpoint_dir`, or None."""
+    dirs = _step_dirs(Path(checkpoint_dir))
+    return dirs[-1][1] if dirs else None
+
+
+def read_checkpoint_state(path: str | Path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def clear_checkpoints(checkpoint_dir: str | Path) -> None:
+    """Remove a checkpoint folder (e.g. once the phase's final model is safely written)."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def check_fingerprint(saved: Mapping | None, current: Mapping | None, where: Path) -> None:
+    """Refuse to resume a checkpoint written by a run with other inputs (teacher, student, data)."""
+    if not current:
+        return
+    saved = saved or {}
+    diff = sorted(k for k in set(saved) | set(current) if json.dumps(saved.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True))
+    if diff:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:4])
+        raise ResumeError(
+            f"{where} belongs to another run ({detail}); point the run elsewhere, or set resume=false to "
+            "start over (its checkpoints will be replaced)"
+        )
+
+
+def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, trainer_state: dict, extra: dict, keep: int) -> Path:
+    final = checkpoint_dir / f"step_{step:08d}"
+    tmp = checkpoint_dir / f".step_{step:08d}.tmp"  # the same name on every process (shared filesystem)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model, optimizer, RNG of every process (FSDP: sharded)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if extra:
+            torch.save(extra, tmp / EXTRA_FILE)
+        # trainer_state.json last: a folder without it is not a checkpoint
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in _step_dirs(checkpoint_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def train(
+    model: nn.Module,
+    step_fn: StepFn,
+    batches: StepBatches,
+    cfg: TrainConfig,
+    *,
+    accelerator,
+    checkpoint_dir: str | Path | None = None,
+    teacher: Any = None,
+    param_groups: ParamGroupsFn | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
+    extra_state: Mapping[str, Stateful] | None = None,
+    on_step_end: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train `model` for ``cfg.max_steps`` optimizer steps; see the module docstring.
+
+    The accelerator's previously prepared objects are released first (so checkpoints hold this
+    run's model and optimizer only). Trackers must be initialised by the caller
+    (``tracking.init_trackers``); metrics go to them every ``log_every`` steps.
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    accelerator.free_memory()
+    main = accelerator.is_main_process
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    extra_state = dict(extra_state or {})
+    fingerprint = dict(fingerprint or {})
+
+    # --- resume decision, before anything is modified
+    latest = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if cfg.resume is True and latest is None:
+        raise ResumeError(f"resume=true but there is no checkpoint in {ckpt_dir}")
+    if cfg.resume is False:
+        latest = None
+    state = None
+    if latest is not None:
+        state = read_checkpoint_state(latest)
+        check_fingerprint(state.get("fingerprint"), fingerprint, latest)
+        if state["step"] > cfg.max_steps:
+            raise ResumeError(f"{latest} is at step {state['step']}, beyond max_steps={cfg.max_steps}")
+    accelerator.wait_for_everyone()
+    if ckpt_dir is not None and main:
+        if cfg.resume is False and ckpt_dir.exists():
+            clear_checkpoints(ckpt_dir)
+        for p in ckpt_dir.glob(".step_*.tmp") if ckpt_dir.exists() else []:  # a crash mid-save
+            shutil.rmtree(p, ignore_errors=True)
+    if state is None:
+        set_seed(cfg.seed)
+
+    # --- model, optimizer, schedule
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    for m in model.modules():  # NemotronH needs use_cache=False in training; other HF models too
+        if getattr(getattr(m, "config", None), "use_cache", None):
+            m.config.use_cache = False
+    model.train()
+    groups = (param_groups or default_param_groups)(model)
+    lambdas = []
+    for g in groups:
+        g.setdefault("lr", cfg.lr)
+        g.setdefault("weight_decay", cfg.weight_decay)
+        lambdas.append(_lr_lambda(int(g.pop("warmup_steps", cfg.warmup_steps)), cfg.max_steps,
+                                  float(g.pop("min_lr_ratio", cfg.min_lr_ratio))))
+    n_trained = sum(p.numel() for g in groups for p in g["params"])
+    if n_trained == 0:
+        raise ValueError("no trainable parameters in the optimizer groups")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                  foreach=True)
+    # Not prepared on purpose: accelerate would step a prepared scheduler once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    history: list[dict] = []
+    start = 0
+    if state is not None:
+        accelerator.load_state(str(latest))  # model, optimizer, RNG states
+        scheduler.load_state_dict(state["scheduler"])
+        batches.load_state_dict(state["data"])
+        history = list(state["history"])
+        start = int(state["step"])
+        if (latest / EXTRA_FILE).exists() and extra_state:
+            saved = torch.load(latest / EXTRA_FILE, weights_only=True)
+            for k, obj in extra_state.items():
+                if k in saved:
+                    obj.load_state_dict(saved[k])
+        if state.get("world_size") != accelerator.num_processes:
+            log.warning("resuming a %s-process checkpoint on %s processes: same rows, but RNG streams differ",
+                        state.get("world_size"), accelerator.num_processes)
+
+    world = accelerator.num_processes
+    accelerator.print(
+        f"[{cfg.desc}] world size {world} ({accelerator.distributed_type}, {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}); global batch {batches.batch_size} x {batches.seq_len} tokens "
+        f"= micro {batches.micro_batch_size} x accumulation {batches.grad_accum} x {world} processes; "
+        f"{n_trained / 1e6:.2f}M trained parameters; "
+        + (f"resuming at step {start}/{cfg.max_steps} from {latest}" if state else f"{cfg.max_steps} steps")
+    )
+
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.desc, unit="step", disable=not main, dynamic_ncols=True,
+               mininterval=1.0)
+    tokens_per_step = batches.tokens_per_step
+    device = accelerator.device
+    step = start
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            micro = batches.next_step()
+            sums: dict[str, float] = {}
+            for i, mb in enumerate(micro):
+                mb = mb.to(device, non_blocking=True)
+                sync = i == len(micro) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss, metrics = step_fn(mb, model, teacher, step)
+                    accelerator.backward(loss / len(micro))
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            grad_norm = None
+            if cfg.grad_clip:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # token means over micro-batches and processes (every micro-batch has the same token count)
+            keys = sorted(sums)
+            vals = torch.tensor([sums[k] / len(micro) for k in keys], dtype=torch.float64, device=device)
+            if world > 1:
+                vals = accelerator.reduce(vals, reduction="mean")
+            rec = {k: float(v) for k, v in zip(keys, vals.tolist())}
+            dt = time.perf_counter() - t0
+            rec.update(step=step, lr=lrs[0], tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt,
+                       mem_gb=memory_gb(device))
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            for g, lr in zip(optimizer.param_groups[1:], lrs[1:]):
+                if g.get("name"):
+                    rec[f"lr_{g['name']}"] = lr
+            history.append(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lrs[0]:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            refresh=False)
+            if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                accelerator.log({f"{cfg.log_prefix}{k}": v for k, v in rec.items() if k != "step"},
+                                step=cfg.step_offset + step)
+            if on_step_end is not None:
+                on_step_end(step, rec)
+
+            if ckpt_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                trainer_state = {
+                    "step": step,
+                    "max_steps": cfg.max_steps,
+                    "world_size": world,
+                    "fingerprint": fingerprint,
+                    "data": batches.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "config": asdict(cfg),
+                }
+                extra = {k: obj.state_dict() for k, obj in extra_state.items()}
+                _save_checkpoint(accelerator, ckpt_dir, step, trainer_state, extra, cfg.keep_checkpoints)
+            if cfg.fail_at_step is not None and step == cfg.fail_at_step:
+                raise SimulatedCrash(f"simulated crash after step {step} (fail_at_step)")
+    finally:
+        bar.close()
+
+    accelerator.wait_for_everyone()
+    return TrainResult(model=model, steps=step, history=history, resumed_from=start if state else None,
+                       tokens=step * tokens_per_step, seconds=time.perf_counter() - t_start)
