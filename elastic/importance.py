@@ -127,3 +127,26 @@ def compute_scores(model, batches, *, depth: bool = True, progress: bool = True)
     if depth:
         scores.update(depth_scores(model, batches, progress=progress))
     return scores
+
+
+def versus_random(model, ranking, make, batches, seeds) -> dict:
+    """Held-out loss of the sub-network `make(ranking)` under the importance ranking and under random rankings.
+
+    `make(ranking) -> Arch` builds the architecture for a ranking (so depth pruning can pick the layers
+    from each ranking's own depth order); the random rankings are seeded, one per entry of `seeds`.
+    Used by the benchmark and the test that importance beats random.
+    """
+    from elastic.inputs import heldout_loss
+    from elastic.models.nemotron_h import Ranking, slice_model
+
+    parent = arch_of(model)
+    arch = make(ranking)
+    out = {"arch": arch.to_dict(), "params": arch.num_params(), "parent_params": parent.num_params()}
+    out["importance"] = heldout_loss(slice_model(model, arch, ranking), batches)
+    rand = []
+    for s in seeds:
+        r = Ranking.random(parent, torch.Generator().manual_seed(int(s)))
+        rand.append(heldout_loss(slice_model(model, make(r), r), batches))
+    out["random"] = rand
+    out["random_mean"] = sum(rand) / len(rand)
+    return out

