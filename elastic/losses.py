@@ -187,7 +187,7 @@ def chunked_kd_loss(
             flat_labels[i : i + chunk_size] if want_ce else None,
             temperature, want_kl, want_ce,
         )
-        if use_checkpoint and torch.is_grad_enabled() and s_h.requires_grad | s_w.requires_grad:
+        if use_checkpoint and torch.is_grad_enabled() and (s_h.requires_grad or s_w.requires_grad):
             kl, ce = checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:
             kl, ce = _chunk_sums(*args)
@@ -222,10 +222,13 @@ class KDStudent(nn.Module):
         self.lm_weight = lm_weight
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None, teacher_head=None) -> LossOutput:
+    def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None, teacher_head=None,
+                lm_weight: float | None = None) -> LossOutput:
+        """``lm_weight`` overrides the configured weight for this call (evaluation asks for 0.5 to get both terms)."""
+        lm_weight = self.lm_weight if lm_weight is None else lm_weight
         h = hidden_states(self.student, input_ids)
-        labels = next_token_labels(input_ids) if self.lm_weight > 0 else None
+        labels = next_token_labels(input_ids) if lm_weight > 0 else None
         return chunked_kd_loss(
             h, teacher_hidden, self.student.get_output_embeddings(), teacher_head,
-            labels=labels, temperature=self.temperature, lm_weight=self.lm_weight, chunk_size=self.chunk_size,
+            labels=labels, temperature=self.temperature, lm_weight=lm_weight, chunk_size=self.chunk_size,
         )

@@ -1,0 +1,409 @@
+"""Stage `distill`: the pruned student learns from the frozen parent, short context then long context.
+
+Features: forward KL(teacher || student) on full-vocabulary logits (chunked over tokens, so long
+contexts never hold ``[tokens x vocab]``; ``losses.py``), optional LM-loss mix (off by default), a
+weighted mixture of data sources (the real recipe's 70% post-training / 30% pretraining split is
+config), in memory or streamed, any number of phases (``distill.phases``: each with its own
+sequence length, global batch, learning rate, warmup and token budget), accelerate for one CPU, one
+GPU, DDP or FSDP over GPUs and nodes, exact resume from atomic checkpoints, progress bar with
+tokens/s and ETA, tensorboard / wandb (offline) / JSONL metrics.
+
+Launch::
+
+    python -m elastic.run stage=distill run_dir=RUN                     # after stage=prune
+    python -m elastic.run stage=distill distill.max_steps=2 run_dir=RUN # smoke test: 2 steps per phase
+    python -m elastic.run stage=distill distill.student=/ckpt/student parent.path=/ckpt/teacher \\
+        data.files='corpus/*.jsonl' run_dir=RUN
+    scripts/distill_multigpu.sh 8 recipe=nemotron_9b_to_4b run_dir=RUN  # 8 GPUs (DDP; FSDP: see the script)
+
+Tiny CPU variant (a few seconds; the toy recipe's two phases at 16 and 64 tokens)::
+
+    python -m elastic.run stage=distill distill.max_steps=3 'distill.phases.0.seq_len=16' \\
+        'distill.phases.1.seq_len=64' tracking.backends=[] run_dir=runs/toy
+
+Inputs: the student ``distill.student`` or else ``RUN/prune/latest.json``'s checkpoint; the teacher
+``parent.path`` (or the toy parent). Outputs: ``RUN/distill/<phase>/`` plain Hugging Face
+checkpoints (``from_pretrained`` with no project code) with ``.meta.json`` sidecars; each phase
+starts from the previous one's output. While a phase runs, ``RUN/distill/checkpoints/<phase>/``
+holds its resumable checkpoints (removed once the phase's model is written, unless
+``keep_checkpoints_after``); ``RUN/distill/logs/`` holds metrics.
+
+A finished phase is not redone (its sidecar fingerprint must match this run; ``force=true``
+retrains). Bad input -- vocabularies that differ, a sequence longer than a model's
+``max_position_embeddings``, no data left, a checkpoint folder of another run -- stops with one
+error before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elastic.rundir import RunDir, read_json
+
+STAGE = "distill"
+
+
+class DistillError(ValueError):
+    """Bad input for the distill stage (reported as one line by `elastic.run`)."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One curriculum phase (a `distill.phases` entry)."""
+
+    name: str
+    seq_len: int
+    batch_size: int               # global batch in sequences (all processes, all accumulation steps)
+    micro_batch_size: int         # sequences per process per forward
+    lr: float
+    warmup_steps: int = 0
+    max_steps: int | None = None
+    max_tokens: int | None = None  # token budget; steps = ceil(max_tokens / (batch_size * seq_len))
+
+    def steps(self, cap: int | None = None) -> int:
+        tokens_per_step = self.batch_size * self.seq_len
+        candidates = [s for s in (self.max_steps, math.ceil(self.max_tokens / tokens_per_step) if self.max_tokens else None, cap) if s]
+        if not candidates:
+            raise DistillError(f"phase {self.name!r} needs max_steps or max_tokens")
+        return int(min(candidates))
+
+
+def parse_phases(dcfg: Any) -> list[Phase]:
+    raw = list(dcfg.get("phases") or [])
+    if not raw:
+        raise DistillError("distill.phases is empty: give at least one phase (name, seq_len, batch_size, lr, ...)")
+    phases, names = [], set()
+    for i, p in enumerate(raw):
+        p = dict(p)
+        p.setdefault("name", f"phase{i + 1}")
+        p.setdefault("micro_batch_size", p.get("batch_size"))
+        unknown = set(p) - set(Phase.__dataclass_fields__)
+        if unknown:
+            raise DistillError(f"distill.phases[{i}] has unknown keys {sorted(unknown)}")
+        try:
+            ph = Phase(**{k: v for k, v in p.items()})
+        except TypeError as e:
+            raise DistillError(f"distill.phases[{i}]: {e}") from None
+        if ph.name in names or not str(ph.name).replace("_", "").replace("-", "").isalnum():
+            raise DistillError(f"distill.phases[{i}]: phase names must be unique folder names, got {ph.name!r}")
+        if ph.seq_len < 2 or ph.batch_size < 1 or ph.micro_batch_size < 1 or not ph.lr > 0:
+            raise DistillError(f"distill.phases[{i}] ({ph.name}): seq_len >= 2, batch sizes >= 1 and lr > 0 needed")
+        names.add(ph.name)
+        phases.append(ph)
+    return phases
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def resolve_student(cfg: Any, run: RunDir) -> Path:
+    """`distill.student`, or the checkpoint `RUN/prune/latest.json` points at."""
+    from elastic.parent import check_checkpoint
+
+    if cfg.distill.get("student"):
+        return check_checkpoint(cfg.distill.student)
+    latest = run.path("prune", "latest.json")
+    if not latest.exists():
+        raise DistillError(f"no student: set distill.student=<checkpoint> or run stage=prune first ({latest} is missing)")
+    return check_checkpoint(read_json(latest)["path"])
+
+
+def config_hash(path: str | Path) -> str:
+    """Hash of a checkpoint's config.json, minus fields that do not change the model."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    for k in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "use_cache"):
+        cfg.pop(k, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _max_positions(path: Path) -> int | None:
+    v = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+    return int(v) if v else None
+
+
+def check_models(student: Path, teacher: Path, phases: list[Phase], tokenizer) -> None:
+    """Vocabulary and context checks, before any training or writing."""
+    s_cfg = json.loads((student / "config.json").read_text())
+    t_cfg = json.loads((teacher / "config.json").read_text())
+    if s_cfg.get("vocab_size") != t_cfg.get("vocab_size"):
+        raise DistillError(
+            f"student vocabulary ({s_cfg.get('vocab_size')}, {student}) differs from the teacher's "
+            f"({t_cfg.get('vocab_size')}, {teacher}): logit distillation needs the same tokenizer and vocabulary"
+        )
+    if len(tokenizer) > int(t_cfg["vocab_size"]):
+        raise DistillError(f"the tokenizer has {len(tokenizer)} tokens, more than the models' vocabulary {t_cfg['vocab_size']}")
+    for ph in phases:
+        for who, p in (("student", student), ("teacher", teacher)):
+            mp = _max_positions(p)
+            if mp is not None and ph.seq_len > mp:
+                raise DistillError(
+                    f"phase {ph.name}: seq_len {ph.seq_len} exceeds the {who}'s max_position_embeddings {mp} ({p})"
+                )
+
+
+def _sources(cfg: Any) -> list[dict]:
+    """`distill.sources` as plain dicts, or the run's training data (`data.files` / the toy plays) alone."""
+    from omegaconf import OmegaConf
+
+    from elastic import inputs
+
+    raw = cfg.distill.get("sources")
+    if not raw:
+        return [{"name": "train", "files": inputs.data_files(cfg, "train"), "weight": 1.0,
+                 "text_column": cfg.data.get("text_column", "text"), "default": True}]
+    out = []
+    for i, s in enumerate(OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else raw):
+        if not isinstance(s, dict) or not s.get("files"):
+            raise DistillError(f"distill.sources[{i}] needs `files` (and optionally name, weight, text_column)")
+        out.append({"name": s.get("name", f"source{i}"), "files": s["files"], "weight": float(s.get("weight", 1.0)),
+                    "text_column": s.get("text_column", cfg.data.get("text_column", "text")), "default": False})
+    return out
+
+
+def data_spec(cfg: Any, phase: Phase) -> dict:
+    """What a phase's data stream depends on (part of the resume fingerprint)."""
+    from omegaconf import OmegaConf
+
+    srcs = [{k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in s.items()} for s in _sources(cfg)]
+    return {"sources": srcs, "streaming": bool(cfg.distill.get("streaming")), "seq_len": phase.seq_len,
+            "batch_size": phase.batch_size, "seed": int(cfg.seed)}
+
+
+def build_data(cfg: Any, tokenizer, phase: Phase):
+    """(training `Mixture`, held-out rows or None) for one phase; DataError when nothing is left."""
+    from elastic import inputs
+    from elastic.data import DataError, Mixture, PackedRows, StreamingRows, load_text, pack_tokens, stream_text
+
+    seed = int(cfg.seed)
+    streaming = bool(cfg.distill.get("streaming"))
+    sources, weights = [], []
+    for i, s in enumerate(_sources(cfg)):
+        try:
+            if streaming:
+                src = StreamingRows(stream_text(s["files"], text_column=s["text_column"]), tokenizer, phase.seq_len,
+                                    seed=seed + i, shuffle_buffer=int(cfg.distill.get("shuffle_buffer") or 0), name=s["name"])
+                src.row(0)  # fail now, not mid-training, if the source holds no text
+                src.load_state_dict({"epoch": 0, "docs": 0, "buffer": [], "produced": 0})
+            elif s["default"]:
+                # the project's convention (inputs.token_batches): user files minus the held-out fraction
+                rows = torch.cat(inputs.token_batches(cfg, tokenizer, "train", num_sequences=2**62, batch_size=2**30,
+                                                      seq_len=phase.seq_len))
+                src = PackedRows(rows, seed=seed + i, name=s["name"])
+            else:
+                rows = pack_tokens(load_text(s["files"], text_column=s["text_column"]), tokenizer, phase.seq_len, seed=seed + i)
+                src = PackedRows(rows, seed=seed + i, name=s["name"])
+        except DataError as e:
+            raise DataError(f"distill source {s['name']!r} at seq_len {phase.seq_len}: {e}") from None
+        sources.append(src)
+        weights.append(s["weight"])
+    mixture = Mixture(sources, weights, seed=seed)
+
+    n_eval = int(cfg.distill.get("eval_sequences") or 0)
+    heldout = None
+    if n_eval > 0:
+        try:
+            batches = inputs.token_batches(cfg, tokenizer, "heldout", num_sequences=n_eval, batch_size=n_eval,
+                                           seq_len=phase.seq_len)
+            heldout = batches[0] if batches else None
+        except DataError as e:  # too little held-out text at this length: train anyway, report no eval
+            print(f"[distill] {phase.name}: no held-out evaluation ({e})")
+    return mixture, heldout
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def make_step_fn(lm_weight: float):
+    """The distillation step: teacher hidden states without grad, the student's loss inside its forward."""
+    from elastic.losses import hidden_states
+
+    def step_fn(batch, model, teacher, step):
+        th = head = None
+        if lm_weight < 1.0:
+            with torch.no_grad():
+                th = hidden_states(teacher, batch)
+            head = teacher.get_output_embeddings().weight
+        out = model(batch, th, head)
+        metrics = {}
+        if lm_weight < 1.0:
+            metrics["kl"] = out.kl
+        if lm_weight > 0.0:
+            metrics["ce"] = out.ce
+        return out.loss, metrics
+
+    return step_fn
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, teacher, rows: torch.Tensor | None, batch_size: int) -> dict[str, float]:
+    """Held-out student CE and KL to the teacher, and the teacher's CE (nats/token), on every process."""
+    from elastic.losses import chunked_kd_loss, hidden_states, next_token_labels
+
+    if rows is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    sums = {"ce": 0.0, "kl": 0.0, "teacher_ce": 0.0}
+    n = 0
+    head = teacher.get_output_embeddings()
+    for batch in torch.split(rows, batch_size):
+        batch = batch.to(accelerator.device)
+        th = hidden_states(teacher, batch)
+        out = model(batch, th, head.weight, lm_weight=0.5)
+        t_out = chunked_kd_loss(th, None, head, labels=next_token_labels(batch), lm_weight=1.0)
+        k = batch.shape[0]
+        sums["ce"] += float(out.ce) * k
+        sums["kl"] += float(out.kl) * k
+        sums["teacher_ce"] += float(t_out.ce) * k
+        n += k
+    model.train(was_training)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _fingerprint(cfg: Any, teacher: Path, student_in: Path, phase: Phase, spec: dict) -> dict:
+    """What makes a checkpoint or a phase output belong to this run (compared on resume / skip)."""
+    return {
+        "teacher": str(teacher),
+        "teacher_config": config_hash(teacher),
+        "student_config": config_hash(student_in),
+        "phase": phase.name,
+        "data": spec,
+        "loss": {"temperature": float(cfg.distill.get("temperature", 1.0)), "lm_weight": float(cfg.distill.get("lm_weight", 0.0))},
+    }
+
+
+def _resume_flag(value: Any) -> bool | None:
+    if value in (None, "auto"):
+        return None
+    if isinstance(value, bool):
+        return value
+    raise DistillError(f"distill.resume must be auto, true or false, got {value!r}")
+
+
+def _plain(obj: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(obj, resolve=True) if OmegaConf.is_config(obj) else obj
+
+
+def run(cfg: Any, run: RunDir) -> dict:
+    """Distill every phase of `cfg.distill.phases` in order; returns a short summary."""
+    from elastic import tracking
+    from elastic.losses import KDStudent
+    from elastic.parent import load_model, load_tokenizer, resolve_parent_path, torch_dtype
+    from elastic.train import (TrainConfig, StepBatches, clear_checkpoints, gather_state_dict, make_accelerator,
+                               train)
+
+    dcfg = cfg.distill
+    if run.is_done(STAGE) and not cfg.force:
+        print(f"[distill] already done (force=true reruns it): {run.path(STAGE)}")
+        return (run.done_record(STAGE) or {}).get("summary") or {}
+
+    # ---- every check that can fail on bad input, before anything is loaded onto a device or written
+    phases = parse_phases(dcfg)
+    teacher_path = resolve_parent_path(cfg)
+    student_path = resolve_student(cfg, run)
+    tokenizer = load_tokenizer(student_path if (student_path / "tokenizer_config.json").exists() else teacher_path)
+    check_models(student_path, teacher_path, phases, tokenizer)
+    resume = _resume_flag(dcfg.get("resume", "auto"))
+    lm_weight = float(dcfg.get("lm_weight", 0.0))
+    cap = dcfg.get("max_steps")
+    data = {ph.name: build_data(cfg, tokenizer, ph) for ph in phases}
+
+    # ---- accelerator, trackers, teacher
+    log_dir = run.path(STAGE, "logs")
+    acc = make_accelerator(device=str(cfg.get("device", "auto")), mixed_precision=str(dcfg.get("mixed_precision", "auto")),
+                           **tracking.accelerator_kwargs(cfg.get("tracking") or {}, log_dir))
+    main = acc.is_main_process
+    tracking.init_trackers(acc, cfg.get("tracking") or {}, run_name=f"{STAGE}-{run.root.name}",
+                           config={"distill": _plain(dcfg), "parent": str(teacher_path), "student": str(student_path)})
+    t_dtype = dcfg.get("teacher_dtype", "auto")
+    t_dtype = ("bfloat16" if acc.device.type == "cuda" else "float32") if t_dtype == "auto" else t_dtype
+    teacher = load_model(teacher_path, dtype=torch_dtype(t_dtype), device=acc.device).requires_grad_(False)
+    acc.print(f"[distill] teacher {teacher_path} ({t_dtype}), student {student_path}, {acc.num_processes} process(es)")
+
+    summary: dict[str, Any] = {"teacher": str(teacher_path), "student": str(student_path), "phases": {}}
+    source = student_path
+    step_offset = 0
+    for ph in phases:
+        out_rel = f"{STAGE}/{ph.name}"
+        out = run.path(out_rel)
+        mixture, heldout = data.pop(ph.name)
+        spec = data_spec(cfg, ph)
+        fp = _fingerprint(cfg, teacher_path, source, ph, spec)
+        n_steps = ph.steps(cap)
+        if out.exists() and not cfg.force:
+            side = run.sidecar_path(out)
+            saved = read_json(side).get("fingerprint") if side.exists() else None
+            if saved != json.loads(json.dumps(fp)):
+                raise DistillError(f"{out} exists from another run (other teacher, student or data); "
+                                   "force=true replaces it, or use another run_dir")
+            acc.print(f"[distill] {ph.name}: already trained ({out}); skipping")
+            summary["phases"][ph.name] = read_json(side).get("metrics", {})
+            source, step_offset = out, step_offset + n_steps
+            continue
+
+        student = load_model(source, dtype="float32", device=acc.device)
+        model = KDStudent(student, temperature=float(dcfg.get("temperature", 1.0)), lm_weight=lm_weight,
+                          chunk_size=int(dcfg.get("loss_chunk_size", 1024)))
+        batches = StepBatches(mixture, batch_size=ph.batch_size, micro_batch_size=ph.micro_batch_size,
+                              rank=acc.process_index, world_size=acc.num_processes)
+        tcfg = TrainConfig(
+            max_steps=n_steps, lr=float(ph.lr), warmup_steps=int(ph.warmup_steps),
+            min_lr_ratio=float(dcfg.get("min_lr_ratio", 0.1)), weight_decay=float(dcfg.get("weight_decay", 0.0)),
+            betas=tuple(dcfg.get("betas", (0.9, 0.95))), grad_clip=dcfg.get("grad_clip"),
+            gradient_checkpointing=bool(dcfg.get("gradient_checkpointing", False)),
+            checkpoint_every=int(dcfg.get("checkpoint_every") or 0), keep_checkpoints=int(dcfg.get("keep_checkpoints", 2)),
+            resume=resume, log_every=int(dcfg.get("log_every", 1)), seed=int(cfg.seed),
+            fail_at_step=dcfg.get("fail_at_step"), desc=f"distill {ph.name}", log_prefix=f"{ph.name}/",
+            step_offset=step_offset,
+        )
+        eval_bs = int(dcfg.get("eval_batch_size") or ph.micro_batch_size)
+        before = evaluate(acc, model, teacher, heldout, eval_bs)
+        ckpt_dir = run.path(STAGE, "checkpoints", ph.name)
+        result = train(model, make_step_fn(lm_weight), batches, tcfg, accelerator=acc, checkpoint_dir=ckpt_dir,
+                       teacher=teacher, fingerprint=fp)
+        after = evaluate(acc, result.model, teacher, heldout, eval_bs)
+        metrics = {
+            "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
+            "final_train_loss": result.losses[-1], "resumed_from": result.resumed_from,
+            "heldout_before": before, "heldout_after": after, "world_size": acc.num_processes,
+        }
+        if after:
+            acc.log({f"{ph.name}/eval/{k}": v for k, v in after.items()}, step=step_offset + result.steps)
+            acc.print(f"[distill] {ph.name}: held-out CE {before['ce']:.4f} -> {after['ce']:.4f} "
+                      f"(teacher {after['teacher_ce']:.4f}), KL {before['kl']:.4f} -> {after['kl']:.4f}")
+
+        state_dict = gather_state_dict(acc, result.model, prefix="student.")  # every process (FSDP gathers)
+        if main:
+            trained = acc.unwrap_model(result.model).student
+            with run.artifact_dir(out_rel, stage=STAGE, config=_plain(dcfg), overwrite=bool(cfg.force),
+                                  inputs={"teacher": str(teacher_path), "student": str(source)},
+                                  phase=asdict(ph), fingerprint=fp, metrics=metrics) as (tmp, _extra):
+                trained.config.use_cache = True  # training turned it off; a released model generates with a cache
+                trained.save_pretrained(tmp, state_dict=state_dict)
+                tokenizer.save_pretrained(tmp)
+            if not dcfg.get("keep_checkpoints_after", False):
+                clear_checkpoints(ckpt_dir)
+        acc.wait_for_everyone()
+        summary["phases"][ph.name] = metrics
+        source, step_offset = out, step_offset + result.steps
+        del model, student, result, state_dict
+        acc.free_memory()
+
+    acc.end_training()
+    if main:
+        with contextlib.suppress(OSError):  # only if empty: kept checkpoints stay
+            run.path(STAGE, "checkpoints").rmdir()
+    summary["output"] = str(source)
+    if main:
+        run.mark_done(STAGE, summary, config=_plain(dcfg))
+    return summary
