@@ -153,16 +153,17 @@ def chunked_kd_loss(
     have different hidden sizes); ``*_head`` an ``nn.Linear``, a weight tensor, or ``(weight, bias)``.
     Tokens are flattened and processed ``chunk_size`` at a time; with ``use_checkpoint`` the
     backward recomputes each chunk's logits instead of keeping them. The teacher side never builds
-    a graph. Equal to the unchunked loss up to float summation order.
+    a graph. The CE term is computed whenever ``labels`` are given. Equal to :func:`kd_loss` up to
+    float summation order.
     """
     _check(temperature, lm_weight)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     want_kl = lm_weight < 1.0
-    want_ce = lm_weight > 0.0
+    want_ce = labels is not None  # computed for logging even at lm_weight 0
     if want_kl and (teacher_hidden is None or teacher_head is None):
         raise ValueError("teacher hidden states and head are needed unless lm_weight == 1")
-    if want_ce and labels is None:
+    if lm_weight > 0 and labels is None:
         raise ValueError("labels are needed when lm_weight > 0")
     s_w, s_b = _head(student_head)
     s_h = student_hidden.reshape(-1, student_hidden.shape[-1])
