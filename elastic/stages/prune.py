@@ -110,6 +110,8 @@ def default_name(arch: Arch) -> str:
 
 
 def run(cfg, run: RunDir) -> dict:
+    if cfg.get("budget") is not None:  # cut budgets out of the search stage's elastic checkpoint instead
+        return extract_budgets(cfg, run)
     c = cfg.prune
     if (c.target is None) == (c.arch is None):
         raise ArchError("set exactly one of prune.target (a parameter budget, e.g. 0.6) or prune.arch (explicit sizes)")
@@ -161,3 +163,83 @@ def run(cfg, run: RunDir) -> dict:
     write_json(run.path("prune/latest.json"), {"name": name, "path": str(out), "arch": arch.to_dict(), "params": arch.num_params()})
     print(f"prune: {arch.short()} ({arch.num_params() / parent.num_params():.1%} of the parent) -> {out} [{time.time() - t0:.1f}s]")
     return {"name": name, "path": str(out), "params": arch.num_params(), "parent_params": parent.num_params()}
+
+
+# ---------------------------------------------------------------------------------------------
+# extraction after the search stage: `python -m elastic.run stage=prune budget=0.5|[0.5,0.7]|all`
+# ---------------------------------------------------------------------------------------------
+def parse_budget_list(spec, trained: list[float]) -> list[float]:
+    """`budget=0.5`, `budget=[0.5,0.7]` or `budget=all` (every budget the search trained)."""
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        return sorted(trained)
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    out = []
+    for b in items:
+        try:
+            b = float(b)
+        except (TypeError, ValueError):
+            raise ArchError(f"cannot read the budget {b!r}: use a fraction in (0, 1], a list of them, or all") from None
+        if not 0.0 < b <= 1.0:
+            raise ArchError(f"budget {b} must be a fraction of the parent in (0, 1]")
+        out.append(b)
+    if not out:
+        raise ArchError("budget is an empty list")
+    return out
+
+
+def extract_budgets(cfg, run: RunDir) -> dict:
+    """Each budget's architecture from ``search/archs.json`` (an untrained budget: the router's argmax
+    on the interpolated budget input), sliced zero-shot from the search's trained elastic checkpoint."""
+    from safetensors.torch import load_file
+
+    from elastic.rundir import read_json
+    from elastic.stages.search import load_search
+
+    doc, ckpt = load_search(run)
+    trained = {float(k): v for k, v in doc["budgets"].items()}
+    budgets = parse_budget_list(cfg.budget, list(trained))
+    model = load_model(ckpt, cfg.parent.dtype, resolve_device(cfg.device))
+    tok = load_tokenizer(ckpt)
+    ranking = Ranking.from_tensors(load_file(str(ckpt / "ranking.safetensors")))
+    parent = arch_of(model)
+    router = None
+    out = {}
+    for b in budgets:
+        match = [k for k in trained if abs(k - b) < 1e-9]
+        if match:
+            arch = Arch.from_dict(trained[match[0]]["arch"])
+            rule = "search/archs.json"
+        else:  # an untrained budget: interpolate the router's one-hot inputs
+            if router is None:
+                from elastic.router import Router
+
+                rcfg = read_json(ckpt / "router.json")
+                router = Router.from_config(rcfg, parent)
+                router.load_state_dict(load_file(str(ckpt / "router.safetensors")))
+            size = router.chosen_sizes(b)
+            arch = make_arch(parent, ranking, hidden_size=size["hidden"], intermediate_size=size["ffn"],
+                             mamba_num_heads=size["mamba"], drop_layers=size["depth"], protect_kinds=rcfg["protect_kinds"])
+            rule = "router argmax (interpolated budget input)"
+        arch.check_within(parent)
+        child = slice_model(model, arch, ranking)
+        name = (cfg.prune.name if cfg.prune.name and len(budgets) == 1 else None) or f"budget-{b:g}"
+        rec = {"budget": b, "rule": rule, "source": str(ckpt), "arch": arch.to_dict(), "params": arch.num_params(),
+               "parent_params": parent.num_params(), "summary": arch.short(), "name": name}
+        with run.artifact_dir(
+            f"prune/{name}", stage=STAGE, config={"budget": b}, inputs={"search": str(ckpt)}, overwrite=True,
+            arch=arch.to_dict(), params=arch.num_params(), parent_params=parent.num_params(),
+        ) as (tmp, _extra):
+            child.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_json(tmp / "arch.json", arch.to_dict())
+            write_json(tmp / "candidates.json", rec)
+            from safetensors.torch import save_file
+
+            save_file(ranking.child(arch).to_tensors(), str(tmp / "ranking.safetensors"))
+        path = run.path("prune", name)
+        write_json(run.path("prune/latest.json"), {"name": name, "path": str(path), "arch": arch.to_dict(), "params": arch.num_params()})
+        print(f"prune: budget {b:g} -> {arch.short()} ({arch.num_params() / parent.num_params():.1%} of the parent) -> {path}")
+        out[f"{b:g}"] = {"name": name, "path": str(path), "params": arch.num_params(), "parent_params": parent.num_params()}
+    return {"extracted": out}

@@ -1,0 +1,232 @@
+"""The Nemotron Elastic router: a target budget -> a distribution over each axis's choices.
+
+One `AxisRouter` per axis (hidden, ffn, mamba heads, depth), each ``Linear(n_budgets, 256) ->
+LeakyReLU(0.1) -> Linear(256, n_choices)`` with the output layer initialised with std 0.1. The input
+is a one-hot over the trained budgets; a budget between two trained ones interpolates their
+one-hots linearly. Sampling is Gumbel-softmax on ``scale * logits`` with temperature ``tau``
+(`Schedule`: ``tau = max(tau_min, tau0 * decay**step)``, ``scale`` rising linearly 1 -> 10); a hard
+sample is the straight-through one-hot; extraction takes the argmax.
+
+`Cost` is the differentiable closed form of the resource the budget constrains -- parameters, or
+memory (weights + KV cache + Mamba state at a context length and batch) -- evaluated on the
+*expected* architecture (``probs @ choices`` per width axis, expected number of kept layers of each
+kind for depth). At one-hot probabilities it equals ``Arch.num_params()`` / ``Arch.memory_bytes()``
+exactly (tested). The budget loss is ``|C / (budget * C_full) - 1|``, zero inside a ``band``
+(default 5%).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elastic.arch import Arch, ArchError
+from elastic.search_space import Space
+
+AXES = ("hidden", "ffn", "mamba", "depth")
+RESOURCES = ("params", "memory")
+KINDS = ("M", "-", "*")
+
+
+def check_budgets(budgets) -> tuple[float, ...]:
+    """Budgets as fractions of the parent's resource, in (0, 1], distinct, sorted ascending."""
+    try:
+        out = tuple(float(b) for b in budgets)
+    except (TypeError, ValueError):
+        raise ArchError(f"budgets must be a list of numbers in (0, 1], got {budgets!r}") from None
+    if not out:
+        raise ArchError("the list of budgets is empty")
+    bad = [b for b in out if not 0.0 < b <= 1.0]
+    if bad:
+        raise ArchError(f"budgets must be fractions of the parent in (0, 1]; got {bad}")
+    if len(set(out)) != len(out):
+        raise ArchError(f"budgets must be distinct, got {list(out)}")
+    return tuple(sorted(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# cost
+# ---------------------------------------------------------------------------------------------
+class Cost:
+    """The resource of an architecture of `space` as a closed form in the (expected) axis sizes.
+
+    ``kept_layers[j]`` are the layers kept by depth choice ``j`` (from the elastic model).
+    """
+
+    def __init__(self, space: Space, kept_layers, resource: str = "params", context: int = 4096,
+                 batch: int = 1, bytes_per_value: int = 2):
+        if resource not in RESOURCES:
+            raise ArchError(f"budget resource must be one of {RESOURCES}, got {resource!r}")
+        self.space, self.parent, self.resource = space, space.parent, resource
+        self.context, self.batch, self.bpv = int(context), int(batch), int(bytes_per_value)
+        p = self.parent
+        counts = [[sum(p.pattern[i] == k for i in kept) for k in KINDS] for kept in kept_layers]
+        self.kind_counts = torch.tensor(counts, dtype=torch.float64)  # [J_depth, 3]
+        self.choices = {
+            "hidden": torch.tensor(space.hidden, dtype=torch.float64),
+            "ffn": torch.tensor(space.ffn, dtype=torch.float64),
+            "mamba": torch.tensor(space.mamba_heads, dtype=torch.float64),
+        }
+
+    def of_sizes(self, h, f, m, n_mamba, n_mlp, n_attn):
+        """The cost for (possibly fractional, differentiable) sizes and kept-layer counts."""
+        p = self.parent
+        i = m * p.mamba_head_dim
+        conv = i + 2 * p.n_groups * p.ssm_state_size
+        mamba = (h + h * (i + conv + m) + (i + conv + m) * p.use_bias + conv * p.conv_kernel
+                 + conv * p.use_conv_bias + 3 * m + i + i * h + h * p.use_bias)
+        mlp = h + 2 * h * f + (f + h) * p.mlp_bias
+        q, kv = p.num_attention_heads * p.head_dim, p.num_key_value_heads * p.head_dim
+        attn = h + h * q + 2 * h * kv + q * h
+        params = p.vocab_size * h + h + (0 if p.tie_word_embeddings else p.vocab_size * h)
+        params = params + n_mamba * mamba + n_mlp * mlp + n_attn * attn
+        if self.resource == "params":
+            return params
+        kv_cache = self.batch * self.context * n_attn * p.num_key_value_heads * p.head_dim * 2 * self.bpv
+        state = self.batch * n_mamba * (conv * (p.conv_kernel - 1) * self.bpv + m * p.mamba_head_dim * p.ssm_state_size * 4)
+        return params * self.bpv + kv_cache + state
+
+    def expected(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cost of the expected architecture under per-axis probabilities (differentiable, float64)."""
+        def e(axis):
+            return probs[axis].to(torch.float64) @ self.choices[axis].to(probs[axis].device)
+
+        counts = probs["depth"].to(torch.float64) @ self.kind_counts.to(probs["depth"].device)
+        return self.of_sizes(e("hidden"), e("ffn"), e("mamba"), counts[0], counts[1], counts[2])
+
+    def of_arch(self, arch: Arch) -> int:
+        """The same cost read from an `Arch` (Arch.num_params / Arch.memory_bytes)."""
+        if self.resource == "params":
+            return arch.num_params()
+        return arch.memory_bytes(self.context, self.batch, self.bpv)
+
+    @property
+    def full(self) -> int:
+        return self.of_arch(self.parent)
+
+
+def budget_loss(cost: torch.Tensor, budget: float, full: float, band: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """``|C / (budget * C_full) - 1|``, zero inside the band; returns (loss, ratio)."""
+    ratio = cost / (budget * full)
+    dev = (ratio - 1).abs()
+    return torch.where(dev > band, dev, torch.zeros_like(dev)), ratio.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Schedule:
+    """Temperature ``tau0 * decay**step`` clipped at ``tau_min``; logit scale ``1 -> scale_max`` linearly.
+
+    ``decay=None`` picks the decay that reaches ``tau_min`` at the last step (short runs; the paper's
+    0.9999 suits ~30K steps).
+    """
+
+    total_steps: int
+    tau0: float = 1.0
+    tau_min: float = 0.05
+    decay: float | None = None
+    scale_max: float = 10.0
+
+    def __post_init__(self):
+        if not 0 < self.tau_min <= self.tau0:
+            raise ArchError(f"need 0 < tau_min <= tau0, got tau_min={self.tau_min}, tau0={self.tau0}")
+        if self.decay is None:
+            self.decay = (self.tau_min / self.tau0) ** (1.0 / max(1, self.total_steps - 1))
+        if not 0 < self.decay <= 1:
+            raise ArchError(f"tau decay must be in (0, 1], got {self.decay}")
+
+    def tau(self, step: int) -> float:
+        return max(self.tau_min, self.tau0 * self.decay ** step)
+
+    def scale(self, step: int) -> float:
+        return 1.0 + (self.scale_max - 1.0) * min(1.0, step / max(1, self.total_steps - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# routers
+# ---------------------------------------------------------------------------------------------
+class AxisRouter(nn.Module):
+    def __init__(self, n_budgets: int, n_choices: int, hidden: int = 256, init_std: float = 0.1):
+        super().__init__()
+        if n_choices < 1:
+            raise ArchError("a router needs at least one choice")
+        self.net = nn.Sequential(nn.Linear(n_budgets, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, n_choices))
+        nn.init.normal_(self.net[2].weight, std=init_std)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Router(nn.Module):
+    """One `AxisRouter` per axis; ``choices[axis]`` are the sizes of `space` (drops for depth)."""
+
+    def __init__(self, budgets, space: Space, hidden: int = 256, init_std: float = 0.1):
+        super().__init__()
+        self.budgets = check_budgets(budgets)
+        self.sizes = {"hidden": space.hidden, "ffn": space.ffn, "mamba": space.mamba_heads, "depth": space.drops}
+        self.routers = nn.ModuleDict({a: AxisRouter(len(self.budgets), len(self.sizes[a]), hidden, init_std) for a in AXES})
+        self.hidden, self.init_std = hidden, init_std
+
+    def budget_input(self, budget: float) -> torch.Tensor:
+        """One-hot over the trained budgets; between two of them, the linear interpolation."""
+        b, bs = float(budget), self.budgets
+        dev = next(self.parameters()).device
+        x = torch.zeros(len(bs), device=dev)
+        for i, t in enumerate(bs):
+            if math.isclose(b, t, rel_tol=0, abs_tol=1e-9):
+                x[i] = 1.0
+                return x
+        if not bs[0] < b < bs[-1]:
+            raise ArchError(
+                f"budget {b} lies outside the trained budgets {list(bs)}: the router can only interpolate between them"
+            )
+        hi = next(i for i, t in enumerate(bs) if t > b)
+        w = (b - bs[hi - 1]) / (bs[hi] - bs[hi - 1])
+        x[hi - 1], x[hi] = 1 - w, w
+        return x
+
+    def logits(self, budget: float) -> dict[str, torch.Tensor]:
+        x = self.budget_input(budget)
+        return {a: r(x) for a, r in self.routers.items()}
+
+    def sample(self, budget: float, *, tau: float, scale: float, hard: bool = False,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Gumbel-softmax probabilities per axis (straight-through one-hot when `hard`).
+
+        The noise comes from `generator` (CPU) so a step's sample depends only on its seed.
+        """
+        out = {}
+        for a, lg in self.logits(budget).items():
+            u = torch.rand(lg.shape, generator=generator, dtype=torch.float32).to(lg.device)
+            g = -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
+            y = F.softmax((lg * scale + g) / tau, dim=-1)
+            if hard:
+                y_hard = F.one_hot(y.argmax(), y.numel()).to(y.dtype)
+                y = y_hard - y.detach() + y
+            out[a] = y
+        return out
+
+    @torch.no_grad()
+    def argmax(self, budget: float) -> dict[str, int]:
+        return {a: int(lg.argmax()) for a, lg in self.logits(budget).items()}
+
+    def chosen_sizes(self, budget: float) -> dict[str, int]:
+        return {a: int(self.sizes[a][i]) for a, i in self.argmax(budget).items()}
+
+    def config(self) -> dict:
+        return {"budgets": list(self.budgets), "hidden": self.hidden, "init_std": self.init_std,
+                "sizes": {a: list(v) for a, v in self.sizes.items()}}
+
+    @classmethod
+    def from_config(cls, config: dict, parent: Arch) -> "Router":
+        s = config["sizes"]
+        space = Space(parent=parent, hidden=tuple(s["hidden"]), ffn=tuple(s["ffn"]),
+                      mamba_heads=tuple(s["mamba"]), drops=tuple(s["depth"]))
+        return cls(config["budgets"], space, hidden=config["hidden"], init_std=config["init_std"])

@@ -1,0 +1,337 @@
+"""Stage `search`: Nemotron Elastic -- a router picks a sub-network per budget, all trained at once.
+
+    python -m elastic.run stage=search run_dir=RUN                       # after stage=importance
+    python -m elastic.run stage=search 'search.budgets=[0.5,0.7,1.0]' search.steps=80    # the toy default, ~1.5 min CPU
+    python -m elastic.run stage=prune budget=all run_dir=RUN             # then cut every budget out, zero-shot
+
+Setup: the parent is reordered by the importance ranking (`ElasticNemotronH.from_parent`), so every
+sub-network is a prefix of each axis; a `Router` maps each budget to a distribution over every
+axis's choices (`Space`, the same choice grid as the prune stage). Each optimizer step (its random
+decisions are a function of ``(seed, step)`` only, so a resumed run makes the same ones):
+
+1. with probability ``full_model_share`` the full model trains (no masks); otherwise a budget is
+   drawn -- uniformly during the first ``phase1_share`` of the steps, then with ``phase2_weights``
+   (largest budget first; the paper's 0.5 / 0.3 / 0.2);
+2. the router samples an architecture by Gumbel-softmax (soft masks, a straight-through hard
+   sample with probability ``hard_prob``); temperature and logit scale follow `router.Schedule`;
+3. loss = forward KL(frozen parent || masked student) on the logits + ``lambda_budget`` x the budget
+   loss of the expected architecture; the router (lr ``router.lr``) and the model (lr ``lr``) train
+   together through `elastic.train.train` -- the one training loop of the project (checkpoints hold
+   the one set of weights + the router; exact resume).
+
+Outputs: ``search/elastic/`` (plain HF checkpoint of the importance-ordered, trained weights +
+``ranking.safetensors`` + ``router.safetensors`` / ``router.json``), ``search/archs.json`` (per budget
+the router's argmax `Arch`, ``params``, ``parent_params``, the cost when the resource is memory, the
+held-out loss of the hard-masked model), ``search/widths.png`` (chosen sizes per budget over
+training) and ``search/logs/`` (tensorboard / wandb offline / metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from elastic.arch import ArchError
+from elastic.models.nemotron_h import arch_of
+from elastic.models.nemotron_h_elastic import AXES, ElasticNemotronH
+from elastic.router import Cost, Router, Schedule, budget_loss, check_budgets
+from elastic.rundir import RunDir, write_json
+from elastic.search_space import Space
+
+STAGE = "search"
+
+
+def budget_name(b: float | None) -> str:
+    return "full" if b is None else f"b{b:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks (plain arguments; used by the stage, the tests and the benchmark)
+# ---------------------------------------------------------------------------------------------
+def build_space(parent, c) -> Space:
+    """The per-axis choices from `search.granularity` / limits, or explicit `search.choices` lists."""
+    g = c.granularity
+    space = Space.build(
+        parent,
+        hidden_step=int(g.hidden), ffn_step=int(g.ffn), mamba_heads_per_group_step=int(g.mamba_heads_per_group),
+        max_width_prune=float(c.max_width_prune), max_depth_prune=float(c.max_depth_prune), protect_kinds=c.protect_kinds,
+    )
+    explicit = {k: v for k, v in (c.get("choices") or {}).items() if v is not None}
+    if explicit:
+        unknown = set(explicit) - {"hidden", "ffn", "mamba_heads", "drops"}
+        if unknown:
+            raise ArchError(f"search.choices has unknown axes {sorted(unknown)}; use hidden, ffn, mamba_heads, drops")
+        space = Space(parent=parent, **{k: tuple(int(x) for x in explicit.get(k, getattr(space, k))) for k in ("hidden", "ffn", "mamba_heads", "drops")})
+        droppable = sum(k not in c.protect_kinds for k in parent.pattern)
+        if space.drops and max(space.drops) > droppable:
+            raise ArchError(f"cannot drop {max(space.drops)} layers: only {droppable} are not protected")
+    return space
+
+
+class SearchModel(nn.Module):
+    """The elastic model and the router in one module, so one optimizer / DDP wrap trains both.
+
+    ``forward(input_ids, step)`` draws this step's budget and architecture and returns
+    ``(logits, budget_loss, info)``.
+    """
+
+    def __init__(self, elastic: ElasticNemotronH, router: Router, cost: Cost, schedule: Schedule, c, seed: int):
+        super().__init__()
+        self.elastic, self.router, self.cost, self.schedule = elastic, router, cost, schedule
+        self.seed = int(seed)
+        self.steps = int(c.steps)
+        self.full_share, self.hard_prob = float(c.full_model_share), float(c.hard_prob)
+        self.phase1_steps = int(round(float(c.phase1_share) * self.steps))
+        self.band = float(c.band)
+        n = len(router.budgets)
+        w = c.get("phase2_weights")
+        if w is None:  # largest budget first: the paper's 0.5/0.3/0.2 for three, rank-proportional otherwise
+            w = [0.5, 0.3, 0.2] if n == 3 else [n - i for i in range(n)]
+        w = [float(x) for x in w]
+        if len(w) != n or any(x < 0 for x in w) or sum(w) <= 0:
+            raise ArchError(f"search.phase2_weights needs {n} non-negative weights (largest budget first), got {w}")
+        self.phase2 = torch.tensor(w[::-1]) / sum(w)  # aligned with router.budgets (ascending)
+
+    def plan(self, step: int) -> tuple[float | None, bool, torch.Generator]:
+        """This step's budget (None = full model), whether the sample is hard, and its noise generator."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+        if float(torch.rand((), generator=g)) < self.full_share:
+            return None, False, g
+        n = len(self.router.budgets)
+        probs = torch.full((n,), 1.0 / n) if step < self.phase1_steps else self.phase2
+        b = self.router.budgets[int(torch.multinomial(probs, 1, generator=g))]
+        hard = float(torch.rand((), generator=g)) < self.hard_prob
+        return b, hard, g
+
+    def forward(self, input_ids: torch.Tensor, step: int):
+        budget, hard, g = self.plan(step)
+        info: dict[str, Any] = {"budget": budget, "tau": self.schedule.tau(step), "scale": self.schedule.scale(step)}
+        if budget is None:
+            self.elastic.set_full()
+            bl = input_ids.new_zeros((), dtype=torch.float32)
+        else:
+            probs = self.router.sample(budget, tau=info["tau"], scale=info["scale"], hard=hard, generator=g)
+            self.elastic.set_probs(**probs)
+            bl, ratio = budget_loss(self.cost.expected(probs), budget, self.cost.full, self.band)
+            bl = bl.float()
+            info["ratio"] = float(ratio)
+        logits = self.elastic(input_ids).logits
+        self.elastic.set_full()
+        return logits, bl, info
+
+
+def make_search_model(parent_model, ranking, c, seed: int) -> SearchModel:
+    parent = arch_of(parent_model)
+    budgets = check_budgets(c.budgets)
+    space = build_space(parent, c)
+    elastic = ElasticNemotronH.from_parent(parent_model, ranking, space, c.protect_kinds)
+    cost = Cost(space, elastic.kept_layers, c.resource, context=int(c.context), batch=int(c.memory_batch))
+    r = c.router
+    router = Router(budgets, space, hidden=int(r.hidden), init_std=float(r.init_std))
+    schedule = Schedule(int(c.steps), tau0=float(c.tau0), tau_min=float(c.tau_min),
+                        decay=None if c.tau_decay is None else float(c.tau_decay), scale_max=float(c.logit_scale_max))
+    return SearchModel(elastic, router, cost, schedule, c, seed)
+
+
+def chosen_archs(sm: SearchModel, budgets=None) -> dict[float, dict]:
+    """The router's argmax architecture per budget, with its cost."""
+    out = {}
+    parent_params = sm.elastic.arch.num_params()
+    for b in budgets or sm.router.budgets:
+        idx = sm.router.argmax(b)
+        arch = sm.elastic.arch_from_indices(idx)
+        cost = sm.cost.of_arch(arch)
+        rec = {
+            "arch": arch.to_dict(), "summary": arch.short(), "params": arch.num_params(), "parent_params": parent_params,
+            "ratio": cost / (b * sm.cost.full), "choices": {a: sm.router.sizes[a][i] for a, i in idx.items()},
+        }
+        rec["within_band"] = abs(rec["ratio"] - 1) <= sm.band
+        if sm.cost.resource == "memory":
+            rec.update(memory_bytes=cost, parent_memory_bytes=sm.cost.full,
+                       memory_context=sm.cost.context, memory_batch=sm.cost.batch)
+        out[b] = rec
+    return out
+
+
+def param_groups_fn(c):
+    from elastic.train import default_param_groups
+
+    def groups(model: SearchModel) -> list[dict]:
+        out = [{"params": list(model.router.parameters()), "lr": float(c.router.lr), "weight_decay": 0.0,
+                "warmup_steps": int(c.router.warmup_steps), "min_lr_ratio": 1.0, "name": "router"}]
+        for g in default_param_groups(model.elastic):
+            g.update(lr=float(c.lr), name=f"model_{g['name']}")
+            out.append(g)
+        return out
+
+    return groups
+
+
+def make_step_fn(accelerator, c):
+    from elastic.losses import kd_loss
+
+    lam, temp = float(c.lambda_budget), float(c.temperature)
+    log_choices_every = max(1, int(c.log_choices_every))
+
+    def step_fn(batch, model, teacher, step):
+        with torch.no_grad():
+            t_logits = teacher(batch, use_cache=False).logits
+        logits, bl, info = model(batch, step)
+        kd = kd_loss(logits, t_logits, temperature=temp)
+        loss = kd.loss + lam * bl
+        name = budget_name(info["budget"])
+        m = {"kl": float(kd.kl), f"kl/{name}": float(kd.kl), "tau": info["tau"], "logit_scale": info["scale"]}
+        if info["budget"] is not None:
+            m.update({"budget_loss": float(bl), f"budget_loss/{name}": float(bl), f"cost_ratio/{name}": info["ratio"]})
+        if step % log_choices_every == 0 or step == int(c.steps) - 1:
+            router = accelerator.unwrap_model(model).router
+            for b in router.budgets:
+                for axis, size in router.chosen_sizes(b).items():
+                    m[f"choice/{budget_name(b)}/{axis}"] = float(size)
+        return loss, m
+
+    return step_fn
+
+
+def train_batches(cfg, tok, c, batch_size: int, micro_batch_size: int, seq_len: int, num_sequences: int):
+    from elastic.data import Mixture, PackedRows
+    from elastic.inputs import token_batches
+    from elastic.train import StepBatches
+
+    rows = torch.cat(token_batches(cfg, tok, "train", num_sequences=num_sequences, batch_size=256, seq_len=seq_len))
+    return StepBatches(Mixture([PackedRows(rows, seed=int(cfg.seed), name="train")], seed=int(cfg.seed)),
+                       batch_size=batch_size, micro_batch_size=micro_batch_size)
+
+
+def plot_choices(history: list[dict], budgets, path) -> None:
+    """Chosen size per axis per budget over training (argmax of the router)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(AXES), figsize=(4 * len(AXES), 3.2))
+    labels = {"hidden": "hidden size", "ffn": "FFN size", "mamba": "Mamba heads", "depth": "layers dropped"}
+    for ax, axis in zip(axes, AXES):
+        for b in budgets:
+            key = f"choice/{budget_name(b)}/{axis}"
+            pts = [(h["step"], h[key]) for h in history if key in h]
+            if pts:
+                ax.step(*zip(*pts), where="post", label=f"budget {b:g}")
+        ax.set_title(labels[axis])
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def validate_config(c) -> None:
+    check_budgets(c.budgets)
+    for key in ("full_model_share", "hard_prob", "phase1_share"):
+        if not 0.0 <= float(c[key]) <= 1.0:
+            raise ArchError(f"search.{key} must be in [0, 1], got {c[key]}")
+    if int(c.steps) < 1:
+        raise ArchError(f"search.steps must be >= 1, got {c.steps}")
+    if c.resource not in ("params", "memory"):
+        raise ArchError(f"search.resource must be params or memory, got {c.resource!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+def run(cfg, run: RunDir) -> dict:
+    from safetensors.torch import save_file
+
+    from elastic import tracking
+    from elastic.inputs import heldout_loss, token_batches
+    from elastic.parent import load_model, load_tokenizer, resolve_parent_path
+    from elastic.stages.importance import load_ranking
+    from elastic.train import TrainConfig, clear_checkpoints, make_accelerator, train
+
+    c = cfg.search
+    validate_config(c)
+    t0 = time.time()
+    parent_path = resolve_parent_path(cfg)
+    tok = load_tokenizer(parent_path)
+    teacher = load_model(parent_path, cfg.parent.dtype, "cpu")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    parent = arch_of(teacher)
+    ranking = load_ranking(run)
+    ranking.validate(parent)
+    student_src = load_model(parent_path, "float32", "cpu")
+    sm = make_search_model(student_src, ranking, c, int(cfg.seed))
+    del student_src
+
+    tcfg = cfg.get("tracking") or OmegaConf.create({"backends": list(c.get("tracking_backends") or [])})
+    acc = make_accelerator(device=cfg.device, **tracking.accelerator_kwargs(tcfg, run.path("search/logs")))
+    tracking.init_trackers(acc, tcfg, run_name="search", config=c)
+    teacher.to(acc.device)
+    batches = train_batches(cfg, tok, c, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences))
+    tc = TrainConfig(
+        max_steps=int(c.steps), lr=float(c.lr), warmup_steps=int(c.warmup_steps), min_lr_ratio=float(c.min_lr_ratio),
+        weight_decay=float(c.weight_decay), grad_clip=float(c.grad_clip) or None, checkpoint_every=int(c.checkpoint_every),
+        resume=c.resume, log_every=int(c.log_every), seed=int(cfg.seed), desc="search",
+        fail_at_step=c.get("fail_at_step"),
+    )
+    fingerprint = {
+        "parent": str(parent_path), "parent_arch": parent.to_dict(),
+        "search": OmegaConf.to_container(c, resolve=True) | {"resume": None, "fail_at_step": None},
+        "seed": int(cfg.seed),
+    }
+    result = train(sm, make_step_fn(acc, c), batches, tc, accelerator=acc, checkpoint_dir=run.path("search/checkpoints"),
+                   teacher=teacher, param_groups=param_groups_fn(c), fingerprint=fingerprint)
+    sm = acc.unwrap_model(result.model)
+    sm.eval()
+    acc.end_training()
+
+    archs = chosen_archs(sm)
+    if int(c.eval_sequences) > 0:
+        held = token_batches(cfg, tok, "heldout", num_sequences=int(c.eval_sequences), batch_size=8, seq_len=int(c.seq_len))
+        for b, rec in archs.items():
+            rec["heldout_loss"] = heldout_loss(sm.elastic.extract(sm.elastic.arch_from_indices(sm.router.argmax(b))), held)
+        archs_parent = heldout_loss(teacher, held)
+    else:
+        archs_parent = None
+
+    meta = dict(stage=STAGE, config=c, inputs={"parent": str(parent_path), "ranking": "importance"})
+    with run.artifact_dir("search/elastic", overwrite=True, arch=parent.to_dict(), **meta) as (tmp, _):
+        sm.elastic.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        save_file(sm.elastic.ranking.to_tensors(), str(tmp / "ranking.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in sm.router.state_dict().items()}, str(tmp / "router.safetensors"))
+        write_json(tmp / "router.json", sm.router.config() | {
+            "resource": sm.cost.resource, "context": sm.cost.context, "memory_batch": sm.cost.batch, "band": sm.band,
+            "protect_kinds": sm.elastic.protect_kinds})
+    doc = {
+        "resource": sm.cost.resource, "parent_params": parent.num_params(), "parent_cost": sm.cost.full,
+        "parent_heldout_loss": archs_parent, "checkpoint": "search/elastic", "steps": result.steps,
+        "tokens": result.tokens, "budgets": {f"{b:g}": rec for b, rec in archs.items()},
+    }
+    run.save_json("search/archs.json", doc, **meta)
+    plot_choices(result.history, sm.router.budgets, run.path("search/widths.png"))
+    clear_checkpoints(run.path("search/checkpoints"))
+    for b, rec in archs.items():
+        flag = "" if rec["within_band"] else f"  (outside the {sm.band:.0%} band!)"
+        print(f"search: budget {b:g}: {rec['summary']} = {rec['ratio'] * b:.1%} of the parent's {sm.cost.resource}{flag}")
+    return {
+        "archs": str(run.path("search/archs.json")), "steps": result.steps, "seconds": round(time.time() - t0, 1),
+        "budgets": {f"{b:g}": {"params": r["params"], "ratio": round(r["ratio"], 4)} for b, r in archs.items()},
+    }
+
+
+def load_search(run: RunDir):
+    """(archs.json document, path of the elastic checkpoint) of a finished search stage."""
+    from elastic.rundir import read_json
+
+    p = run.path("search/archs.json")
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing: run `python -m elastic.run stage=search run_dir={run.root}` first")
+    return read_json(p), run.path("search/elastic")
