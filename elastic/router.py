@@ -224,6 +224,32 @@ class Router(nn.Module):
         return {"budgets": list(self.budgets), "hidden": self.hidden, "init_std": self.init_std,
                 "sizes": {a: list(v) for a, v in self.sizes.items()}}
 
+    @torch.no_grad()
+    def constrained_argmax(self, budget: float, cost: "Cost", band: float = 0.05) -> tuple[dict[str, int], bool]:
+        """The most probable architecture (sum of per-axis log-probabilities) whose cost is within the
+        band of the budget; falls back to the plain argmax (second value False) when none is.
+
+        The plain per-axis argmax can leave the band when the router's distribution is still spread
+        (short runs); this decodes the same distribution under the budget constraint.
+        """
+        lp = {a: F.log_softmax(lg.double(), -1).cpu() for a, lg in self.logits(budget).items()}
+        shape = [len(lp[a]) for a in AXES]
+        view = lambda t, i: t.view(*[-1 if j == i else 1 for j in range(len(AXES))])  # noqa: E731
+        total = sum(view(lp[a], i) for i, a in enumerate(AXES))
+        ch = cost.choices
+        counts = cost.kind_counts
+        c = cost.of_sizes(view(ch["hidden"], 0), view(ch["ffn"], 1), view(ch["mamba"], 2),
+                          view(counts[:, 0], 3), view(counts[:, 1], 3), view(counts[:, 2], 3))
+        ok = ((c / (budget * cost.full)) - 1).abs() <= band
+        if not bool(ok.any()):
+            return self.argmax(budget), False
+        flat = int(torch.where(ok.expand(shape), total.expand(shape), torch.tensor(-math.inf, dtype=total.dtype)).argmax())
+        idx = []
+        for n in reversed(shape):
+            idx.append(flat % n)
+            flat //= n
+        return dict(zip(AXES, reversed(idx))), True
+
     @classmethod
     def from_config(cls, config: dict, parent: Arch) -> "Router":
         s = config["sizes"]

@@ -218,7 +218,12 @@ def extract_budgets(cfg, run: RunDir) -> dict:
                 rcfg = read_json(ckpt / "router.json")
                 router = Router.from_config(rcfg, parent)
                 router.load_state_dict(load_file(str(ckpt / "router.safetensors")))
-            size = router.chosen_sizes(b)
+            from elastic.router import Cost
+
+            cost = Cost(router_space(router, parent), [ranking.layers_after_dropping(d, parent.num_layers, {i for i, k in enumerate(parent.pattern) if k in rcfg["protect_kinds"]}) for d in router.sizes["depth"]],
+                        rcfg["resource"], context=rcfg["context"], batch=rcfg["memory_batch"])
+            idx, _ = router.constrained_argmax(b, cost, rcfg["band"])
+            size = {a: router.sizes[a][i] for a, i in idx.items()}
             arch = make_arch(parent, ranking, hidden_size=size["hidden"], intermediate_size=size["ffn"],
                              mamba_num_heads=size["mamba"], drop_layers=size["depth"], protect_kinds=rcfg["protect_kinds"])
             rule = "router argmax (interpolated budget input)"
@@ -243,3 +248,8 @@ def extract_budgets(cfg, run: RunDir) -> dict:
         print(f"prune: budget {b:g} -> {arch.short()} ({arch.num_params() / parent.num_params():.1%} of the parent) -> {path}")
         out[f"{b:g}"] = {"name": name, "path": str(path), "params": arch.num_params(), "parent_params": parent.num_params()}
     return {"extracted": out}
+
+
+def router_space(router, parent: Arch) -> Space:
+    z = router.sizes
+    return Space(parent=parent, hidden=tuple(z["hidden"]), ffn=tuple(z["ffn"]), mamba_heads=tuple(z["mamba"]), drops=tuple(z["depth"]))

@@ -36,7 +36,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from elastic.arch import ArchError
+from elastic.arch import Arch, ArchError
 from elastic.models.nemotron_h import arch_of
 from elastic.models.nemotron_h_elastic import AXES, ElasticNemotronH
 from elastic.router import Cost, Router, Schedule, budget_loss, check_budgets
@@ -143,12 +143,17 @@ def chosen_archs(sm: SearchModel, budgets=None) -> dict[float, dict]:
     out = {}
     parent_params = sm.elastic.arch.num_params()
     for b in budgets or sm.router.budgets:
-        idx = sm.router.argmax(b)
+        raw = sm.router.argmax(b)
+        idx, constrained = sm.router.constrained_argmax(b, sm.cost, sm.band)
         arch = sm.elastic.arch_from_indices(idx)
         cost = sm.cost.of_arch(arch)
+        raw_arch = sm.elastic.arch_from_indices(raw)
         rec = {
             "arch": arch.to_dict(), "summary": arch.short(), "params": arch.num_params(), "parent_params": parent_params,
             "ratio": cost / (b * sm.cost.full), "choices": {a: sm.router.sizes[a][i] for a, i in idx.items()},
+            "rule": "most probable architecture within the band" if constrained else "per-axis argmax (nothing in the band)",
+            "argmax": {"choices": {a: sm.router.sizes[a][i] for a, i in raw.items()}, "params": raw_arch.num_params(),
+                       "ratio": sm.cost.of_arch(raw_arch) / (b * sm.cost.full)},
         }
         rec["within_band"] = abs(rec["ratio"] - 1) <= sm.band
         if sm.cost.resource == "memory":
@@ -296,7 +301,7 @@ def run(cfg, run: RunDir) -> dict:
     if int(c.eval_sequences) > 0:
         held = token_batches(cfg, tok, "heldout", num_sequences=int(c.eval_sequences), batch_size=8, seq_len=int(c.seq_len))
         for b, rec in archs.items():
-            rec["heldout_loss"] = heldout_loss(sm.elastic.extract(sm.elastic.arch_from_indices(sm.router.argmax(b))), held)
+            rec["heldout_loss"] = heldout_loss(sm.elastic.extract(Arch.from_dict(rec["arch"])), held)
         archs_parent = heldout_loss(teacher, held)
     else:
         archs_parent = None
@@ -316,6 +321,7 @@ def run(cfg, run: RunDir) -> dict:
         "tokens": result.tokens, "budgets": {f"{b:g}": rec for b, rec in archs.items()},
     }
     run.save_json("search/archs.json", doc, **meta)
+    run.save_json("search/history.json", result.history, **meta)
     plot_choices(result.history, sm.router.budgets, run.path("search/widths.png"))
     clear_checkpoints(run.path("search/checkpoints"))
     for b, rec in archs.items():

@@ -1,0 +1,101 @@
+"""The search stage end to end on the trained toy parent: archs.json within the budgets, zero-shot
+extraction that reloads with plain transformers and equals the hard-masked elastic model, exact resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from elastic.arch import Arch, ArchError
+from elastic.models.nemotron_h import arch_of
+from elastic.models.nemotron_h_elastic import ElasticNemotronH
+from elastic.router import Router
+from elastic.rundir import RunDir, read_json
+from elastic.run import pipeline
+from elastic.stages.prune import router_space
+from elastic.train import ResumeError, SimulatedCrash
+from tiny import tokens
+
+from test_pipeline import make_cfg
+
+SEARCH = [
+    "search.steps=10", "search.batch_size=4", "search.micro_batch_size=4", "search.seq_len=32",
+    "search.train_sequences=64", "search.checkpoint_every=4", "search.eval_sequences=4", "search.log_choices_every=2",
+    "tracking.backends=[]",
+]
+
+
+@pytest.fixture(scope="module")
+def search_run(toy_parent, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("search")
+    cfg = make_cfg(toy_parent, run_dir, "stage=importance", *SEARCH)
+    pipeline(cfg)
+    cfg = make_cfg(toy_parent, run_dir, "stage=search", *SEARCH)
+    pipeline(cfg)
+    return run_dir
+
+
+def test_archs_within_budgets(search_run):
+    doc = read_json(search_run / "search/archs.json")
+    assert set(doc["budgets"]) == {"0.5", "0.7", "1"}
+    for b, rec in doc["budgets"].items():
+        arch = Arch.from_dict(rec["arch"])
+        assert rec["params"] == arch.num_params() and rec["parent_params"] == doc["parent_params"]
+        assert abs(arch.num_params() / (float(b) * doc["parent_params"]) - 1) <= 0.05, (b, rec["summary"])
+        assert rec["within_band"]
+    for f in ("elastic/model.safetensors", "elastic/ranking.safetensors", "elastic/router.safetensors",
+              "elastic/router.json", "widths.png", "archs.json.meta.json", "history.json"):
+        assert (search_run / "search" / f).exists(), f
+    hist = read_json(search_run / "search/history.json")
+    assert any("choice/b0.5/hidden" in h for h in hist) and any("budget_loss" in h for h in hist)
+
+
+def test_extraction_reloads_and_matches_the_masked_model(search_run, toy_parent):
+    cfg = make_cfg(toy_parent, search_run, "stage=prune", "budget=[0.5,0.6,0.7]", "force=true", *SEARCH)
+    out = pipeline(cfg)["prune"]["extracted"]
+    assert set(out) == {"0.5", "0.6", "0.7"}
+    elastic_hf = AutoModelForCausalLM.from_pretrained(search_run / "search/elastic").eval()
+    rcfg = read_json(search_run / "search/elastic/router.json")
+    from safetensors.torch import load_file
+
+    depth = load_file(str(search_run / "search/elastic/ranking.safetensors"))["depth"]
+    el = ElasticNemotronH(elastic_hf, router_space(Router.from_config(rcfg, arch_of(elastic_hf)), arch_of(elastic_hf)),
+                          depth, rcfg["protect_kinds"])
+    ids = tokens(vocab=elastic_hf.config.vocab_size)
+    for b in ("0.5", "0.7"):
+        child = AutoModelForCausalLM.from_pretrained(out[b]["path"]).eval()
+        arch = Arch.from_dict(json.loads((search_run / "prune" / f"budget-{b}" / "arch.json").read_text()))
+        assert arch_of(child).replace(layers=()) == arch.replace(layers=())
+        el.set_arch(arch)
+        with torch.no_grad():
+            torch.testing.assert_close(child(ids, use_cache=False).logits, el(ids).logits, rtol=1e-4, atol=1e-4)
+    # an untrained budget comes from the router on the interpolated input, within its band
+    assert abs(out["0.6"]["params"] / (0.6 * out["0.6"]["parent_params"]) - 1) <= 0.05
+
+
+def test_resume_reproduces_losses_and_refuses_another_parent(search_run, toy_parent, tmp_path):
+    full = read_json(search_run / "search/history.json")
+    cfg = make_cfg(toy_parent, tmp_path, "stage=search", *SEARCH, "+search.fail_at_step=6")
+    shutil.copytree(search_run / "importance", tmp_path / "importance")
+    with pytest.raises(SimulatedCrash):
+        pipeline(cfg)
+    other = tmp_path / "other_parent"
+    shutil.copytree(toy_parent, other)
+    with pytest.raises(ResumeError, match="parent"):
+        pipeline(make_cfg(other, tmp_path, "stage=search", *SEARCH))
+    pipeline(make_cfg(toy_parent, tmp_path, "stage=search", *SEARCH))
+    resumed = read_json(tmp_path / "search/history.json")
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in full], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("search.budgets=[0.5,1.5]", "(0, 1]"),
+    ("search.budgets=[]", "empty"),
+    ("search.choices.hidden=[]", "empty"),
+    ("search.choices.mamba_heads=[3,16]", "n_groups"),
+])
+def test_bad_search_input(search_run, toy_parent, override, match):
+    with pytest.raises(ArchError, match=match):
+        pipeline(make_cfg(toy_parent, search_run, "stage=search", "force=true", *SEARCH, override))
