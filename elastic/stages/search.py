@@ -132,7 +132,9 @@ def make_search_model(parent_model, ranking, c, seed: int) -> SearchModel:
     elastic = ElasticNemotronH.from_parent(parent_model, ranking, space, c.protect_kinds)
     cost = Cost(space, elastic.kept_layers, c.resource, context=int(c.context), batch=int(c.memory_batch))
     r = c.router
-    router = Router(budgets, space, hidden=int(r.hidden), init_std=float(r.init_std))
+    with torch.random.fork_rng(devices=[]):  # the router's init depends on the seed only, not on what ran before
+        torch.manual_seed(int(seed))
+        router = Router(budgets, space, hidden=int(r.hidden), init_std=float(r.init_std))
     schedule = Schedule(int(c.steps), tau0=float(c.tau0), tau_min=float(c.tau_min),
                         decay=None if c.tau_decay is None else float(c.tau_decay), scale_max=float(c.logit_scale_max))
     return SearchModel(elastic, router, cost, schedule, c, seed)
@@ -192,7 +194,7 @@ def make_step_fn(accelerator, c):
         name = budget_name(info["budget"])
         m = {"kl": float(kd.kl), f"kl/{name}": float(kd.kl), "tau": info["tau"], "logit_scale": info["scale"]}
         if info["budget"] is not None:
-            m.update({"budget_loss": float(bl), f"budget_loss/{name}": float(bl), f"cost_ratio/{name}": info["ratio"]})
+            m.update({"budget_loss": float(bl.detach()), f"budget_loss/{name}": float(bl.detach()), f"cost_ratio/{name}": info["ratio"]})
         if step % log_choices_every == 0 or step == int(c.steps) - 1:
             router = accelerator.unwrap_model(model).router
             for b in router.budgets:
