@@ -345,6 +345,17 @@ def test_bad_inputs_fail_clearly_and_write_nothing(world, tmp_path):
     with pytest.raises(ResumeError, match="another run"):
         run_stage(make_cfg(world, tmp_path / "other", teacher="teacher2"))
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
+    # a finished phase of another run is not overwritten without force=true
+    cfg = make_cfg(world, tmp_path / "done", max_steps=1)
+    run_stage(cfg)
+    (tmp_path / "done" / "distill" / "DONE.json").unlink()  # as the pipeline does when the config changed
+    weights = tmp_path / "done" / "distill" / "phase1" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    with pytest.raises(DistillError, match="another run"):
+        run_stage(make_cfg(world, tmp_path / "done", teacher="teacher2", max_steps=1))
+    assert weights.stat().st_mtime_ns == mtime
+    with pytest.raises(ResumeError, match="no checkpoint"):
+        run_stage(make_cfg(world, tmp_path / "fresh", resume=True))
 
 
 # ------------------------------------------------------------------------------------------------ worker
