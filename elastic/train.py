@@ -50,6 +50,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from elastic.rundir import write_json
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -299,7 +301,7 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, trainer_state
         if extra:
             torch.save(extra, tmp / EXTRA_FILE)
         # trainer_state.json last: a folder without it is not a checkpoint
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+        write_json(tmp / STATE_FILE, trainer_state)  # fsynced: a renamed folder always has a whole state
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in _step_dirs(checkpoint_dir)[:-keep] if keep > 0 else []:
