@@ -39,7 +39,7 @@ __all__ = [
 TOY_RECIPE_VERSION = 1
 
 # Settings for `python -m elastic.run` with no arguments: ~3 min on 2 CPU cores.
-TOY_DEFAULTS: dict[str, Any] = dict(steps=600, batch_size=16, seq_len=128, lr=3e-3, vocab_size=2048, seed=0)
+TOY_DEFAULTS: dict[str, Any] = dict(steps=450, batch_size=16, seq_len=128, lr=3e-3, vocab_size=2048, seed=0)
 # Settings the test suite shares through one session-scoped fixture: well under a minute.
 TOY_TEST: dict[str, Any] = dict(steps=120, batch_size=16, seq_len=64, lr=4e-3, vocab_size=512, seed=0)
 
@@ -112,11 +112,17 @@ def toy_files(split: str) -> list[str]:
 
 
 def train_tokenizer(files, vocab_size: int, out_dir: str | os.PathLike):
-    """Train a byte-level BPE tokenizer on ``files`` and save it as a ``PreTrainedTokenizerFast``."""
+    """Train a byte-level BPE tokenizer and save it as a ``PreTrainedTokenizerFast`` in ``out_dir``.
+
+    ``files`` is anything :func:`elastic.data.load_text` accepts, or an already loaded Dataset.
+    Special tokens take ids 0-3 (``<pad> <s> </s> <unk>``), matching :func:`toy_config`.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    ds = load_text(files)
+    import datasets
+
+    ds = files if isinstance(files, datasets.Dataset) else load_text(files)
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -245,8 +251,9 @@ def build_toy_parent(
     tmp.mkdir(parents=True)
 
     train_files, heldout_files = toy_files("train"), toy_files("heldout")
-    tokenizer = train_tokenizer(train_files, vocab_size, tmp)
-    train = pack_tokens(load_text(train_files), tokenizer, seq_len, seed=seed)
+    train_text = load_text(train_files)
+    tokenizer = train_tokenizer(train_text, vocab_size, tmp)
+    train = pack_tokens(train_text, tokenizer, seq_len, seed=seed)
     heldout = pack_tokens(load_text(heldout_files), tokenizer, seq_len, seed=seed,
                           max_sequences=HELDOUT_SEQUENCES)
 
@@ -267,8 +274,8 @@ def build_toy_parent(
     cursor = 0
     tokens_seen = 0
     bar = tqdm(range(steps), desc="toy parent", disable=not progress, dynamic_ncols=True)
-    t_train = time.perf_counter()
-    loss_ema = None
+    t_train, cpu_train = time.perf_counter(), time.process_time()
+    loss_ema, curve = None, []
     for step in bar:
         if cursor + batch_size > order.numel():
             order, cursor = torch.randperm(train.shape[0], generator=g), 0
@@ -285,8 +292,11 @@ def build_toy_parent(
         if step % 5 == 0 or step == steps - 1:
             rate = tokens_seen / max(time.perf_counter() - t_train, 1e-9)
             bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{rate:,.0f}")
+        if (step + 1) % max(1, steps // 20) == 0 or step == steps - 1:
+            curve.append([step + 1, round(loss_ema, 4)])
     bar.close()
     train_time = time.perf_counter() - t_train
+    train_cpu = time.process_time() - cpu_train
 
     heldout_loss = _heldout_loss(model, heldout, batch_size)
     unigram_loss = _unigram_loss(train, heldout, len(tokenizer))
@@ -300,10 +310,13 @@ def build_toy_parent(
         "heldout_loss": heldout_loss,
         "unigram_loss": unigram_loss,
         "final_train_loss_ema": loss_ema,
+        "train_loss_curve": curve,
         "tokens_seen": tokens_seen,
         "train_tokens_available": int(train.numel()),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_time, 2),
+        # CPU seconds (all threads): wall time alone misleads when other jobs share the cores.
+        "train_cpu_seconds": round(train_cpu, 2),
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "tokens_per_second": round(tokens_seen / max(train_time, 1e-9), 1),
         "files": {"train": [Path(f).name for f in train_files],

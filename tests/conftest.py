@@ -1,0 +1,18 @@
+"""Shared test setup: offline hub/datasets/wandb, and one toy parent built once per session."""
+
+import os
+
+# Set before anything imports transformers/datasets: each hub look-up would otherwise retry DNS.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_parent(tmp_path_factory):
+    """Path of a small trained toy NemotronH parent (``TOY_TEST`` settings), built once per session."""
+    from elastic.toy import TOY_TEST, build_toy_parent
+
+    return build_toy_parent(tmp_path_factory.mktemp("toy") / "parent", progress=False, **TOY_TEST)
