@@ -91,7 +91,7 @@ def test_resume_reproduces_losses_and_refuses_another_parent(search_run, toy_par
 
 
 @pytest.mark.parametrize("override, match", [
-    ("search.budgets=[0.5,1.5]", "(0, 1]"),
+    ("search.budgets=[0.5,1.5]", r"\(0, 1\]"),
     ("search.budgets=[]", "empty"),
     ("search.choices.hidden=[]", "empty"),
     ("search.choices.mamba_heads=[3,16]", "n_groups"),
