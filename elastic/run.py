@@ -42,7 +42,8 @@ def stage_fingerprint(cfg: Any, stage: str) -> str:
     def part(key: str):
         return OmegaConf.to_container(cfg[key], resolve=True) if key in cfg and OmegaConf.is_config(cfg[key]) else cfg.get(key)
 
-    blob = {k: part(k) for k in (stage, "parent", "data", "toy", "seed")}
+    keys = (stage, "parent", "data", "toy", "seed") + (("budget",) if stage == "prune" else ())
+    blob = {k: part(k) for k in keys}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
