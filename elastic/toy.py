@@ -14,6 +14,7 @@ license header or footer, so nothing is stripped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -218,6 +219,23 @@ def _unigram_loss(train: torch.Tensor, heldout: torch.Tensor, vocab_size: int) -
     return -logp[targets].mean().item()
 
 
+@contextlib.contextmanager
+def _build_lock(out_dir: Path):
+    """Serialize builds of one ``out_dir`` across processes, so concurrent runs train it once."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: builds still land atomically, they may just be duplicated
+        yield
+        return
+    with open(out_dir.with_name(out_dir.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build_toy_parent(
     out_dir: str | os.PathLike,
     *,
@@ -234,21 +252,45 @@ def build_toy_parent(
 
     A build whose ``toy_parent.json`` records the same settings is reused unless ``force``.
     The output is written to a sibling temp dir and moved into place, so an interrupted build
-    never leaves a half-written checkpoint behind.
+    never leaves a half-written checkpoint behind; a second process asking for the same
+    ``out_dir`` meanwhile waits for the first and then reuses its build.
     """
-    from tqdm.auto import tqdm
-    from transformers import NemotronHForCausalLM, get_cosine_schedule_with_warmup
-
     out_dir = Path(out_dir)
     settings = _settings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                          vocab_size=vocab_size, seed=seed)
     if not force and _cached(out_dir, settings):
         return out_dir
+    with _build_lock(out_dir):
+        if not force and _cached(out_dir, settings):  # built by another process while we waited
+            return out_dir
+        tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            report = _train(tmp, settings, progress=progress)
+            # os.replace cannot overwrite a non-empty directory: move the old build aside first.
+            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+            if out_dir.exists():
+                os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"toy parent: held-out loss {report['heldout_loss']:.3f} vs unigram "
+              f"{report['unigram_loss']:.3f} ({report['tokens_seen']:,} tokens, "
+              f"{report['wall_seconds']:.0f}s) -> {out_dir}", file=sys.stderr)
+    return out_dir
+
+
+def _train(tmp: Path, settings: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """Tokenizer + model training and evaluation; writes the checkpoint and report into ``tmp``."""
+    from tqdm.auto import tqdm
+    from transformers import NemotronHForCausalLM, get_cosine_schedule_with_warmup
 
     t0 = time.perf_counter()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    steps, batch_size, seq_len = settings["steps"], settings["batch_size"], settings["seq_len"]
+    lr, vocab_size, seed = settings["lr"], settings["vocab_size"], settings["seed"]
 
     train_files, heldout_files = toy_files("train"), toy_files("heldout")
     train_text = load_text(train_files)
@@ -324,15 +366,4 @@ def build_toy_parent(
         "versions": _versions(),
     }
     (tmp / "toy_parent.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    # os.replace cannot overwrite a non-empty directory: move the old build aside first.
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    if progress:
-        print(f"toy parent: held-out loss {heldout_loss:.3f} vs unigram {unigram_loss:.3f} "
-              f"({tokens_seen:,} tokens, {report['wall_seconds']:.0f}s) -> {out_dir}", file=sys.stderr)
-    return out_dir
+    return report
