@@ -57,14 +57,14 @@ def _expand(spec: str | os.PathLike) -> list[str]:
         if not found:
             raise DataError(f"directory {s} contains no {'/'.join(sorted(TEXT_SUFFIXES))} files")
         return found
+    if os.path.isfile(s):  # before globbing: "a[1].txt" may be a real name
+        return [s]
     if _GLOB_CHARS & set(s):
         found = sorted(p for p in glob.glob(s, recursive=True) if os.path.isfile(p))
         if not found:
             raise DataError(f"no files match {s}")
         return found
-    if not os.path.isfile(s):
-        raise DataError(f"file not found: {s}")
-    return [s]
+    raise DataError(f"file not found: {s}")
 
 
 def _only_text(ds: datasets.Dataset, text_column: str, where: str) -> datasets.Dataset:

@@ -49,6 +49,18 @@ def test_jsonl_with_text_column_and_mixed_types(corpus, tmp_path):
     assert len(mixed) == 3
 
 
+def test_parquet_and_dict_spec(tmp_path):
+    import datasets
+
+    pq = tmp_path / "docs.parquet"
+    datasets.Dataset.from_dict({"content": ["one", "  ", "two"]}).to_parquet(str(pq))
+    assert load_text(str(pq), text_column="content")["text"] == ["one", "two"]
+    spec = {"path": "parquet", "data_files": str(pq), "split": "train", "text_column": "content"}
+    assert load_text(spec)["text"] == ["one", "two"]
+    with pytest.raises(DataError, match="needs a split"):
+        load_text({"path": "parquet", "data_files": str(pq), "split": None, "text_column": "content"})
+
+
 def test_bad_inputs_name_the_path(tmp_path):
     with pytest.raises(DataError, match="file not found: .*missing.txt"):
         load_text(str(tmp_path / "missing.txt"))
