@@ -287,6 +287,25 @@ def test_stage_two_phases_long_context_outputs_reload(world, tmp_path):
     assert (run_dir / "phase2" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_the_entry_point_config_runs_the_stage(world, tmp_path):
+    """Composed from conf/ like `python -m elastic.run stage=distill ...` (every key of the group)."""
+    from hydra import compose, initialize_config_dir
+
+    from elastic.run import CONF_DIR, pipeline
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "stage=distill", f"run_dir={tmp_path / 'run'}", f"parent.path={world['teacher']}", "device=cpu",
+            f"distill.student={world['student']}", f"data.files={world['text']}/*.txt", "tracking.backends=[]",
+            "distill.max_steps=2", "distill.phases.0.seq_len=32", "distill.phases.0.batch_size=4",
+            "distill.phases.0.micro_batch_size=2", "distill.phases.1.seq_len=64", "distill.phases.1.batch_size=2",
+            "distill.phases.1.micro_batch_size=1",
+        ])
+    results = pipeline(cfg)
+    assert results["distill"]["output"] == str(tmp_path / "run" / "distill" / "phase2")
+    assert json.loads((tmp_path / "run" / "distill" / "DONE.json").read_text())["summary"]["phases"]["phase1"]["steps"] == 2
+
+
 def test_stage_killed_mid_phase_resumes_to_the_uninterrupted_result(world, tmp_path):
     from elastic.train import SimulatedCrash
 
@@ -333,9 +352,11 @@ def test_bad_inputs_fail_clearly_and_write_nothing(world, tmp_path):
     cfg.data.files = str(empty / "*.txt")
     with pytest.raises(DataError):
         run_stage(cfg)
+    with pytest.raises(DistillError, match="multiple"):
+        run_stage(make_cfg(world, tmp_path / "batch", **{"phases.1.micro_batch_size": 3}))
     with pytest.raises(DistillError, match="prune"):
         run_stage(make_cfg(world, tmp_path / "nostudent", student=None))
-    for d in ("vocab", "long", "empty_run", "nostudent"):
+    for d in ("vocab", "long", "empty_run", "batch", "nostudent"):
         assert not (tmp_path / d / "distill").exists(), d
     # checkpoints of a run with another teacher: refused, and left untouched
     with pytest.raises(SimulatedCrash):

@@ -96,6 +96,9 @@ def parse_phases(dcfg: Any) -> list[Phase]:
             raise DistillError(f"distill.phases[{i}]: phase names must be unique folder names, got {ph.name!r}")
         if ph.seq_len < 2 or ph.batch_size < 1 or ph.micro_batch_size < 1 or not ph.lr > 0:
             raise DistillError(f"distill.phases[{i}] ({ph.name}): seq_len >= 2, batch sizes >= 1 and lr > 0 needed")
+        if ph.batch_size % ph.micro_batch_size:
+            raise DistillError(f"distill.phases[{i}] ({ph.name}): batch_size {ph.batch_size} is not a multiple of "
+                               f"micro_batch_size {ph.micro_batch_size}")
         names.add(ph.name)
         phases.append(ph)
     return phases
@@ -323,6 +326,10 @@ def run(cfg: Any, run: RunDir) -> dict:
     acc = make_accelerator(device=str(cfg.get("device", "auto")), mixed_precision=str(dcfg.get("mixed_precision", "auto")),
                            **tracking.accelerator_kwargs(cfg.get("tracking") or {}, log_dir))
     main = acc.is_main_process
+    for ph in phases:  # the global batch must split evenly over the processes
+        if ph.batch_size % (ph.micro_batch_size * acc.num_processes):
+            raise DistillError(f"phase {ph.name}: batch_size {ph.batch_size} is not a multiple of micro_batch_size x "
+                               f"processes ({ph.micro_batch_size} x {acc.num_processes}); change one of them")
     tracking.init_trackers(acc, cfg.get("tracking") or {}, run_name=f"{STAGE}-{run.root.name}",
                            config={"distill": _plain(dcfg), "parent": str(teacher_path), "student": str(student_path)})
     t_dtype = dcfg.get("teacher_dtype", "auto")
