@@ -35,15 +35,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ArchError, DataError, ModelError, FileNotFoundError, FileExistsError)
 
 
-def stage_fingerprint(cfg: Any, stage: str) -> str:
-    """Hash of what a stage's output depends on: its own config group, the parent, the data and the seed."""
+def stage_fingerprint(cfg: Any, stage: str, upstream: dict[str, str] | None = None) -> str:
+    """Hash of what a stage's output depends on: its own config group, the parent, the data, the seed
+    and the fingerprints of the earlier stages it read (so a new prune makes distill run again)."""
     from omegaconf import OmegaConf
 
     def part(key: str):
         return OmegaConf.to_container(cfg[key], resolve=True) if key in cfg and OmegaConf.is_config(cfg[key]) else cfg.get(key)
 
     keys = (stage, "parent", "data", "toy", "seed") + (("budget",) if stage == "prune" else ())
-    blob = {k: part(k) for k in keys}
+    blob = {k: part(k) for k in keys} | {"upstream": upstream or {}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -69,7 +70,8 @@ def pipeline(cfg: Any) -> dict[str, Any]:
     print(f"elastic: run directory {run.root}")
     results: dict[str, Any] = {}
     for stage in stages:
-        fp = stage_fingerprint(cfg, stage)
+        upstream = {s: (run.done_record(s) or {}).get("fingerprint") for s in ORDER[: ORDER.index(stage)]}
+        fp = stage_fingerprint(cfg, stage, {s: f for s, f in upstream.items() if f})
         done = run.done_record(stage)
         if done and done.get("fingerprint") == fp and not cfg.force:
             print(f"[{stage}] already done with this config (force=true reruns it): {run.path(stage)}")
@@ -84,7 +86,8 @@ def pipeline(cfg: Any) -> dict[str, Any]:
         run.mark_done(stage, summary, config=cfg.get(stage), fingerprint=fp, seconds=seconds)
         results[stage] = summary
         print(f"[{stage}] done in {seconds}s -> {run.path(stage)}")
-    _print_summary(run, results)
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch` every process runs the pipeline
+        _print_summary(run, results)
     return results
 
 
