@@ -31,8 +31,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from elastic.arch import ArchError
     from elastic.data import DataError
     from elastic.parent import ModelError
+    from omegaconf.errors import MissingMandatoryValue
 
-    return (ArchError, DataError, ModelError, FileNotFoundError, FileExistsError)
+    return (ArchError, DataError, ModelError, FileNotFoundError, FileExistsError, MissingMandatoryValue)
 
 
 def stage_fingerprint(cfg: Any, stage: str, upstream: dict[str, str] | None = None) -> str:

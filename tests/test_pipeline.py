@@ -118,7 +118,8 @@ def test_importance_beats_random_pruning(pruned_run, toy_parent):
         (["prune.target=null", "prune.arch={mamba_num_heads:5}"], ArchError, "multiple of n_groups"),
         (["prune.target=null", "prune.arch={hidden_size:100000}"], ArchError, "exceeds"),
         (["prune.target=2.0e12"], ArchError, "exceeds the parent"),
-        (["prune.target=null"], ArchError, "exactly one of"),
+        (["prune.target=null", "budget=null"], ArchError, "exactly one of"),
+        (["prune.target=0.5", "prune.arch={hidden_size:64}"], ArchError, "only one of"),
     ],
 )
 def test_bad_prune_input(pruned_run, toy_parent, tmp_path, overrides, error, match):
@@ -172,5 +173,5 @@ def test_cli_bad_budget_one_line(toy_parent, tmp_path):
 def test_help_lists_stages_and_recipes():
     r = subprocess.run([sys.executable, "-m", "elastic.run", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
-    for word in ("importance", "prune", "search", "distill", "recipe: toy", "prune.target"):
+    for word in ("importance", "prune", "search", "distill", "recipe: nemotron_9b_to_4b, toy", "prune.target"):
         assert word in r.stdout, word

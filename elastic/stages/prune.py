@@ -3,7 +3,11 @@
     python -m elastic.run stage=prune prune.target=0.6 run_dir=RUN          # a budget: grid search picks the shape
     python -m elastic.run stage=prune 'prune.arch={hidden_size:3136,intermediate_size:12544,mamba_num_heads:96,drop_layers:14}' \
         parent.path=/ckpt/NVIDIA-Nemotron-Nano-9B-v2 run_dir=runs/9b
-    python -m elastic.run stage=prune                                       # tiny CPU variant on the toy parent
+    python -m elastic.run stage=prune budget=[0.5,0.7]                      # after search: cut trained budgets zero-shot
+    python -m elastic.run stage=prune prune.target=0.6                      # tiny CPU variant on the toy parent
+
+Which rule applies: `prune.target` or `prune.arch` when set (one of them), else `budget` (extraction
+from ``search/``; the toy recipe sets ``budget: 0.5`` so that ``stage=all`` distills a searched model).
 
 How a budget becomes a shape (Minitron-style, no training): enumerate every combination of the
 width choices (within `max_width_prune` of the parent, in `granularity` steps) and depth choices
@@ -110,11 +114,16 @@ def default_name(arch: Arch) -> str:
 
 
 def run(cfg, run: RunDir) -> dict:
-    if cfg.get("budget") is not None:  # cut budgets out of the search stage's elastic checkpoint instead
-        return extract_budgets(cfg, run)
     c = cfg.prune
-    if (c.target is None) == (c.arch is None):
-        raise ArchError("set exactly one of prune.target (a parameter budget, e.g. 0.6) or prune.arch (explicit sizes)")
+    if c.target is not None and c.arch is not None:
+        raise ArchError("set only one of prune.target (a parameter budget, e.g. 0.6) or prune.arch (explicit sizes)")
+    # An explicit target or shape wins over `budget` (which a recipe may set for stage=all): the user
+    # asked for this one shape from the parent. Otherwise `budget` cuts the search's trained family.
+    if c.target is None and c.arch is None:
+        if cfg.get("budget") is not None:
+            return extract_budgets(cfg, run)
+        raise ArchError("set exactly one of prune.target (a parameter budget, e.g. 0.6), prune.arch (explicit sizes) "
+                        "or, after the search stage, budget=<b>")
     parent_path = resolve_parent_path(cfg)
     tok = load_tokenizer(parent_path)
     model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))
