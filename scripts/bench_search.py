@@ -3,12 +3,12 @@
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
         python scripts/bench_search.py --parent PARENT_DIR --out benchmarks/search_toy --steps 90
 
-For every budget b of the search (0.5, 0.7, 1.0):
+For every budget b of the search (0.5, 0.7, 1.0), at an equal total of distillation tokens:
   elastic   -- the router's architecture cut out of the jointly trained elastic checkpoint (zero-shot);
   (a)       -- the prune stage's grid-search shape for b (importance ranking, best held-out loss among
                the closest candidates), distilled ALONE from the same parent with the same loop, loss,
-               lr and batch for steps / N_trained steps (N = number of budgets below 1: the family's
-               token total split evenly);
+               lr and batch for steps / N steps (N = number of budgets, `--split all`, the family's
+               token total split evenly; `--split pruned` gives each baseline more: N = budgets below 1);
   (b)       -- the same one-shot pruned shape with no training.
 All held-out losses are next-token cross-entropy on the toy's held-out plays.
 """
@@ -39,6 +39,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heldout", type=int, default=64)
+    ap.add_argument("--split", choices=["all", "pruned"], default="all",
+                    help="N for the (a) baseline's 1/N of the tokens: all = every budget of the family (the issue's "
+                         "accounting), pruned = only budgets below 1.0 (more tokens for the baseline)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the search, e.g. search.full_model_share=0.1")
     args = ap.parse_args()
 
     from hydra import compose, initialize_config_dir
@@ -63,15 +67,14 @@ def main() -> None:
         f"data.heldout_files=[{','.join(held)}]", f"data.seq_len={args.seq_len}", "importance.num_sequences=32",
         f"search.steps={args.steps}", f"search.batch_size={args.batch}", f"search.micro_batch_size={args.batch}",
         f"search.seq_len={args.seq_len}", "search.checkpoint_every=0", "search.eval_sequences=0", "tracking.backends=[]",
-        "force=true",
+        "force=true", *args.overrides,
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=common + ["stage=importance"])
         cfg_s = compose("config", overrides=common + ["stage=search"])
     run = RunDir(args.run_dir)
     t0 = time.time()
-    if not run.path("importance/ranking.safetensors").exists():
-        pipeline(cfg)
+    pipeline(cfg)  # always: a ranking left in run_dir by another parent would silently mis-order the axes
     pipeline(cfg_s)
     t_search = time.time() - t0
     doc = read_json(run.path("search/archs.json"))
@@ -95,7 +98,8 @@ def main() -> None:
 
     budgets = sorted(float(b) for b in doc["budgets"])
     pruned = [b for b in budgets if b < 1.0]
-    per_budget_steps = max(1, args.steps // max(1, len(pruned)))
+    n_split = len(budgets) if args.split == "all" else max(1, len(pruned))
+    per_budget_steps = max(1, args.steps // n_split)
     rows = []
     for b in budgets:
         rec = doc["budgets"][f"{b:g}"]
@@ -134,7 +138,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} CPU cores (shared), torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M"), "parent": str(args.parent), "parent_params": parent.num_params(),
         "parent_heldout_loss": parent_loss, "search_steps": args.steps, "tokens_per_step": args.batch * args.seq_len,
-        "search_seconds": round(t_search, 1), "rows": rows,
+        "search_seconds": round(t_search, 1), "baseline_split": n_split, "overrides": list(args.overrides), "rows": rows,
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
