@@ -109,6 +109,26 @@ def grid_candidates(parent: Arch, ranking: Ranking, target: int, c: Any) -> list
     return out
 
 
+def save_pruned(run: RunDir, name: str, child, tok, arch: Arch, ranking: Ranking, record: dict, *, parent: Arch,
+                config, inputs: dict, overwrite: bool):
+    """Write ``prune/<name>/`` (weights, config, tokenizer, arch.json, candidates.json and the child's
+    ranking) atomically with its sidecar, and point ``prune/latest.json`` at it."""
+    from safetensors.torch import save_file
+
+    with run.artifact_dir(f"prune/{name}", stage=STAGE, config=config, inputs=inputs, overwrite=overwrite,
+                          arch=arch.to_dict(), params=arch.num_params(), parent_params=parent.num_params()) as (tmp, _):
+        child.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "arch.json", arch.to_dict())
+        write_json(tmp / "candidates.json", record)
+        # the child's own ranking (identity on widths, the parent's depth order renumbered) lets a
+        # later stage prune it again consistently
+        save_file(ranking.child(arch).to_tensors(), str(tmp / "ranking.safetensors"))
+    out = run.path("prune", name)
+    write_json(run.path("prune/latest.json"), {"name": name, "path": str(out), "arch": arch.to_dict(), "params": arch.num_params()})
+    return out
+
+
 def default_name(arch: Arch) -> str:
     return f"h{arch.hidden_size}-f{arch.intermediate_size}-m{arch.mamba_num_heads}-L{arch.num_layers}"
 
@@ -155,21 +175,8 @@ def run(cfg, run: RunDir) -> dict:
     child = slice_model(model, arch, ranking)
     name = c.name or default_name(arch)
     record.update(arch=arch.to_dict(), params=arch.num_params(), summary=arch.short(), name=name)
-    with run.artifact_dir(
-        f"prune/{name}", stage=STAGE, config=c, inputs={"parent": str(parent_path), "ranking": c.ranking},
-        overwrite=bool(cfg.force), arch=arch.to_dict(), params=arch.num_params(), parent_params=parent.num_params(),
-    ) as (tmp, _extra):
-        child.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_json(tmp / "arch.json", arch.to_dict())
-        write_json(tmp / "candidates.json", record)
-        # the ranking of the child (identity on widths, parent's depth order renumbered) lets a later
-        # stage prune it again consistently
-        from safetensors.torch import save_file
-
-        save_file(ranking.child(arch).to_tensors(), str(tmp / "ranking.safetensors"))
-    out = run.path("prune", name)
-    write_json(run.path("prune/latest.json"), {"name": name, "path": str(out), "arch": arch.to_dict(), "params": arch.num_params()})
+    out = save_pruned(run, name, child, tok, arch, ranking, record, parent=parent, config=c, overwrite=bool(cfg.force),
+                      inputs={"parent": str(parent_path), "ranking": c.ranking})
     print(f"prune: {arch.short()} ({arch.num_params() / parent.num_params():.1%} of the parent) -> {out} [{time.time() - t0:.1f}s]")
     return {"name": name, "path": str(out), "params": arch.num_params(), "parent_params": parent.num_params()}
 
@@ -241,19 +248,8 @@ def extract_budgets(cfg, run: RunDir) -> dict:
         name = (cfg.prune.name if cfg.prune.name and len(budgets) == 1 else None) or f"budget-{b:g}"
         rec = {"budget": b, "rule": rule, "source": str(ckpt), "arch": arch.to_dict(), "params": arch.num_params(),
                "parent_params": parent.num_params(), "summary": arch.short(), "name": name}
-        with run.artifact_dir(
-            f"prune/{name}", stage=STAGE, config={"budget": b}, inputs={"search": str(ckpt)}, overwrite=True,
-            arch=arch.to_dict(), params=arch.num_params(), parent_params=parent.num_params(),
-        ) as (tmp, _extra):
-            child.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            write_json(tmp / "arch.json", arch.to_dict())
-            write_json(tmp / "candidates.json", rec)
-            from safetensors.torch import save_file
-
-            save_file(ranking.child(arch).to_tensors(), str(tmp / "ranking.safetensors"))
-        path = run.path("prune", name)
-        write_json(run.path("prune/latest.json"), {"name": name, "path": str(path), "arch": arch.to_dict(), "params": arch.num_params()})
+        path = save_pruned(run, name, child, tok, arch, ranking, rec, parent=parent, config={"budget": b},
+                           overwrite=True, inputs={"search": str(ckpt)})
         print(f"prune: budget {b:g} -> {arch.short()} ({arch.num_params() / parent.num_params():.1%} of the parent) -> {path}")
         out[f"{b:g}"] = {"name": name, "path": str(path), "params": arch.num_params(), "parent_params": parent.num_params()}
     return {"extracted": out}
