@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .data import DataError, load_text, pack_tokens
+from . import inputs
 
 __all__ = [
     "TOY_DEFAULTS", "TOY_TEST", "SPLITS", "shakespeare_dir", "toy_files", "train_tokenizer",
@@ -201,19 +202,6 @@ def _cached(out_dir: Path, settings: dict[str, Any]) -> bool:
 
 
 @torch.no_grad()
-def _heldout_loss(model, tokens: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy over ``tokens`` (all rows have equal length, so batch means average)."""
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, tokens.shape[0], batch_size):
-        x = tokens[i:i + batch_size]
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        total += loss.item() * x.shape[0]
-        n += x.shape[0]
-    model.train()
-    return total / n
-
-
 def _unigram_loss(train: torch.Tensor, heldout: torch.Tensor, vocab_size: int) -> float:
     """Cross-entropy of the held-out targets under add-one-smoothed unigram frequencies of train."""
     counts = torch.bincount(train.flatten(), minlength=vocab_size).double() + 1.0
@@ -343,7 +331,8 @@ def _train(tmp: Path, settings: dict[str, Any], *, progress: bool) -> dict[str, 
     train_time = time.perf_counter() - t_train
     train_cpu = time.process_time() - cpu_train
 
-    heldout_loss = _heldout_loss(model, heldout, batch_size)
+    # the pipeline's own metric, so the toy report and the stages' held-out losses agree
+    heldout_loss = inputs.heldout_loss(model, list(torch.split(heldout, batch_size)))
     unigram_loss = _unigram_loss(train, heldout, len(tokenizer))
     if not math.isfinite(heldout_loss):
         raise RuntimeError(f"toy parent training diverged (held-out loss {heldout_loss}); lower lr={lr}")
