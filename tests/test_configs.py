@@ -37,10 +37,12 @@ def test_real_recipe_targets_the_4b_budget():
     assert cfg.distill.phases[0].seq_len == 8192 and cfg.distill.phases[1].seq_len == 49152
 
 
-@pytest.mark.parametrize("path", sorted(CONF_DIR.glob("**/*.yaml")), ids=lambda p: str(p.relative_to(CONF_DIR)))
+# conf/recipe links to recipes/, whose files override keys documented here
+CONF_FILES = sorted(p for p in CONF_DIR.glob("**/*.yaml") if not p.is_relative_to(CONF_DIR / "recipe"))
+
+
+@pytest.mark.parametrize("path", CONF_FILES, ids=lambda p: str(p.relative_to(CONF_DIR)))
 def test_every_key_is_commented(path):
-    if path.is_relative_to(CONF_DIR / "recipe"):
-        pytest.skip("recipes override keys documented in conf/*/default.yaml")
     in_help = False
     undocumented = set()
     documented = set()
