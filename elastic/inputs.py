@@ -31,8 +31,8 @@ def _uses_fraction(cfg: Any, split: str) -> bool:
     return bool(cfg.data.get("files")) and not cfg.data.get("heldout_files") and split in ("calib", "heldout", "train")
 
 
-def token_batches(cfg: Any, tokenizer, split: str, *, num_sequences: int, batch_size: int, seq_len: int | None = None) -> list[torch.Tensor]:
-    """Up to `num_sequences` packed sequences of `split`, as a list of [batch, seq_len] tensors."""
+def token_rows(cfg: Any, tokenizer, split: str, *, num_sequences: int | None = None, seq_len: int | None = None) -> torch.Tensor:
+    """Up to `num_sequences` (None = all) packed sequences of `split`, as one [N, seq_len] tensor."""
     from elastic.data import DataError, load_text, pack_tokens
 
     seq_len = int(seq_len or cfg.data.seq_len)
@@ -43,8 +43,12 @@ def token_batches(cfg: Any, tokenizer, split: str, *, num_sequences: int, batch_
         if len(seqs) - n_held < 1:
             raise DataError(f"only {len(seqs)} sequences of {seq_len} tokens: too little text to hold some out")
         seqs = seqs[-n_held:] if split == "heldout" else seqs[:-n_held]
-    seqs = seqs[:num_sequences]
-    return list(torch.split(seqs, batch_size))
+    return seqs if num_sequences is None else seqs[:num_sequences]
+
+
+def token_batches(cfg: Any, tokenizer, split: str, *, num_sequences: int, batch_size: int, seq_len: int | None = None) -> list[torch.Tensor]:
+    """`token_rows` as a list of [batch_size, seq_len] tensors."""
+    return list(torch.split(token_rows(cfg, tokenizer, split, num_sequences=num_sequences, seq_len=seq_len), batch_size))
 
 
 @torch.no_grad()

@@ -196,9 +196,8 @@ def build_data(cfg: Any, tokenizer, phase: Phase):
                 src.row(0)  # fail now, not mid-training, if the source holds no text
                 src.load_state_dict({"epoch": 0, "docs": 0, "buffer": [], "produced": 0})
             elif s["default"]:
-                # the project's convention (inputs.token_batches): user files minus the held-out fraction
-                rows = torch.cat(inputs.token_batches(cfg, tokenizer, "train", num_sequences=2**62, batch_size=2**30,
-                                                      seq_len=phase.seq_len))
+                # the project's convention (inputs.token_rows): user files minus the held-out fraction
+                rows = inputs.token_rows(cfg, tokenizer, "train", seq_len=phase.seq_len)
                 src = PackedRows(rows, seed=seed + i, name=s["name"])
             else:
                 rows = pack_tokens(load_text(s["files"], text_column=s["text_column"]), tokenizer, phase.seq_len, seed=seed + i)

@@ -207,10 +207,10 @@ def make_step_fn(accelerator, c):
 
 def train_batches(cfg, tok, c, batch_size: int, micro_batch_size: int, seq_len: int, num_sequences: int):
     from elastic.data import Mixture, PackedRows
-    from elastic.inputs import token_batches
+    from elastic.inputs import token_rows
     from elastic.train import StepBatches
 
-    rows = torch.cat(token_batches(cfg, tok, "train", num_sequences=num_sequences, batch_size=256, seq_len=seq_len))
+    rows = token_rows(cfg, tok, "train", num_sequences=num_sequences, seq_len=seq_len)
     return StepBatches(Mixture([PackedRows(rows, seed=int(cfg.seed), name="train")], seed=int(cfg.seed)),
                        batch_size=batch_size, micro_batch_size=micro_batch_size)
 
