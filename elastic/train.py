@@ -423,6 +423,7 @@ def train(
             t0 = time.perf_counter()
             micro = batches.next_step()
             sums: dict[str, float] = {}
+            counts: dict[str, int] = {}  # a metric some micro-batches lack (a per-budget loss) averages over those that have it
             for i, mb in enumerate(micro):
                 mb = mb.to(device, non_blocking=True)
                 sync = i == len(micro) - 1
@@ -432,6 +433,7 @@ def train(
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+                    counts[k] = counts.get(k, 0) + 1
             grad_norm = None
             if cfg.grad_clip:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -443,7 +445,7 @@ def train(
 
             # token means over micro-batches and processes (every micro-batch has the same token count)
             keys = sorted(sums)
-            vals = torch.tensor([sums[k] / len(micro) for k in keys], dtype=torch.float64, device=device)
+            vals = torch.tensor([sums[k] / counts.get(k, len(micro)) for k in keys], dtype=torch.float64, device=device)
             if world > 1:
                 vals = accelerator.reduce(vals, reduction="mean")
             rec = {k: float(v) for k, v in zip(keys, vals.tolist())}

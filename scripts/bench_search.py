@@ -9,7 +9,8 @@ For every budget b of the search (0.5, 0.7, 1.0), at an equal total of distillat
                the closest candidates), distilled ALONE from the same parent with the same loop, loss,
                lr and batch for steps / N steps (N = number of budgets, `--split all`, the family's
                token total split evenly; `--split pruned` gives each baseline more: N = budgets below 1);
-  (b)       -- the same one-shot pruned shape with no training.
+  (b)       -- the same one-shot pruned shape with no training;
+  (c)       -- the router's shape for b, one-shot from the parent and distilled alone like (a).
 All held-out losses are next-token cross-entropy on the toy's held-out plays.
 """
 
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heldout", type=int, default=64)
+    ap.add_argument("--search-micro-batch", type=int, default=None,
+                    help="the search's micro-batch (default: the search config's); each micro-batch draws its own budget")
     ap.add_argument("--split", choices=["all", "pruned"], default="all",
                     help="N for the (a) baseline's 1/N of the tokens: all = every budget of the family (the issue's "
                          "accounting), pruned = only budgets below 1.0 (more tokens for the baseline)")
@@ -65,7 +68,8 @@ def main() -> None:
     common = [
         f"parent.path={args.parent}", f"run_dir={args.run_dir}", f"data.files=[{','.join(train_files)}]",
         f"data.heldout_files=[{','.join(held)}]", f"data.seq_len={args.seq_len}", "importance.num_sequences=32",
-        f"search.steps={args.steps}", f"search.batch_size={args.batch}", f"search.micro_batch_size={args.batch}",
+        f"search.steps={args.steps}", f"search.batch_size={args.batch}",
+        *([f"search.micro_batch_size={args.search_micro_batch}"] if args.search_micro_batch else []),
         f"search.seq_len={args.seq_len}", "search.checkpoint_every=0", "search.eval_sequences=0", "tracking.backends=[]",
         "force=true", *args.overrides,
     ]
@@ -128,6 +132,13 @@ def main() -> None:
 
             res = train(child, step_fn, batches, tc, accelerator=acc, teacher=teacher)
             row.update(alone_loss=heldout_loss(acc.unwrap_model(res.model), hb), alone_steps=per_budget_steps)
+            # (c) the router's shape, one-shot from the parent and distilled alone the same way: separates
+            # what the router's choice is worth from what training the family together is worth
+            acc = make_accelerator(device="cpu")
+            batches = train_batches(cfg_s, tok, cfg_s.search, args.batch, args.batch, args.seq_len, int(cfg_s.search.train_sequences))
+            tc.desc = f"router shape alone {b:g}"
+            res = train(slice_model(teacher, arch, ranking), step_fn, batches, tc, accelerator=acc, teacher=teacher)
+            row.update(router_alone_loss=heldout_loss(acc.unwrap_model(res.model), hb))
         rows.append(row)
         print(json.dumps(row))
 
@@ -138,7 +149,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} CPU cores (shared), torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M"), "parent": str(args.parent), "parent_params": parent.num_params(),
         "parent_heldout_loss": parent_loss, "search_steps": args.steps, "tokens_per_step": args.batch * args.seq_len,
-        "search_seconds": round(t_search, 1), "baseline_split": n_split, "overrides": list(args.overrides), "rows": rows,
+        "search_seconds": round(t_search, 1), "baseline_split": n_split, "seed": int(cfg.seed), "overrides": list(args.overrides), "rows": rows,
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
@@ -158,6 +169,9 @@ def plot(result: dict, path: Path) -> None:
     pr = [r for r in rows if "alone_loss" in r]
     ax.plot([r["budget"] for r in pr], [r["alone_loss"] for r in pr], "s--", label="(a) one-shot + distilled alone (1/N steps)")
     ax.plot([r["budget"] for r in pr], [r["oneshot_loss"] for r in pr], "x:", label="(b) one-shot, no training")
+    rc = [r for r in pr if "router_alone_loss" in r]
+    if rc:
+        ax.plot([r["budget"] for r in rc], [r["router_alone_loss"] for r in rc], "d-.", label="(c) router's shape distilled alone (1/N steps)")
     ax.axhline(result["parent_heldout_loss"], color="gray", lw=0.8, label="parent")
     ax.set_xlabel("budget (fraction of parent parameters)")
     ax.set_ylabel("held-out loss (nats/token)")

@@ -99,3 +99,39 @@ def test_resume_reproduces_losses_and_refuses_another_parent(search_run, toy_par
 def test_bad_search_input(search_run, toy_parent, override, match):
     with pytest.raises(ArchError, match=match):
         pipeline(make_cfg(toy_parent, search_run, "stage=search", "force=true", *SEARCH, override))
+
+
+def test_settle_trains_exactly_the_extracted_architecture():
+    """In the settle phase the router is frozen (no gradient) and a budget's masked forward is the very
+    model that extraction cuts out; before it, the router learns."""
+    from omegaconf import OmegaConf
+
+    from elastic.models.nemotron_h import Ranking
+    from elastic.run import CONF_DIR
+    from elastic.stages.search import chosen_archs, make_search_model
+    from tiny import tiny_model
+
+    model = tiny_model("M-*M-M-")
+    c = OmegaConf.load(CONF_DIR / "search/default.yaml")
+    c.steps, c.settle_share, c.full_model_share = 8, 0.5, None
+    c.granularity.hidden, c.granularity.ffn = 16, 32
+    sm = make_search_model(model, Ranking.random(arch_of(model), torch.Generator().manual_seed(0)), c, seed=0)
+    assert sm.settle_start == 4 and sm.full_share == 0.0  # budget 1.0 is listed: no extra full-model steps
+    ids = tokens(vocab=model.config.vocab_size)
+    chosen = chosen_archs(sm)
+    seen = set()
+    for step in range(8):
+        sm.zero_grad()
+        logits, bl, info = sm(ids, step)
+        (logits.float().pow(2).mean() + bl).backward()
+        router_grads = [p.grad for p in sm.router.parameters()]
+        if step < 4:
+            assert any(g is not None and g.abs().sum() > 0 for g in router_grads)
+            continue
+        assert all(g is None for g in router_grads)
+        b = info["budget"]
+        seen.add(b)
+        with torch.no_grad():
+            want = sm.elastic.extract(Arch.from_dict(chosen[b]["arch"]))(ids, use_cache=False).logits
+        torch.testing.assert_close(logits.detach(), want, rtol=1e-4, atol=1e-4)
+    assert seen  # at least one settle step drew a budget

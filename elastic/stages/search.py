@@ -9,7 +9,7 @@ sub-network is a prefix of each axis; a `Router` maps each budget to a distribut
 axis's choices (`Space`, the same choice grid as the prune stage). Each optimizer step (its random
 decisions are a function of ``(seed, step)`` only, so a resumed run makes the same ones):
 
-1. with probability ``full_model_share`` the full model trains (no masks); otherwise a budget is
+1. with probability ``full_model_share`` (null: see `full_model_share`) the full model trains (no masks); otherwise a budget is
    drawn -- uniformly during the first ``phase1_share`` of the steps, then with ``phase2_weights``
    (largest budget first; the paper's 0.5 / 0.3 / 0.2);
 2. the router samples an architecture by Gumbel-softmax (soft masks, a straight-through hard
@@ -17,7 +17,12 @@ decisions are a function of ``(seed, step)`` only, so a resumed run makes the sa
 3. loss = forward KL(frozen parent || masked student) on the logits + ``lambda_budget`` x the budget
    loss of the expected architecture; the router (lr ``router.lr``) and the model (lr ``lr``) train
    together through `elastic.train.train` -- the one training loop of the project (checkpoints hold
-   the one set of weights + the router; exact resume).
+   the one set of weights + the router; exact resume);
+4. settle (the last ``settle_share`` of the steps; our addition, not in the paper): the router is
+   frozen and a drawn budget trains with the hard mask of exactly the architecture that will be
+   extracted (`Router.constrained_argmax`). Without it the weights are trained on soft mixtures
+   around the router's argmax, and when that argmax is outside the budget's band the extracted
+   in-band neighbour has seen little training (measured in benchmarks/search_toy.md).
 
 Outputs: ``search/elastic/`` (plain HF checkpoint of the importance-ordered, trained weights +
 ``ranking.safetensors`` + ``router.safetensors`` / ``router.json``), ``search/archs.json`` (per budget
@@ -73,11 +78,31 @@ def build_space(parent, c) -> Space:
     return space
 
 
+def settle_steps(c) -> int:
+    """The number of final steps with the router frozen (``settle_share`` of ``steps``)."""
+    return int(round(float(c.get("settle_share") or 0.0) * int(c.steps)))
+
+
+def full_model_share(share, budgets) -> float:
+    """The share of steps that train the unmasked full model; ``None`` = one more member of the family:
+    0 when budget 1.0 is listed (its steps are the full model's), else ``1 / (len(budgets) + 1)``.
+
+    The paper samples the full model ~1/3 of the steps next to two smaller budgets, i.e. uniformly with
+    them; a fixed 1/3 on top of a listed 1.0 budget would train the model that needs it least over half
+    of the time.
+    """
+    if share is not None:
+        return float(share)
+    return 0.0 if any(math.isclose(float(b), 1.0) for b in budgets) else 1.0 / (len(budgets) + 1)
+
+
 class SearchModel(nn.Module):
     """The elastic model and the router in one module, so one optimizer / DDP wrap trains both.
 
-    ``forward(input_ids, step)`` draws this step's budget and architecture and returns
-    ``(logits, budget_loss, info)``.
+    ``forward(input_ids, step)`` draws this micro-batch's budget and architecture and returns
+    ``(logits, budget_loss, info)``. Each micro-batch of a step draws its own budget (the k-th forward
+    of a step is micro-batch k), so with gradient accumulation one optimizer step blends several
+    budgets' gradients instead of following one budget at a time; every process draws the same.
     """
 
     def __init__(self, elastic: ElasticNemotronH, router: Router, cost: Cost, schedule: Schedule, c, seed: int):
@@ -85,8 +110,9 @@ class SearchModel(nn.Module):
         self.elastic, self.router, self.cost, self.schedule = elastic, router, cost, schedule
         self.seed = int(seed)
         self.steps = int(c.steps)
-        self.full_share, self.hard_prob = float(c.full_model_share), float(c.hard_prob)
+        self.full_share, self.hard_prob = full_model_share(c.full_model_share, router.budgets), float(c.hard_prob)
         self.phase1_steps = int(round(float(c.phase1_share) * self.steps))
+        self.settle_start = self.steps - settle_steps(c)
         self.band = float(c.band)
         n = len(router.budgets)
         w = c.get("phase2_weights")
@@ -96,10 +122,12 @@ class SearchModel(nn.Module):
         if len(w) != n or any(x < 0 for x in w) or sum(w) <= 0:
             raise ArchError(f"search.phase2_weights needs {n} non-negative weights (largest budget first), got {w}")
         self.phase2 = torch.tensor(w[::-1]) / sum(w)  # aligned with router.budgets (ascending)
+        self._step, self._micro = None, 0  # which forward of the current step this is (not state: a step restarts it)
 
-    def plan(self, step: int) -> tuple[float | None, bool, torch.Generator]:
-        """This step's budget (None = full model), whether the sample is hard, and its noise generator."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+    def plan(self, step: int, micro: int = 0) -> tuple[float | None, bool, torch.Generator]:
+        """Micro-batch `micro` of `step`: its budget (None = full model), whether the sample is hard,
+        and its noise generator -- a function of (seed, step, micro) only, so a resumed run draws the same."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) * 1024 + int(micro))
         if float(torch.rand((), generator=g)) < self.full_share:
             return None, False, g
         n = len(self.router.budgets)
@@ -109,11 +137,20 @@ class SearchModel(nn.Module):
         return b, hard, g
 
     def forward(self, input_ids: torch.Tensor, step: int):
-        budget, hard, g = self.plan(step)
+        self._micro = self._micro + 1 if step == self._step else 0
+        self._step = step
+        budget, hard, g = self.plan(step, self._micro)
         info: dict[str, Any] = {"budget": budget, "tau": self.schedule.tau(step), "scale": self.schedule.scale(step)}
         if budget is None:
             self.elastic.set_full()
             bl = input_ids.new_zeros((), dtype=torch.float32)
+        elif step >= self.settle_start:
+            # settle: the router is frozen (it gets no gradient) and the budget trains exactly the
+            # architecture that extraction will cut out -- the constrained argmax of `chosen_archs`
+            idx, _ = self.router.constrained_argmax(budget, self.cost, self.band)
+            self.elastic.set_probs(**{a: self.elastic.one_hot(a, i) for a, i in idx.items()})
+            bl = input_ids.new_zeros((), dtype=torch.float32)
+            info["ratio"] = self.cost.of_arch(self.elastic.arch_from_indices(idx)) / (budget * self.cost.full)
         else:
             probs = self.router.sample(budget, tau=info["tau"], scale=info["scale"], hard=hard, generator=g)
             self.elastic.set_probs(**probs)
@@ -135,7 +172,9 @@ def make_search_model(parent_model, ranking, c, seed: int) -> SearchModel:
     with torch.random.fork_rng(devices=[]):  # the router's init depends on the seed only, not on what ran before
         torch.manual_seed(int(seed))
         router = Router(budgets, space, hidden=int(r.hidden), init_std=float(r.init_std))
-    schedule = Schedule(int(c.steps), tau0=float(c.tau0), tau_min=float(c.tau_min),
+    # the temperature and logit scale anneal over the router's part of the run; it is frozen while settling
+    router_steps = max(1, int(c.steps) - settle_steps(c))
+    schedule = Schedule(router_steps, tau0=float(c.tau0), tau_min=float(c.tau_min),
                         decay=None if c.tau_decay is None else float(c.tau_decay), scale_max=float(c.logit_scale_max))
     return SearchModel(elastic, router, cost, schedule, c, seed)
 
@@ -196,10 +235,11 @@ def make_step_fn(accelerator, c):
         if info["budget"] is not None:
             m.update({"budget_loss": float(bl.detach()), f"budget_loss/{name}": float(bl.detach()), f"cost_ratio/{name}": info["ratio"]})
         if step % log_choices_every == 0 or step == int(c.steps) - 1:
-            router = accelerator.unwrap_model(model).router
-            for b in router.budgets:
-                for axis, size in router.chosen_sizes(b).items():
-                    m[f"choice/{budget_name(b)}/{axis}"] = float(size)
+            sm = accelerator.unwrap_model(model)
+            for b in sm.router.budgets:  # what extraction would cut out now (the in-band decode of the router)
+                idx, _ = sm.router.constrained_argmax(b, sm.cost, sm.band)
+                for axis, i in idx.items():
+                    m[f"choice/{budget_name(b)}/{axis}"] = float(sm.router.sizes[axis][i])
         return loss, m
 
     return step_fn
@@ -216,7 +256,7 @@ def train_batches(cfg, tok, c, batch_size: int, micro_batch_size: int, seq_len: 
 
 
 def plot_choices(history: list[dict], budgets, path) -> None:
-    """Chosen size per axis per budget over training (argmax of the router)."""
+    """Chosen size per axis per budget over training (the in-band decode that extraction would take)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,8 +281,8 @@ def plot_choices(history: list[dict], budgets, path) -> None:
 
 def validate_config(c) -> None:
     check_budgets(c.budgets)
-    for key in ("full_model_share", "hard_prob", "phase1_share"):
-        if not 0.0 <= float(c[key]) <= 1.0:
+    for key in ("full_model_share", "hard_prob", "phase1_share", "settle_share"):
+        if c.get(key) is not None and not 0.0 <= float(c[key]) <= 1.0:
             raise ArchError(f"search.{key} must be in [0, 1], got {c[key]}")
     if int(c.steps) < 1:
         raise ArchError(f"search.steps must be >= 1, got {c.steps}")
@@ -278,7 +318,11 @@ def run(cfg, run: RunDir) -> dict:
     del student_src
 
     tcfg = cfg.get("tracking") or OmegaConf.create({"backends": list(c.get("tracking_backends") or [])})
-    acc = make_accelerator(device=cfg.device, **tracking.accelerator_kwargs(tcfg, run.path("search/logs")))
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # full-model and settle steps leave the router without gradient: DDP must not wait for it
+    acc = make_accelerator(device=cfg.device, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                           **tracking.accelerator_kwargs(tcfg, run.path("search/logs")))
     tracking.init_trackers(acc, tcfg, run_name="search", config=c)
     teacher.to(acc.device)
     batches = train_batches(cfg, tok, c, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences))
