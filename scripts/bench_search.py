@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--split", choices=["all", "pruned"], default="all",
                     help="N for the (a) baseline's 1/N of the tokens: all = every budget of the family (the issue's "
                          "accounting), pruned = only budgets below 1.0 (more tokens for the baseline)")
+    ap.add_argument("--family-only", action="store_true",
+                    help="score the family and the untrained grid shape (b) only, skip distilling the baselines (a) "
+                         "and (c): for ablations of search settings, whose baselines do not change")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the search, e.g. search.full_model_share=0.1")
     args = ap.parse_args()
 
@@ -117,6 +120,10 @@ def main() -> None:
             grid = min(scored, key=lambda t: t[0])[1]
             child = slice_model(teacher, grid, ranking)
             row.update(grid_arch=grid.short(), grid_params=grid.num_params(), oneshot_loss=heldout_loss(child, hb))
+            if args.family_only:
+                rows.append(row)
+                print(json.dumps(row))
+                continue
             acc = make_accelerator(device="cpu")
             batches = train_batches(cfg_s, tok, cfg_s.search, args.batch, args.batch, args.seq_len, int(cfg_s.search.train_sequences))
             c = cfg_s.search
@@ -168,7 +175,8 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(xs, [r["elastic_loss"] for r in rows], "o-", label=f"elastic family, trained once ({result['search_steps']} steps)")
     pr = [r for r in rows if "alone_loss" in r]
     ax.plot([r["budget"] for r in pr], [r["alone_loss"] for r in pr], "s--", label="(a) one-shot + distilled alone (1/N steps)")
-    ax.plot([r["budget"] for r in pr], [r["oneshot_loss"] for r in pr], "x:", label="(b) one-shot, no training")
+    po = [r for r in rows if "oneshot_loss" in r]
+    ax.plot([r["budget"] for r in po], [r["oneshot_loss"] for r in po], "x:", label="(b) one-shot, no training")
     rc = [r for r in pr if "router_alone_loss" in r]
     if rc:
         ax.plot([r["budget"] for r in rc], [r["router_alone_loss"] for r in rc], "d-.", label="(c) router's shape distilled alone (1/N steps)")

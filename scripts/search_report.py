@@ -26,16 +26,15 @@ def run_table(d: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in d["rows"]:
-        if "alone_loss" not in r:
+        if "oneshot_loss" not in r:  # the full model: nothing to compare against
             lines.append(f"| {r['budget']:g} | {r['elastic_loss']:.3f} | - | - | - | {r['router_arch']} | - |")
             continue
-        best = min(r["elastic_loss"], r["alone_loss"])
-        el = f"**{r['elastic_loss']:.3f}**" if r["elastic_loss"] == best else f"{r['elastic_loss']:.3f}"
+        el, a = f"{r['elastic_loss']:.3f}", "-"
+        if "alone_loss" in r:  # not in --family-only runs
+            a = f"{r['alone_loss']:.3f} ({r['alone_steps']} steps)"
+            el = f"**{el}**" if r["elastic_loss"] <= r["alone_loss"] else el
         c = f"{r['router_alone_loss']:.3f}" if "router_alone_loss" in r else "-"
-        lines.append(
-            f"| {r['budget']:g} | {el} | {r['alone_loss']:.3f} ({r['alone_steps']} steps) | {c} | {r['oneshot_loss']:.3f} "
-            f"| {r['router_arch']} | {r['grid_arch']} |"
-        )
+        lines.append(f"| {r['budget']:g} | {el} | {a} | {c} | {r['oneshot_loss']:.3f} | {r['router_arch']} | {r['grid_arch']} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from tiny import tokens
 from test_pipeline import make_cfg
 
 SEARCH = [
-    "search.steps=10", "search.batch_size=4", "search.micro_batch_size=4", "search.seq_len=32",
+    "search.steps=10", "search.batch_size=4", "search.micro_batch_size=2", "search.seq_len=32",
     "search.train_sequences=64", "search.checkpoint_every=4", "search.eval_sequences=4", "search.log_choices_every=2",
     "tracking.backends=[]",
 ]
@@ -135,3 +135,31 @@ def test_settle_trains_exactly_the_extracted_architecture():
             want = sm.elastic.extract(Arch.from_dict(chosen[b]["arch"]))(ids, use_cache=False).logits
         torch.testing.assert_close(logits.detach(), want, rtol=1e-4, atol=1e-4)
     assert seen  # at least one settle step drew a budget
+
+
+def test_each_micro_batch_draws_its_own_budget():
+    """With gradient accumulation the k-th forward of a step is micro-batch k and draws its own budget,
+    a function of (seed, step, micro) only: a resumed run (a fresh model) draws the same."""
+    from omegaconf import OmegaConf
+
+    from elastic.models.nemotron_h import Ranking
+    from elastic.run import CONF_DIR
+    from elastic.stages.search import make_search_model
+    from tiny import tiny_model
+
+    model = tiny_model("M-*M-M-")
+    c = OmegaConf.load(CONF_DIR / "search/default.yaml")
+    c.steps = 6
+    c.granularity.hidden, c.granularity.ffn = 16, 32
+    ranking = Ranking.random(arch_of(model), torch.Generator().manual_seed(0))
+    sm = make_search_model(model, ranking, c, seed=3)
+    ids = tokens(vocab=model.config.vocab_size)
+    drawn = []
+    with torch.no_grad():
+        for step in range(6):
+            drawn.append([sm(ids, step)[2]["budget"] for _ in range(4)])
+    assert drawn == [[sm.plan(s, m)[0] for m in range(4)] for s in range(6)]
+    assert any(len(set(d)) > 1 for d in drawn)  # one step mixes budgets
+    fresh = make_search_model(model, ranking, c, seed=3)
+    with torch.no_grad():
+        assert [fresh(ids, 4)[2]["budget"] for _ in range(4)] == drawn[4]  # resume at step 4
