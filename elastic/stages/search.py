@@ -6,12 +6,16 @@
 
 Setup: the parent is reordered by the importance ranking (`ElasticNemotronH.from_parent`), so every
 sub-network is a prefix of each axis; a `Router` maps each budget to a distribution over every
-axis's choices (`Space`, the same choice grid as the prune stage). Each optimizer step (its random
-decisions are a function of ``(seed, step)`` only, so a resumed run makes the same ones):
+axis's choices (`Space`, the same choice grid as the prune stage). Each micro-batch of an optimizer
+step (its random decisions are a function of ``(seed, step, micro-batch)`` only, the same on every
+process, so a resumed run makes the same ones):
 
-1. with probability ``full_model_share`` (null: see `full_model_share`) the full model trains (no masks); otherwise a budget is
-   drawn -- uniformly during the first ``phase1_share`` of the steps, then with ``phase2_weights``
-   (largest budget first; the paper's 0.5 / 0.3 / 0.2);
+1. with probability ``full_model_share`` (null: see `full_model_share`) the full model trains (no
+   masks); otherwise a budget is drawn -- uniformly during the first ``phase1_share`` of the steps,
+   then with ``phase2_weights`` (largest budget first; the paper's 0.5 / 0.3 / 0.2). With gradient
+   accumulation one optimizer step therefore blends several budgets' gradients (as slimmable networks
+   accumulate every width's before updating) instead of jerking the shared weights toward one
+   budget at a time;
 2. the router samples an architecture by Gumbel-softmax (soft masks, a straight-through hard
    sample with probability ``hard_prob``); temperature and logit scale follow `router.Schedule`;
 3. loss = forward KL(frozen parent || masked student) on the logits + ``lambda_budget`` x the budget
