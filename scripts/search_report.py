@@ -2,6 +2,7 @@
 
     python scripts/search_report.py benchmarks/search_toy_360.json            # one table per run
     python scripts/search_report.py --seeds A.json B.json C.json              # mean and range over seeds
+    python scripts/search_report.py --compare 'default=A*.json' 'micro 8=B*.json'   # family loss per setting
 
 Prints to stdout; benchmarks/search_toy.md is assembled from this output plus prose.
 """
@@ -12,6 +13,13 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+
+def _seed(d: dict) -> str:
+    """The run's search seed: recorded in newer results, else read off the command (default 0)."""
+    if "seed" in d:
+        return str(d["seed"])
+    return d["command"].split("seed=")[-1].split()[0] if "seed=" in d["command"] else "0"
 
 
 def run_table(d: dict) -> str:
@@ -43,7 +51,7 @@ def seeds_table(docs: list[dict]) -> str:
     cols = [("elastic_loss", "elastic"), ("alone_loss", "(a) grid alone"), ("router_alone_loss", "(c) router alone"),
             ("oneshot_loss", "(b) one-shot")]
     lines = [
-        f"Seeds: {len(docs)} ({', '.join(str(d.get('seed', d['command'].split('seed=')[-1].split()[0] if 'seed=' in d['command'] else 0)) for d in docs)}); each cell: mean [min, max]; "
+        f"Seeds: {len(docs)} ({', '.join(_seed(d) for d in docs)}); each cell: mean [min, max]; "
         "last column: elastic minus (a), per seed.",
         "",
         "| budget | " + " | ".join(name for _, name in cols) + " | elastic - (a) per seed |",
@@ -60,11 +68,45 @@ def seeds_table(docs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_table(groups: list[tuple[str, list[dict]]]) -> str:
+    """The family's zero-shot loss per budget for several search settings (each over its seeds): ablations
+    run with --family-only have no baselines, and their (b) is the same for every setting."""
+    budgets = [r["budget"] for r in groups[0][1][0]["rows"]]
+    lines = [
+        "Each cell: elastic held-out loss, mean [min, max] over the setting's seeds.",
+        "",
+        "| setting | seeds | " + " | ".join(f"budget {b:g}" for b in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
+    for label, docs in groups:
+        cells = []
+        for b in budgets:
+            v = [next(r for r in d["rows"] if r["budget"] == b)["elastic_loss"] for d in docs]
+            cells.append(f"{statistics.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]")
+        seeds = ", ".join(_seed(d) for d in docs)
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("files", nargs="*", type=Path)
     ap.add_argument("--seeds", action="store_true", help="one table over all files (runs differing only in seed)")
+    ap.add_argument("--compare", nargs="+", metavar="LABEL=GLOB",
+                    help="one row per search setting: LABEL=GLOB of its runs' JSON files (one per seed)")
     args = ap.parse_args()
+    if args.compare:
+        groups = []
+        for spec in args.compare:
+            label, _, pattern = spec.partition("=")
+            files = sorted(Path().glob(pattern))
+            if not files:
+                ap.error(f"--compare {spec!r}: no file matches {pattern!r}")
+            groups.append((label, [json.loads(f.read_text()) for f in files]))
+        print(compare_table(groups))
+        return
+    if not args.files:
+        ap.error("give result files, or --compare")
     docs = [json.loads(f.read_text()) for f in args.files]
     if args.seeds:
         print(seeds_table(docs))
