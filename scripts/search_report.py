@@ -98,7 +98,7 @@ def main() -> None:
     if args.compare:
         groups = []
         for spec in args.compare:
-            label, _, pattern = spec.partition("=")
+            label, _, pattern = spec.rpartition("=")  # the label may hold "=", a file pattern rarely does
             files = sorted(Path().glob(pattern))
             if not files:
                 ap.error(f"--compare {spec!r}: no file matches {pattern!r}")

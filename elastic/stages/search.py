@@ -1,7 +1,7 @@
 """Stage `search`: Nemotron Elastic -- a router picks a sub-network per budget, all trained at once.
 
     python -m elastic.run stage=search run_dir=RUN                       # after stage=importance
-    python -m elastic.run stage=search 'search.budgets=[0.5,0.7,1.0]' search.steps=80    # the toy default, ~1.5 min CPU
+    python -m elastic.run stage=search 'search.budgets=[0.5,0.7,1.0]' search.steps=90    # the toy default, ~45 s on 2 CPU cores
     python -m elastic.run stage=prune budget=all run_dir=RUN             # then cut every budget out, zero-shot
 
 Setup: the parent is reordered by the importance ranking (`ElasticNemotronH.from_parent`), so every
