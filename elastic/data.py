@@ -9,8 +9,10 @@ Two composable steps:
 * :func:`pack_tokens` tokenizes a Dataset, joins the documents with EOS, cuts the stream into
   fixed-length rows and shuffles them deterministically.
 
-Mixtures and streaming are meant to be built on top: load each source with :func:`load_text`,
-pack each with :func:`pack_tokens` and combine the tensors.
+Training reads endless, resumable streams of packed rows built on those: :class:`PackedRows` (an
+in-memory tensor, reshuffled per epoch), :class:`StreamingRows` (a corpus too large for memory, read
+with :func:`stream_text`) and :class:`Mixture` (several sources interleaved by weight); each position
+is a small ``state_dict``, so a resumed run reads the rows it would have read.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import datasets
 import numpy as np
 import torch
 
-__all__ = ["DataError", "load_text", "pack_tokens", "iter_batches", "TEXT_SUFFIXES"]
+__all__ = ["DataError", "load_text", "pack_tokens", "TEXT_SUFFIXES"]
 
 # Suffix -> `load_dataset` builder name. Anything else is refused rather than guessed.
 TEXT_SUFFIXES: dict[str, str] = {
@@ -212,28 +214,6 @@ def pack_tokens(
     if max_sequences is not None:
         rows = rows[:max_sequences]
     return rows.contiguous()
-
-
-def iter_batches(
-    tokens: torch.Tensor, batch_size: int, *, seed: int = 0, epochs: int | None = None,
-    drop_last: bool = True,
-) -> Iterator[torch.Tensor]:
-    """Yield ``[batch_size, seq_len]`` batches from packed rows, reshuffling every epoch.
-
-    ``epochs=None`` repeats forever (the caller counts steps). Epoch ``e`` uses seed ``seed + e``,
-    so a run is reproducible and a resumed run can skip ahead deterministically.
-    """
-    n = tokens.shape[0]
-    if n < batch_size and drop_last:
-        raise DataError(f"only {n} sequences, fewer than one batch of {batch_size}")
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        g = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(n, generator=g)
-        stop = n - n % batch_size if drop_last else n
-        for i in range(0, stop, batch_size):
-            yield tokens[order[i:i + batch_size]]
-        epoch += 1
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from elastic.data import DataError, iter_batches, load_text, pack_tokens
+from elastic.data import DataError, load_text, pack_tokens
 
 
 class CharTokenizer:
@@ -96,12 +96,3 @@ def test_too_little_text_for_one_sequence(tmp_path):
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(DataError, match="fewer than one sequence of 64"):
         pack_tokens(load_text(str(tmp_path / "short.txt")), CharTokenizer(), 64)
-
-
-def test_iter_batches_reshuffles_per_epoch():
-    rows = torch.arange(40).view(10, 4)
-    batches = list(iter_batches(rows, 3, seed=0, epochs=2))
-    assert len(batches) == 6 and all(b.shape == (3, 4) for b in batches)
-    assert [b.tolist() for b in batches] == [b.tolist() for b in iter_batches(rows, 3, seed=0, epochs=2)]
-    with pytest.raises(DataError, match="fewer than one batch"):
-        next(iter_batches(rows, 11))
