@@ -66,3 +66,79 @@ def heldout_loss(model, batches: list[torch.Tensor]) -> float:
         count += ids[:, 1:].numel()
     model.train(was_training)
     return total / max(count, 1)
+
+
+# ------------------------------------------------------------------------------------------------ training streams
+# The search and distill stages read their training text the same way, each from its own config section
+# (`search.*` / `distill.*`): `sources` (a weighted mixture; null = the run's `data.files` alone, minus the
+# held-out share), `streaming` (read sources as datasets streams instead of packing them in memory) and
+# `shuffle_buffer` (documents shuffled ahead in a streamed source).
+
+
+def training_sources(cfg: Any, section: str) -> list[dict]:
+    """`<section>.sources` as plain dicts, or the run's training data (`data.files` / the toy plays) alone."""
+    from omegaconf import OmegaConf
+
+    from elastic.data import DataError
+
+    raw = cfg[section].get("sources")
+    if not raw:
+        return [{"name": "train", "files": data_files(cfg, "train"), "weight": 1.0,
+                 "text_column": cfg.data.get("text_column", "text"), "default": True}]
+    out = []
+    for i, s in enumerate(OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else raw):
+        if not isinstance(s, dict) or not s.get("files"):
+            raise DataError(f"{section}.sources[{i}] needs `files` (and optionally name, weight, text_column)")
+        out.append({"name": s.get("name", f"source{i}"), "files": s["files"], "weight": float(s.get("weight", 1.0)),
+                    "text_column": s.get("text_column", cfg.data.get("text_column", "text")), "default": False})
+    return out
+
+
+def stream_spec(cfg: Any, section: str, seq_len: int) -> dict:
+    """What a training stream depends on: part of a stage's resume fingerprint."""
+    from omegaconf import OmegaConf
+
+    srcs = [{k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in s.items()}
+            for s in training_sources(cfg, section)]
+    return {"sources": srcs, "streaming": bool(cfg[section].get("streaming")), "seq_len": int(seq_len),
+            "seed": int(cfg.seed)}
+
+
+def training_stream(cfg: Any, tokenizer, section: str, seq_len: int, *, num_sequences: int | None = None):
+    """The endless, resumable `Mixture` of `<section>`'s training sources at `seq_len`.
+
+    In memory (the default), each source is packed up front and `num_sequences` (None = all) caps its
+    rows; streamed (`<section>.streaming`), rows are packed on the fly and nothing is capped. Source i is
+    shuffled with seed ``cfg.seed + i``. A source without enough text is a `DataError` now, not mid-run.
+    """
+    from elastic.data import DataError, Mixture, PackedRows, StreamingRows, load_text, pack_tokens, stream_text
+
+    seed = int(cfg.seed)
+    c = cfg[section]
+    streaming = bool(c.get("streaming"))
+    sources, weights = [], []
+    for i, s in enumerate(training_sources(cfg, section)):
+        if streaming and s["default"] and _uses_fraction(cfg, "train"):
+            # a stream is read front to back, never packed whole, so the held-out tail of data.files
+            # cannot be cut off: training would read the text the held-out scores are computed on
+            raise DataError(f"{section}.streaming reads all of data.files, including the last "
+                            f"data.heldout_fraction that is held out for scoring: set data.heldout_files "
+                            f"(disjoint held-out text) or list the training text in {section}.sources")
+        try:
+            if streaming:
+                src = StreamingRows(stream_text(s["files"], text_column=s["text_column"]), tokenizer, seq_len,
+                                    seed=seed + i, shuffle_buffer=int(c.get("shuffle_buffer") or 0), name=s["name"])
+                src.row(0)  # fail now, not mid-training, if the source holds no text
+                src.load_state_dict({"epoch": 0, "docs": 0, "buffer": [], "produced": 0})
+            else:
+                if s["default"]:  # the project's convention (token_rows): user files minus the held-out share
+                    rows = token_rows(cfg, tokenizer, "train", num_sequences=num_sequences, seq_len=seq_len)
+                else:
+                    rows = pack_tokens(load_text(s["files"], text_column=s["text_column"]), tokenizer, seq_len, seed=seed + i)
+                    rows = rows if num_sequences is None else rows[:num_sequences]
+                src = PackedRows(rows, seed=seed + i, name=s["name"])
+        except DataError as e:
+            raise DataError(f"{section} source {s['name']!r} at seq_len {seq_len}: {e}") from None
+        sources.append(src)
+        weights.append(s["weight"])
+    return Mixture(sources, weights, seed=seed)

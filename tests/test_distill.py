@@ -332,7 +332,13 @@ def test_lm_only_baseline_and_mixture_sources(world, tmp_path):
 
 
 def test_streaming_stage_runs(world, tmp_path):
-    summary = run_stage(make_cfg(world, tmp_path / "run", streaming=True, shuffle_buffer=4, max_steps=2))
+    from elastic.data import DataError
+
+    cfg = make_cfg(world, tmp_path / "run", streaming=True, shuffle_buffer=4, max_steps=2)
+    with pytest.raises(DataError, match="heldout_files"):  # a stream cannot leave out data.files' held-out tail
+        run_stage(cfg)
+    cfg.data.heldout_files = str(write_docs(tmp_path / "held", 2, seed=1))
+    summary = run_stage(cfg)
     assert summary["phases"]["phase2"]["steps"] == 2
 
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from elastic.arch import Arch, ArchError
+from elastic.data import DataError
 from elastic.models.nemotron_h import arch_of
 from elastic.models.nemotron_h_elastic import ElasticNemotronH
 from elastic.router import Router
@@ -88,6 +89,30 @@ def test_resume_reproduces_losses_and_refuses_another_parent(search_run, toy_par
     pipeline(make_cfg(toy_parent, tmp_path, "stage=search", *SEARCH))
     resumed = read_json(tmp_path / "search/history.json")
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in full], rel=1e-6, abs=1e-7)
+
+
+def test_streamed_mixture_search_resumes_exactly(search_run, toy_parent, tmp_path):
+    from elastic import toy
+
+    def cfg_for(run_dir, *extra):
+        cfg = make_cfg(toy_parent, run_dir, "stage=search", *SEARCH, "search.steps=4", "search.checkpoint_every=2",
+                       "search.eval_sequences=0", "search.streaming=true", "search.shuffle_buffer=4", *extra)
+        cfg.search.sources = [{"name": "calib", "files": toy.toy_files("calib"), "weight": 0.7},
+                              {"name": "train", "files": toy.toy_files("train"), "weight": 0.3}]
+        shutil.copytree(search_run / "importance", run_dir / "importance", dirs_exist_ok=True)
+        return cfg
+
+    pipeline(cfg_for(tmp_path / "a"))
+    with pytest.raises(SimulatedCrash):
+        pipeline(cfg_for(tmp_path / "b", "+search.fail_at_step=3"))
+    pipeline(cfg_for(tmp_path / "b"))
+    full, resumed = (read_json(tmp_path / r / "search/history.json") for r in "ab")
+    assert len(full) == 4
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in full], rel=1e-6, abs=1e-7)
+    bad = cfg_for(tmp_path / "c")
+    bad.search.sources = [{"name": "nofiles", "weight": 1.0}]
+    with pytest.raises(DataError, match=r"search.sources\[0\] needs `files`"):
+        pipeline(bad)
 
 
 @pytest.mark.parametrize("override, match", [

@@ -152,61 +152,19 @@ def check_models(student: Path, teacher: Path, phases: list[Phase], tokenizer) -
                 )
 
 
-def _sources(cfg: Any) -> list[dict]:
-    """`distill.sources` as plain dicts, or the run's training data (`data.files` / the toy plays) alone."""
-    from omegaconf import OmegaConf
-
-    from elastic import inputs
-
-    raw = cfg.distill.get("sources")
-    if not raw:
-        return [{"name": "train", "files": inputs.data_files(cfg, "train"), "weight": 1.0,
-                 "text_column": cfg.data.get("text_column", "text"), "default": True}]
-    out = []
-    for i, s in enumerate(OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else raw):
-        if not isinstance(s, dict) or not s.get("files"):
-            raise DistillError(f"distill.sources[{i}] needs `files` (and optionally name, weight, text_column)")
-        out.append({"name": s.get("name", f"source{i}"), "files": s["files"], "weight": float(s.get("weight", 1.0)),
-                    "text_column": s.get("text_column", cfg.data.get("text_column", "text")), "default": False})
-    return out
-
-
 def data_spec(cfg: Any, phase: Phase) -> dict:
     """What a phase's data stream depends on (part of the resume fingerprint)."""
-    from omegaconf import OmegaConf
+    from elastic import inputs
 
-    srcs = [{k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in s.items()} for s in _sources(cfg)]
-    return {"sources": srcs, "streaming": bool(cfg.distill.get("streaming")), "seq_len": phase.seq_len,
-            "batch_size": phase.batch_size, "seed": int(cfg.seed)}
+    return inputs.stream_spec(cfg, "distill", phase.seq_len) | {"batch_size": phase.batch_size}
 
 
 def build_data(cfg: Any, tokenizer, phase: Phase):
     """(training `Mixture`, held-out rows or None) for one phase; DataError when nothing is left."""
     from elastic import inputs
-    from elastic.data import DataError, Mixture, PackedRows, StreamingRows, load_text, pack_tokens, stream_text
+    from elastic.data import DataError
 
-    seed = int(cfg.seed)
-    streaming = bool(cfg.distill.get("streaming"))
-    sources, weights = [], []
-    for i, s in enumerate(_sources(cfg)):
-        try:
-            if streaming:
-                src = StreamingRows(stream_text(s["files"], text_column=s["text_column"]), tokenizer, phase.seq_len,
-                                    seed=seed + i, shuffle_buffer=int(cfg.distill.get("shuffle_buffer") or 0), name=s["name"])
-                src.row(0)  # fail now, not mid-training, if the source holds no text
-                src.load_state_dict({"epoch": 0, "docs": 0, "buffer": [], "produced": 0})
-            elif s["default"]:
-                # the project's convention (inputs.token_rows): user files minus the held-out fraction
-                rows = inputs.token_rows(cfg, tokenizer, "train", seq_len=phase.seq_len)
-                src = PackedRows(rows, seed=seed + i, name=s["name"])
-            else:
-                rows = pack_tokens(load_text(s["files"], text_column=s["text_column"]), tokenizer, phase.seq_len, seed=seed + i)
-                src = PackedRows(rows, seed=seed + i, name=s["name"])
-        except DataError as e:
-            raise DataError(f"distill source {s['name']!r} at seq_len {phase.seq_len}: {e}") from None
-        sources.append(src)
-        weights.append(s["weight"])
-    mixture = Mixture(sources, weights, seed=seed)
+    mixture = inputs.training_stream(cfg, tokenizer, "distill", phase.seq_len)
 
     n_eval = int(cfg.distill.get("eval_sequences") or 0)
     heldout = None

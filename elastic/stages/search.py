@@ -250,12 +250,11 @@ def make_step_fn(accelerator, c):
 
 
 def train_batches(cfg, tok, c, batch_size: int, micro_batch_size: int, seq_len: int, num_sequences: int):
-    from elastic.data import Mixture, PackedRows
-    from elastic.inputs import token_rows
+    """The search's training stream (`search.sources` / `search.streaming`, as distill reads its own) in steps."""
+    from elastic.inputs import training_stream
     from elastic.train import StepBatches
 
-    rows = token_rows(cfg, tok, "train", num_sequences=num_sequences, seq_len=seq_len)
-    return StepBatches(Mixture([PackedRows(rows, seed=int(cfg.seed), name="train")], seed=int(cfg.seed)),
+    return StepBatches(training_stream(cfg, tok, "search", seq_len, num_sequences=num_sequences),
                        batch_size=batch_size, micro_batch_size=micro_batch_size)
 
 
@@ -301,7 +300,7 @@ def run(cfg, run: RunDir) -> dict:
     from safetensors.torch import save_file
 
     from elastic import tracking
-    from elastic.inputs import heldout_loss, token_batches
+    from elastic.inputs import heldout_loss, stream_spec, token_batches
     from elastic.parent import load_model, load_tokenizer, resolve_parent_path
     from elastic.stages.importance import load_ranking
     from elastic.train import TrainConfig, clear_checkpoints, make_accelerator, train
@@ -339,7 +338,7 @@ def run(cfg, run: RunDir) -> dict:
     fingerprint = {
         "parent": str(parent_path), "parent_arch": parent.to_dict(),
         "search": OmegaConf.to_container(c, resolve=True) | {"resume": None, "fail_at_step": None},
-        "seed": int(cfg.seed),
+        "seed": int(cfg.seed), "data": stream_spec(cfg, "search", int(c.seq_len)),
     }
     result = train(sm, make_step_fn(acc, c), batches, tc, accelerator=acc, checkpoint_dir=run.path("search/checkpoints"),
                    teacher=teacher, param_groups=param_groups_fn(c), fingerprint=fingerprint)
