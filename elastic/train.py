@@ -333,7 +333,7 @@ def train(
     run's model and optimizer only). Trackers must be initialised by the caller
     (``tracking.init_trackers``); metrics go to them every ``log_every`` steps.
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -443,12 +443,18 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            # token means over micro-batches and processes (every micro-batch has the same token count)
+            # token means over the micro-batches of all processes that report a metric (every micro-batch
+            # has the same token count); processes may report different keys (search: each draws its own
+            # budgets), so the union of keys is agreed first and a key a process lacks counts 0 there
             keys = sorted(sums)
-            vals = torch.tensor([sums[k] / counts.get(k, len(micro)) for k in keys], dtype=torch.float64, device=device)
             if world > 1:
-                vals = accelerator.reduce(vals, reduction="mean")
-            rec = {k: float(v) for k, v in zip(keys, vals.tolist())}
+                keys = sorted(set(gather_object(keys)))
+            tot = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
+            num = torch.tensor([counts.get(k, len(micro)) if k in sums else 0 for k in keys], dtype=torch.float64,
+                               device=device)
+            if world > 1:
+                tot, num = accelerator.reduce(tot, reduction="sum"), accelerator.reduce(num, reduction="sum")
+            rec = {k: float(t / n) for k, t, n in zip(keys, tot, num)}
             dt = time.perf_counter() - t0
             rec.update(step=step, lr=lrs[0], tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt,
                        mem_gb=memory_gb(device))

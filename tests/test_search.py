@@ -188,3 +188,44 @@ def test_each_micro_batch_draws_its_own_budget():
     fresh = make_search_model(model, ranking, c, seed=3)
     with torch.no_grad():
         assert [fresh(ids, 4)[2]["budget"] for _ in range(4)] == drawn[4]  # resume at step 4
+    # two processes with 2 micro-batches each share the 4 draws of one process: slot = micro x 2 + rank
+    ranks = [make_search_model(model, ranking, c, seed=3) for _ in range(2)]
+    for r, m in enumerate(ranks):
+        m.set_process(r, 2)
+    assert [[ranks[r].plan(s, m)[0] for m in range(2) for r in range(2)] for s in range(6)] == \
+        [[d[m * 2 + r] for m in range(2) for r in range(2)] for d in drawn]
+    with pytest.raises(ValueError, match="1024"):
+        ranks[1].plan(0, 512)
+
+
+@pytest.mark.slow
+def test_search_under_two_process_ddp(search_run, toy_parent, tmp_path):
+    """The search stage under a real 2-process gloo DDP launch: the processes draw different budgets
+    (some train the full model or settle, leaving the router without gradient) and still finish."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from elastic import toy
+
+    shutil.copytree(search_run / "importance", tmp_path / "importance")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    files, held = toy.toy_files("calib"), toy.toy_files("heldout")
+    overrides = [o for o in SEARCH if not o.startswith(("search.steps", "search.micro_batch_size", "search.checkpoint_every"))]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "elastic.run", "stage=search", f"run_dir={tmp_path}", f"parent.path={toy_parent}",
+           f"data.files=[{','.join(files)}]", f"data.heldout_files=[{','.join(held)}]", "data.seq_len=64",
+           *overrides, "search.steps=4", "search.micro_batch_size=1", "search.checkpoint_every=0", "device=cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # really two processes, each reading its half of the global batch of 4 (not all of it)
+    assert "micro 1 x accumulation 2 x 2 processes" in proc.stdout + proc.stderr
+    archs = read_json(tmp_path / "search/archs.json")
+    assert len(read_json(tmp_path / "search/history.json")) == 4
+    assert {float(b) for b in archs["budgets"]} == {0.5, 0.7, 1.0}

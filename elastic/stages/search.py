@@ -7,15 +7,15 @@
 Setup: the parent is reordered by the importance ranking (`ElasticNemotronH.from_parent`), so every
 sub-network is a prefix of each axis; a `Router` maps each budget to a distribution over every
 axis's choices (`Space`, the same choice grid as the prune stage). Each micro-batch of an optimizer
-step (its random decisions are a function of ``(seed, step, micro-batch)`` only, the same on every
-process, so a resumed run makes the same ones):
+step on each process (its random decisions are a function of ``(seed, step, micro-batch, process)``
+only, so a resumed run with the same process count makes the same ones):
 
 1. with probability ``full_model_share`` (null: see `full_model_share`) the full model trains (no
    masks); otherwise a budget is drawn -- uniformly during the first ``phase1_share`` of the steps,
    then with ``phase2_weights`` (largest budget first; the paper's 0.5 / 0.3 / 0.2). With gradient
-   accumulation one optimizer step therefore blends several budgets' gradients (as slimmable networks
-   accumulate every width's before updating) instead of jerking the shared weights toward one
-   budget at a time;
+   accumulation and data parallelism (each process draws its own) one optimizer step therefore
+   blends several budgets' gradients (as slimmable networks accumulate every width's before
+   updating) instead of jerking the shared weights toward one budget at a time;
 2. the router samples an architecture by Gumbel-softmax (soft masks, a straight-through hard
    sample with probability ``hard_prob``); temperature and logit scale follow `router.Schedule`;
 3. loss = forward KL(frozen parent || masked student) on the logits + ``lambda_budget`` x the budget
@@ -106,7 +106,9 @@ class SearchModel(nn.Module):
     ``forward(input_ids, step)`` draws this micro-batch's budget and architecture and returns
     ``(logits, budget_loss, info)``. Each micro-batch of a step draws its own budget (the k-th forward
     of a step is micro-batch k), so with gradient accumulation one optimizer step blends several
-    budgets' gradients instead of following one budget at a time; every process draws the same.
+    budgets' gradients instead of following one budget at a time. Under data parallelism process r of
+    W draws for the global micro-batch slot ``micro * W + r``, so the processes train different
+    budgets and one step blends W times as many draws (one process: slot = micro, as before).
     """
 
     def __init__(self, elastic: ElasticNemotronH, router: Router, cost: Cost, schedule: Schedule, c, seed: int):
@@ -127,11 +129,23 @@ class SearchModel(nn.Module):
             raise ArchError(f"search.phase2_weights needs {n} non-negative weights (largest budget first), got {w}")
         self.phase2 = torch.tensor(w[::-1]) / sum(w)  # aligned with router.budgets (ascending)
         self._step, self._micro = None, 0  # which forward of the current step this is (not state: a step restarts it)
+        self.rank, self.world = 0, 1  # this process and the process count (set_process): the draws' slot
+
+    def set_process(self, rank: int, world: int) -> None:
+        """Draw as process `rank` of `world` (data parallelism): each process its own budgets."""
+        if not 0 <= int(rank) < int(world):
+            raise ValueError(f"process {rank} of {world}")
+        self.rank, self.world = int(rank), int(world)
 
     def plan(self, step: int, micro: int = 0) -> tuple[float | None, bool, torch.Generator]:
-        """Micro-batch `micro` of `step`: its budget (None = full model), whether the sample is hard,
-        and its noise generator -- a function of (seed, step, micro) only, so a resumed run draws the same."""
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) * 1024 + int(micro))
+        """Micro-batch `micro` of `step` on this process: its budget (None = full model), whether the
+        sample is hard, and its noise generator -- a function of (seed, step, slot) only, slot = micro x
+        processes + rank, so a resumed run with the same process count draws the same."""
+        slot = int(micro) * self.world + self.rank
+        if slot >= 1024:  # the seed packs (step, slot) as step * 1024 + slot
+            raise ValueError(f"search: {slot + 1} micro-batch draws per step (micro-batches x processes) exceed 1024; "
+                             "raise search.micro_batch_size")
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) * 1024 + slot)
         if float(torch.rand((), generator=g)) < self.full_share:
             return None, False, g
         n = len(self.router.budgets)
@@ -249,13 +263,15 @@ def make_step_fn(accelerator, c):
     return step_fn
 
 
-def train_batches(cfg, tok, c, batch_size: int, micro_batch_size: int, seq_len: int, num_sequences: int):
-    """The search's training stream (`search.sources` / `search.streaming`, as distill reads its own) in steps."""
+def train_batches(cfg, tok, c, batch_size: int, micro_batch_size: int, seq_len: int, num_sequences: int,
+                  rank: int = 0, world_size: int = 1):
+    """This process's share of the search's training stream (`search.sources` / `search.streaming`, as
+    distill reads its own), step by step."""
     from elastic.inputs import training_stream
     from elastic.train import StepBatches
 
     return StepBatches(training_stream(cfg, tok, "search", seq_len, num_sequences=num_sequences),
-                       batch_size=batch_size, micro_batch_size=micro_batch_size)
+                       batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size)
 
 
 def plot_choices(history: list[dict], budgets, path) -> None:
@@ -328,7 +344,9 @@ def run(cfg, run: RunDir) -> dict:
                            **tracking.accelerator_kwargs(tcfg, run.path("search/logs")))
     tracking.init_trackers(acc, tcfg, run_name="search", config=c)
     teacher.to(acc.device)
-    batches = train_batches(cfg, tok, c, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences))
+    sm.set_process(acc.process_index, acc.num_processes)
+    batches = train_batches(cfg, tok, c, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences),
+                            rank=acc.process_index, world_size=acc.num_processes)
     tc = TrainConfig(
         max_steps=int(c.steps), lr=float(c.lr), warmup_steps=int(c.warmup_steps), min_lr_ratio=float(c.min_lr_ratio),
         weight_decay=float(c.weight_decay), grad_clip=float(c.grad_clip) or None, checkpoint_every=int(c.checkpoint_every),
