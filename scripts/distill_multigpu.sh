@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Distill on several GPUs (or CPU processes, or machines) with accelerate.
+# Distill (or search: STAGE=search) on several GPUs (or CPU processes, or machines) with accelerate.
 #
 #   scripts/distill_multigpu.sh NUM_PROCESSES [hydra overrides ...]
 #
@@ -8,6 +8,7 @@
 #   ACCEL_CONFIG=scripts/accelerate/fsdp.yaml \
 #     scripts/distill_multigpu.sh 8 recipe=nemotron_9b_to_4b run_dir=/runs/4b        # FSDP2, 8 GPUs
 #   CPU=1 scripts/distill_multigpu.sh 2 run_dir=runs/toy tracking.backends=[]          # 2 CPU processes (gloo)
+#   STAGE=search scripts/distill_multigpu.sh 8 recipe=nemotron_9b_to_4b run_dir=/runs/4b   # the router search instead
 #
 # Multi-node (run the same command on every machine; NUM_PROCESSES is per machine):
 #   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_IP=10.0.0.1 MAIN_PORT=29500 scripts/distill_multigpu.sh 8 ...   # on node 0
@@ -21,8 +22,11 @@
 #   - the same code and environment everywhere; NCCL able to reach MAIN_IP:MAIN_PORT.
 #
 # Notes:
-#   - Only stage=distill is launched here: run importance/prune (single process) first.
-#   - The curve does not depend on the number of processes: each phase's batch_size is the GLOBAL
+#   - Only one training stage is launched: distill, or search with STAGE=search. Run importance
+#     (and prune, before distill) in a single process first.
+#   - search: each process draws its own budgets per micro-batch, so a step blends processes x
+#     accumulation draws; a resume is exact only with the same number of processes.
+#   - distill: the curve does not depend on the number of processes: each phase's batch_size is the GLOBAL
 #     batch, and gradient accumulation = batch_size / (micro_batch_size x processes) (must divide).
 #   - Logs start with "world size N": check it is the number of processes you meant to start.
 #   - `accelerate launch --cpu --num_processes 2` silently starts ONE process; CPU=1 below uses
@@ -30,7 +34,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ ]]; then
-    sed -n '2,20p' "$0"
+    sed -n '2,33p' "$0"
     exit 2
 fi
 NPROC="$1"; shift
@@ -54,4 +58,4 @@ if command -v accelerate >/dev/null; then LAUNCH=(accelerate launch); else LAUNC
 exec "${LAUNCH[@]}" --config_file "$CONFIG" "${MP[@]}" \
     --num_processes "$((NPROC * NUM_MACHINES))" --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" \
     --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT" \
-    -m elastic.run stage=distill "$@"
+    -m elastic.run stage="${STAGE:-distill}" "$@"

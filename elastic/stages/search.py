@@ -362,7 +362,6 @@ def run(cfg, run: RunDir) -> dict:
                    teacher=teacher, param_groups=param_groups_fn(c), fingerprint=fingerprint)
     sm = acc.unwrap_model(result.model)
     sm.eval()
-    acc.end_training()
 
     archs = chosen_archs(sm)
     if int(c.eval_sequences) > 0:
@@ -373,27 +372,31 @@ def run(cfg, run: RunDir) -> dict:
     else:
         archs_parent = None
 
-    meta = dict(stage=STAGE, config=c, inputs={"parent": str(parent_path), "ranking": "importance"})
-    with run.artifact_dir("search/elastic", overwrite=True, arch=parent.to_dict(), **meta) as (tmp, _):
-        sm.elastic.model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        save_file(sm.elastic.ranking.to_tensors(), str(tmp / "ranking.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in sm.router.state_dict().items()}, str(tmp / "router.safetensors"))
-        write_json(tmp / "router.json", sm.router.config() | {
-            "resource": sm.cost.resource, "context": sm.cost.context, "memory_batch": sm.cost.batch, "band": sm.band,
-            "protect_kinds": sm.elastic.protect_kinds})
-    doc = {
-        "resource": sm.cost.resource, "parent_params": parent.num_params(), "parent_cost": sm.cost.full,
-        "parent_heldout_loss": archs_parent, "checkpoint": "search/elastic", "steps": result.steps,
-        "tokens": result.tokens, "budgets": {f"{b:g}": rec for b, rec in archs.items()},
-    }
-    run.save_json("search/archs.json", doc, **meta)
-    run.save_json("search/history.json", result.history, **meta)
-    plot_choices(result.history, sm.router.budgets, run.path("search/widths.png"))
-    clear_checkpoints(run.path("search/checkpoints"))
+    # under data parallelism every process holds the same trained weights: one writes, all wait for it
+    if acc.is_main_process:
+        meta = dict(stage=STAGE, config=c, inputs={"parent": str(parent_path), "ranking": "importance"})
+        with run.artifact_dir("search/elastic", overwrite=True, arch=parent.to_dict(), **meta) as (tmp, _):
+            sm.elastic.model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            save_file(sm.elastic.ranking.to_tensors(), str(tmp / "ranking.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in sm.router.state_dict().items()}, str(tmp / "router.safetensors"))
+            write_json(tmp / "router.json", sm.router.config() | {
+                "resource": sm.cost.resource, "context": sm.cost.context, "memory_batch": sm.cost.batch, "band": sm.band,
+                "protect_kinds": sm.elastic.protect_kinds})
+        doc = {
+            "resource": sm.cost.resource, "parent_params": parent.num_params(), "parent_cost": sm.cost.full,
+            "parent_heldout_loss": archs_parent, "checkpoint": "search/elastic", "steps": result.steps,
+            "tokens": result.tokens, "budgets": {f"{b:g}": rec for b, rec in archs.items()},
+        }
+        run.save_json("search/archs.json", doc, **meta)
+        run.save_json("search/history.json", result.history, **meta)
+        plot_choices(result.history, sm.router.budgets, run.path("search/widths.png"))
+        clear_checkpoints(run.path("search/checkpoints"))
+    acc.wait_for_everyone()
+    acc.end_training()  # last: it also tears down the process group the barrier above needs
     for b, rec in archs.items():
         flag = "" if rec["within_band"] else f"  (outside the {sm.band:.0%} band!)"
-        print(f"search: budget {b:g}: {rec['summary']} = {rec['ratio'] * b:.1%} of the parent's {sm.cost.resource}{flag}")
+        acc.print(f"search: budget {b:g}: {rec['summary']} = {rec['ratio'] * b:.1%} of the parent's {sm.cost.resource}{flag}")
     return {
         "archs": str(run.path("search/archs.json")), "steps": result.steps, "seconds": round(time.time() - t0, 1),
         "budgets": {f"{b:g}": {"params": r["params"], "ratio": round(r["ratio"], 4)} for b, r in archs.items()},
