@@ -342,11 +342,12 @@ def run(cfg, run: RunDir) -> dict:
     # full-model and settle steps leave the router without gradient: DDP must not wait for it
     acc = make_accelerator(device=cfg.device, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                            **tracking.accelerator_kwargs(tcfg, run.path("search/logs")))
+    # data first: bad data is one error line, before any tracker run is started
+    batches = train_batches(cfg, tok, c, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences),
+                            rank=acc.process_index, world_size=acc.num_processes)
     tracking.init_trackers(acc, tcfg, run_name="search", config=c)
     teacher.to(acc.device)
     sm.set_process(acc.process_index, acc.num_processes)
-    batches = train_batches(cfg, tok, c, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences),
-                            rank=acc.process_index, world_size=acc.num_processes)
     tc = TrainConfig(
         max_steps=int(c.steps), lr=float(c.lr), warmup_steps=int(c.warmup_steps), min_lr_ratio=float(c.min_lr_ratio),
         weight_decay=float(c.weight_decay), grad_clip=float(c.grad_clip) or None, checkpoint_every=int(c.checkpoint_every),
