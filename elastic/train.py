@@ -430,8 +430,7 @@ def train(
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     loss, metrics = step_fn(mb, model, teacher, step)
                     accelerator.backward(loss / len(micro))
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                for k, v in metrics.items():
+                for k, v in {"loss": float(loss.detach()), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                     counts[k] = counts.get(k, 0) + 1
             grad_norm = None
@@ -450,8 +449,7 @@ def train(
             if world > 1:
                 keys = sorted(set(gather_object(keys)))
             tot = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
-            num = torch.tensor([counts.get(k, len(micro)) if k in sums else 0 for k in keys], dtype=torch.float64,
-                               device=device)
+            num = torch.tensor([counts.get(k, 0) for k in keys], dtype=torch.float64, device=device)
             if world > 1:
                 tot, num = accelerator.reduce(tot, reduction="sum"), accelerator.reduce(num, reduction="sum")
             rec = {k: float(t / n) for k, t, n in zip(keys, tot, num)}

@@ -125,7 +125,7 @@ def main() -> None:
                 print(json.dumps(row))
                 continue
             acc = make_accelerator(device="cpu")
-            batches = train_batches(cfg_s, tok, cfg_s.search, args.batch, args.batch, args.seq_len, int(cfg_s.search.train_sequences))
+            batches = train_batches(cfg_s, tok, args.batch, args.batch, args.seq_len, int(cfg_s.search.train_sequences))
             c = cfg_s.search
             tc = TrainConfig(max_steps=per_budget_steps, lr=float(c.lr), warmup_steps=int(c.warmup_steps),
                              min_lr_ratio=float(c.min_lr_ratio), weight_decay=float(c.weight_decay),
@@ -142,7 +142,7 @@ def main() -> None:
             # (c) the router's shape, one-shot from the parent and distilled alone the same way: separates
             # what the router's choice is worth from what training the family together is worth
             acc = make_accelerator(device="cpu")
-            batches = train_batches(cfg_s, tok, cfg_s.search, args.batch, args.batch, args.seq_len, int(cfg_s.search.train_sequences))
+            batches = train_batches(cfg_s, tok, args.batch, args.batch, args.seq_len, int(cfg_s.search.train_sequences))
             tc.desc = f"router shape alone {b:g}"
             res = train(slice_model(teacher, arch, ranking), step_fn, batches, tc, accelerator=acc, teacher=teacher)
             row.update(router_alone_loss=heldout_loss(acc.unwrap_model(res.model), hb))

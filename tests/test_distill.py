@@ -6,8 +6,6 @@ Run as a script, this file is the worker of the 2-process test (started by `acce
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `tiny` when run as a script
+from launch import launch_two_processes  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,22 +229,11 @@ def test_resume_after_a_crash_gives_the_same_loss_at_every_later_step(tmp_path):
     assert sorted(p.name for p in (tmp_path / "other").rglob("*")) == before
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_gives_the_loss_curve_of_one_process(tmp_path):
     """A real 2-process gloo DDP run (accelerate launch) vs one process, same global batch."""
     one = _loop_losses(tmp_path / "one", steps=4, batch_size=4, micro=2).losses  # 1 process: accumulation 2
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), __file__, str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = launch_two_processes(__file__, str(tmp_path / "two"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2" in proc.stdout + proc.stderr  # really two processes (not a silent single one)
     two = json.loads((tmp_path / "two" / "losses.json").read_text())  # 2 processes: accumulation 1

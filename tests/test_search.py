@@ -202,27 +202,16 @@ def test_each_micro_batch_draws_its_own_budget():
 def test_search_under_two_process_ddp(search_run, toy_parent, tmp_path):
     """The search stage under a real 2-process gloo DDP launch: the processes draw different budgets
     (some train the full model or settle, leaving the router without gradient) and still finish."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     from elastic import toy
+    from launch import launch_two_processes
 
     shutil.copytree(search_run / "importance", tmp_path / "importance")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     files, held = toy.toy_files("calib"), toy.toy_files("heldout")
     overrides = [o for o in SEARCH if not o.startswith(("search.steps", "search.micro_batch_size", "search.checkpoint_every"))]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "elastic.run", "stage=search", f"run_dir={tmp_path}", f"parent.path={toy_parent}",
-           f"data.files=[{','.join(files)}]", f"data.heldout_files=[{','.join(held)}]", "data.seq_len=64",
-           *overrides, "search.steps=4", "search.micro_batch_size=1", "search.checkpoint_every=0", "device=cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = launch_two_processes(
+        "-m", "elastic.run", "stage=search", f"run_dir={tmp_path}", f"parent.path={toy_parent}",
+        f"data.files=[{','.join(files)}]", f"data.heldout_files=[{','.join(held)}]", "data.seq_len=64",
+        *overrides, "search.steps=4", "search.micro_batch_size=1", "search.checkpoint_every=0", "device=cpu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # really two processes, each reading its half of the global batch of 4 (not all of it)
     assert "micro 1 x accumulation 2 x 2 processes" in proc.stdout + proc.stderr

@@ -263,7 +263,7 @@ def make_step_fn(accelerator, c):
     return step_fn
 
 
-def train_batches(cfg, tok, c, batch_size: int, micro_batch_size: int, seq_len: int, num_sequences: int,
+def train_batches(cfg, tok, batch_size: int, micro_batch_size: int, seq_len: int, num_sequences: int,
                   rank: int = 0, world_size: int = 1):
     """This process's share of the search's training stream (`search.sources` / `search.streaming`, as
     distill reads its own), step by step."""
@@ -343,7 +343,7 @@ def run(cfg, run: RunDir) -> dict:
     acc = make_accelerator(device=cfg.device, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                            **tracking.accelerator_kwargs(tcfg, run.path("search/logs")))
     # data first: bad data is one error line, before any tracker run is started
-    batches = train_batches(cfg, tok, c, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences),
+    batches = train_batches(cfg, tok, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences),
                             rank=acc.process_index, world_size=acc.num_processes)
     tracking.init_trackers(acc, tcfg, run_name="search", config=c)
     teacher.to(acc.device)
