@@ -52,18 +52,27 @@ def token_batches(cfg: Any, tokenizer, split: str, *, num_sequences: int, batch_
 
 
 @torch.no_grad()
-def heldout_loss(model, batches: list[torch.Tensor]) -> float:
-    """Mean next-token cross-entropy (nats/token) of `model` on `batches`."""
+def heldout_loss(model, batches: list[torch.Tensor], *, chunk_size: int = 1024) -> float:
+    """Mean next-token cross-entropy (nats/token) of `model` on `batches`.
+
+    The logits are computed `chunk_size` tokens at a time from the final hidden states
+    (`losses.chunked_kd_loss`), so ``[batch, seq, vocab]`` is never built: scoring 8 x 8K tokens of a
+    131K-vocabulary model holds one 1K x 131K chunk instead of 32 GiB of fp32 logits.
+    """
+    from elastic.losses import chunked_kd_loss, hidden_states, next_token_labels
+
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
+    head = model.get_output_embeddings()
     for ids in batches:
         ids = ids.to(device)
-        logits = model(ids, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
-        count += ids[:, 1:].numel()
+        out = chunked_kd_loss(hidden_states(model, ids), None, head, labels=next_token_labels(ids), lm_weight=1.0,
+                              chunk_size=chunk_size)
+        n = ids[:, 1:].numel()
+        total += float(out.ce) * n
+        count += n
     model.train(was_training)
     return total / max(count, 1)
 

@@ -84,3 +84,44 @@ def load_tokenizer(path: str | Path):
         return AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError) as e:
         raise ModelError(f"no usable tokenizer in {p}: {e}") from None
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (its config.json's ``dtype`` / ``torch_dtype``;
+    float32 when it does not say): students and extracted models are written in their parent's dtype."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return torch_dtype(name) if name in DTYPES else torch.float32
+
+
+@torch.no_grad()
+def save_checkpoint(config, state_dict: dict[str, torch.Tensor], out: str | Path, *, dtype: torch.dtype,
+                    tokenizer=None) -> Path:
+    """Write a plain Hugging Face checkpoint from a full state dict (in-memory key names).
+
+    The model is built on the meta device and takes the tensors as they are (``assign``), so writing
+    costs no second copy of the weights; ``save_pretrained`` then writes the hub's key names and a
+    config saying `dtype`. ``use_cache`` is switched back on (training turns it off; a released model
+    generates with a cache).
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    config.use_cache = True
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise ModelError(f"state dict does not match the config: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    if tied:
+        model.tie_weights()
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return Path(out)

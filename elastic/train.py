@@ -64,6 +64,7 @@ StepFn = Callable[[torch.Tensor, nn.Module, Any, int], "tuple[torch.Tensor, Mapp
 ParamGroupsFn = Callable[[nn.Module], "list[dict]"]
 
 STATE_FILE = "trainer_state.json"
+SHARDED_DIR = "sharded"  # FSDP2 checkpoints: torch.distributed.checkpoint shards of model + optimizer
 EXTRA_FILE = "extra_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -213,12 +214,20 @@ def _lr_lambda(warmup: int, total: int, floor: float) -> Callable[[int], float]:
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Turn on HF activation checkpointing in every outermost HF model inside `model`."""
+    """Turn on activation checkpointing in every outermost model inside `model`: a module's own
+    ``enable_activation_checkpointing`` (the elastic model, which must recompute under the masks its
+    blocks ran with) wins over transformers' ``gradient_checkpointing_enable``."""
     done: list[str] = []
     for name, m in model.named_modules():
-        if hasattr(m, "gradient_checkpointing_enable") and not any(name.startswith(d + ".") or d == "" for d in done):
+        if any(name.startswith(d + ".") or d == "" for d in done):
+            continue
+        if hasattr(m, "enable_activation_checkpointing"):
+            m.enable_activation_checkpointing(True)
+        elif hasattr(m, "gradient_checkpointing_enable"):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            done.append(name)
+        else:
+            continue
+        done.append(name)
     return len(done)
 
 
@@ -234,15 +243,20 @@ def memory_gb(device: torch.device) -> float:
         return float("nan")
 
 
-def gather_state_dict(accelerator, model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor] | None:
-    """The full state dict of a prepared model on the main process (FSDP shards gathered), keys with
-    ``prefix`` stripped and only those kept; None on other processes. Call on EVERY process."""
-    sd = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process or sd is None:
+def gather_state_dict(accelerator, model: nn.Module, prefix: str = "",
+                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a trained model on the main process (FSDP shards gathered one tensor at a
+    time), keys with ``prefix`` stripped and only those kept, floating tensors cast to `dtype`; None on
+    other processes. Call on EVERY process."""
+    from elastic.parallel import full_state_dict, is_sharded
+
+    if is_sharded(model):
+        return full_state_dict(model, dtype=dtype, main=accelerator.is_main_process, prefix=prefix)
+    if not accelerator.is_main_process:
         return None
-    if prefix:
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
+    sd = accelerator.unwrap_model(model).state_dict()
+    return {k[len(prefix):]: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+            for k, v in sd.items() if k.startswith(prefix)}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -288,14 +302,21 @@ def check_fingerprint(saved: Mapping | None, current: Mapping | None, where: Pat
         )
 
 
-def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, trainer_state: dict, extra: dict, keep: int) -> Path:
+def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, trainer_state: dict, extra: dict, keep: int,
+                     sharded: tuple | None = None) -> Path:
     final = checkpoint_dir / f"step_{step:08d}"
     tmp = checkpoint_dir / f".step_{step:08d}.tmp"  # the same name on every process (shared filesystem)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, RNG of every process (FSDP: sharded)
+    if sharded is not None:  # FSDP2: every process writes its shards of the model and optimizer, and its RNG
+        from elastic.parallel import rng_state, save_sharded
+
+        save_sharded(tmp / SHARDED_DIR, *sharded)
+        torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    else:
+        accelerator.save_state(str(tmp))  # model, optimizer, RNG of every process
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if extra:
@@ -326,12 +347,19 @@ def train(
     fingerprint: Mapping[str, Any] | None = None,
     extra_state: Mapping[str, Stateful] | None = None,
     on_step_end: Callable[[int, dict], None] | None = None,
+    strategy: str = "auto",
+    mixed_precision: str = "no",
+    replicated_params: Callable[[nn.Module], list] | None = None,
 ) -> TrainResult:
     """Train `model` for ``cfg.max_steps`` optimizer steps; see the module docstring.
 
     The accelerator's previously prepared objects are released first (so checkpoints hold this
     run's model and optimizer only). Trackers must be initialised by the caller
     (``tracking.init_trackers``); metrics go to them every ``log_every`` steps.
+
+    ``strategy="fsdp"`` shards `model` with FSDP2 (`elastic.parallel.shard_model`, ``mixed_precision``
+    "bf16" or "no") instead of handing it to accelerate (one process, or DDP); ``replicated_params(model)``
+    names parameters kept whole on every process (their gradients are averaged like DDP's).
     """
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
@@ -371,6 +399,16 @@ def train(
         if getattr(getattr(m, "config", None), "use_cache", None):
             m.config.use_cache = False
     model.train()
+    fsdp = strategy == "fsdp"
+    replicated: list = []
+    if fsdp:
+        from elastic.parallel import shard_model
+
+        replicated = list(replicated_params(model)) if replicated_params else []
+        for p in replicated:  # fully_shard moves what it manages to the device; these it does not manage
+            p.data = p.data.to(accelerator.device)
+        # after sharding: the optimizer must hold the sharded (DTensor) parameters
+        shard_model(model, accelerator.device, mixed_precision=mixed_precision, ignored_params=replicated)
     groups = (param_groups or default_param_groups)(model)
     lambdas = []
     for g in groups:
@@ -385,12 +423,21 @@ def train(
                                   foreach=True)
     # Not prepared on purpose: accelerate would step a prepared scheduler once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     history: list[dict] = []
     start = 0
     if state is not None:
-        accelerator.load_state(str(latest))  # model, optimizer, RNG states
+        if fsdp:
+            from elastic.parallel import load_sharded, set_rng_state
+
+            load_sharded(latest / SHARDED_DIR, model, optimizer)
+            rng = latest / f"rng_{accelerator.process_index}.pt"
+            if rng.exists():
+                set_rng_state(torch.load(rng, weights_only=False))
+        else:
+            accelerator.load_state(str(latest))  # model, optimizer, RNG states
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
         history = list(state["history"])
@@ -406,8 +453,8 @@ def train(
 
     world = accelerator.num_processes
     accelerator.print(
-        f"[{cfg.desc}] world size {world} ({accelerator.distributed_type}, {accelerator.device}, "
-        f"mixed precision {accelerator.mixed_precision}); global batch {batches.batch_size} x {batches.seq_len} tokens "
+        f"[{cfg.desc}] world size {world} ({'FSDP2' if fsdp else accelerator.distributed_type}, {accelerator.device}, "
+        f"mixed precision {mixed_precision if fsdp else accelerator.mixed_precision}); global batch {batches.batch_size} x {batches.seq_len} tokens "
         f"= micro {batches.micro_batch_size} x accumulation {batches.grad_accum} x {world} processes; "
         f"{n_trained / 1e6:.2f}M trained parameters; "
         + (f"resuming at step {start}/{cfg.max_steps} from {latest}" if state else f"{cfg.max_steps} steps")
@@ -427,14 +474,25 @@ def train(
             for i, mb in enumerate(micro):
                 mb = mb.to(device, non_blocking=True)
                 sync = i == len(micro) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                if fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+                    model.set_requires_gradient_sync(sync)
                     loss, metrics = step_fn(mb, model, teacher, step)
-                    accelerator.backward(loss / len(micro))
+                    (loss / len(micro)).backward()
+                else:
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                        loss, metrics = step_fn(mb, model, teacher, step)
+                        accelerator.backward(loss / len(micro))
                 for k, v in {"loss": float(loss.detach()), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                     counts[k] = counts.get(k, 0) + 1
             grad_norm = None
-            if cfg.grad_clip:
+            if fsdp:
+                from elastic.parallel import average_gradients, clip_grad_norm
+
+                average_gradients(replicated)
+                if cfg.grad_clip:
+                    grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
+            elif cfg.grad_clip:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             lrs = [g["lr"] for g in optimizer.param_groups]
             optimizer.step()
@@ -471,7 +529,9 @@ def train(
             if on_step_end is not None:
                 on_step_end(step, rec)
 
-            if ckpt_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            # the last step is checkpointed too: what runs after training (saving, scoring) may still fail,
+            # and a rerun then starts from the trained model instead of the last periodic checkpoint
+            if ckpt_dir is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
                 trainer_state = {
                     "step": step,
                     "max_steps": cfg.max_steps,
@@ -483,7 +543,8 @@ def train(
                     "config": asdict(cfg),
                 }
                 extra = {k: obj.state_dict() for k, obj in extra_state.items()}
-                _save_checkpoint(accelerator, ckpt_dir, step, trainer_state, extra, cfg.keep_checkpoints)
+                _save_checkpoint(accelerator, ckpt_dir, step, trainer_state, extra, cfg.keep_checkpoints,
+                                 sharded=(model, optimizer) if fsdp else None)
             if cfg.fail_at_step is not None and step == cfg.fail_at_step:
                 raise SimulatedCrash(f"simulated crash after step {step} (fail_at_step)")
     finally:

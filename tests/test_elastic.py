@@ -99,3 +99,41 @@ def test_bad_spaces(setup):
         ElasticNemotronH(slice_model(model, arch), Space(arch, space.hidden, space.ffn, (3, 8), space.drops), torch.arange(arch.num_layers))
     with pytest.raises(ArchError, match="empty"):
         ElasticNemotronH(slice_model(model, arch), Space(arch, (), space.ffn, space.mamba_heads, space.drops), torch.arange(arch.num_layers))
+
+
+def test_checkpointed_gradients_equal_plain_ones_under_soft_masks():
+    """Activation checkpointing recomputes every block in backward AFTER `SearchModel.forward` has reset
+    the masks; each block captured the (soft, router-sampled) masks it ran with, so the gradients of the
+    model and of the router are the ones of the plain backward."""
+    from omegaconf import OmegaConf
+
+    from elastic.losses import hidden_states
+    from elastic.models.nemotron_h import Ranking
+    from elastic.run import CONF_DIR
+    from elastic.stages.search import make_search_model
+
+    model = tiny_model("M-*M-M-")
+    c = OmegaConf.load(CONF_DIR / "search/default.yaml")
+    c.steps, c.settle_share, c.full_model_share, c.hard_prob = 4, 0.0, 0.0, 0.0
+    c.granularity.hidden, c.granularity.ffn = 16, 32
+    ranking = Ranking.random(arch_of(model), torch.Generator().manual_seed(0))
+    ids = tokens(vocab=model.config.vocab_size)
+    with torch.no_grad():
+        t_hidden = hidden_states(model, ids)
+    grads, calls = [], []
+    for ckpt in (False, True):
+        sm = make_search_model(model, ranking, c, seed=0).train()
+        sm.elastic.enable_activation_checkpointing(ckpt)
+        mixer = sm.elastic.model.model.layers[0].mixer
+        count = [0]
+        inner = mixer.forward
+        mixer.forward = lambda *a, _f=inner, **k: (count.__setitem__(0, count[0] + 1), _f(*a, **k))[1]
+        out = sm(ids, 0, t_hidden, model.lm_head.weight)
+        assert out.info["budget"] is not None  # a masked sub-network, not the full model
+        (out.kd.loss + out.budget_loss).backward()
+        calls.append(count[0])
+        grads.append({n: p.grad.clone() for n, p in sm.named_parameters() if p.grad is not None})
+    assert calls == [1, 2]  # the checkpointed run really recomputed the block in backward
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("router.") for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)

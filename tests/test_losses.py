@@ -112,3 +112,20 @@ def test_bad_arguments_are_refused():
         chunked_kd_loss(s_h, None, s_head)
     with pytest.raises(ValueError, match="labels"):
         chunked_kd_loss(s_h, t_h, s_head, t_head, lm_weight=0.5)
+
+
+def test_chunked_heldout_loss_equals_the_unchunked_one():
+    """Held-out scoring builds logits a chunk of tokens at a time; the loss is the full-logits one."""
+    from elastic.inputs import heldout_loss
+    from tiny import tiny_model, tokens
+
+    model = tiny_model()
+    batches = [tokens(2, 40), tokens(3, 40, seed=3)]
+    total = count = 0.0
+    with torch.no_grad():
+        for ids in batches:
+            logits = model(ids, use_cache=False).logits.float()
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+    for chunk in (7, 1024):
+        assert heldout_loss(model, batches, chunk_size=chunk) == pytest.approx(total / count, rel=1e-6)

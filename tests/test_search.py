@@ -147,7 +147,8 @@ def test_settle_trains_exactly_the_extracted_architecture():
     seen = set()
     for step in range(8):
         sm.zero_grad()
-        logits, bl, info = sm(ids, step)
+        out = sm(ids, step)
+        logits, bl, info = sm.elastic.model.lm_head(out.hidden), out.budget_loss, out.info
         (logits.float().pow(2).mean() + bl).backward()
         router_grads = [p.grad for p in sm.router.parameters()]
         if step < 4:
@@ -182,12 +183,12 @@ def test_each_micro_batch_draws_its_own_budget():
     drawn = []
     with torch.no_grad():
         for step in range(6):
-            drawn.append([sm(ids, step)[2]["budget"] for _ in range(4)])
+            drawn.append([sm(ids, step).info["budget"] for _ in range(4)])
     assert drawn == [[sm.plan(s, m)[0] for m in range(4)] for s in range(6)]
     assert any(len(set(d)) > 1 for d in drawn)  # one step mixes budgets
     fresh = make_search_model(model, ranking, c, seed=3)
     with torch.no_grad():
-        assert [fresh(ids, 4)[2]["budget"] for _ in range(4)] == drawn[4]  # resume at step 4
+        assert [fresh(ids, 4).info["budget"] for _ in range(4)] == drawn[4]  # resume at step 4
     # two processes with 2 micro-batches each share the 4 draws of one process: slot = micro x 2 + rank
     ranks = [make_search_model(model, ranking, c, seed=3) for _ in range(2)]
     for r, m in enumerate(ranks):

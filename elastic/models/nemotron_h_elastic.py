@@ -37,12 +37,14 @@ call the original ones).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from elastic.arch import Arch, ArchError
 from elastic.models.nemotron_h import Ranking, arch_of, make_arch, slice_model
@@ -125,6 +127,10 @@ class ElasticNemotronH(nn.Module):
             keep[j, list(kept)] = 1.0
         self.register_buffer("depth_keep", keep, persistent=False)
         self._state = _State()
+        # While a block runs (and while its activations are recomputed in backward) the patched forwards
+        # read this captured state instead of `_state`: see `_block_forward`.
+        self._override: _State | None = None
+        self.checkpointing = False
         self._patch()
 
     # ------------------------------------------------------------------ construction
@@ -139,12 +145,12 @@ class ElasticNemotronH(nn.Module):
     def _patch(self) -> None:
         from transformers.models.nemotron_h import modeling_nemotron_h as mh
 
-        st = lambda: self._state  # noqa: E731 - read at call time: set_probs replaces the state
+        st = lambda: self._override if self._override is not None else self._state  # noqa: E731 - read at call time
         hk, hm = (lambda: self.hidden_k), (lambda: self.hidden_masks)
         for norm in [b.norm for b in self.model.model.layers] + [self.model.model.norm_f]:
             norm.forward = functools.partial(_rmsnorm_forward, norm, norm.__class__.forward, st, hk, hm)
         for i, block in enumerate(self.model.model.layers):
-            block.forward = functools.partial(_block_forward, block, block.__class__.forward, st, i)
+            block.forward = functools.partial(_block_forward, block, block.__class__.forward, st, i, self)
             mixer = block.mixer
             if isinstance(mixer, mh.NemotronHMamba2Mixer):
                 mixer.forward = functools.partial(_mamba_forward, mixer, mixer.__class__.forward, st)
@@ -154,6 +160,23 @@ class ElasticNemotronH(nn.Module):
                 )
             elif isinstance(mixer, mh.NemotronHMLP):
                 mixer.forward = functools.partial(_mlp_forward, mixer, mixer.__class__.forward, st, lambda: self.ffn_masks)
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward, under the masks the block ran with.
+
+        transformers' own checkpointing would recompute a block after `SearchModel.forward` has reset
+        the masks, i.e. train the wrong sub-network's gradients; here every block captures its state
+        and re-installs it for the recompute (tested: equal gradients with and without).
+        """
+        self.checkpointing = bool(enabled)
+
+    @contextlib.contextmanager
+    def _using(self, state: "_State"):
+        prev, self._override = self._override, state
+        try:
+            yield
+        finally:
+            self._override = prev
 
     def unpatch(self):
         """Remove the patched forwards and return the plain HF model (importance-ordered weights)."""
@@ -268,15 +291,28 @@ def _mlp_forward(mlp, orig, st, masks, x):
     return mlp.down_proj(a * m)
 
 
-def _block_forward(block, orig, st, index, hidden_states, *args, **kwargs):
-    gates = st().gates
+def _block_forward(block, orig, st, index, elastic, hidden_states, *args, **kwargs):
+    state = st()  # captured: the recompute in backward must see these masks, not whatever is set by then
+    # transformers wraps the class forward for its own checkpointing; run the plain one, we checkpoint here
+    inner = getattr(orig, "__wrapped__", orig)
+
+    def run(h):
+        with elastic._using(state):
+            return inner(block, h, *args, **kwargs)
+
+    def call(h):
+        if elastic.checkpointing and block.training and torch.is_grad_enabled():
+            return checkpoint(run, h, use_reentrant=False)
+        return run(h)
+
+    gates = state.gates
     if gates is None:
-        return orig(block, hidden_states, *args, **kwargs)
+        return call(hidden_states)
     g = gates[index]
     if not g.requires_grad:
         if float(g) == 0.0:
             return hidden_states  # a dropped layer: its input passes through the residual
         if float(g) == 1.0:
-            return orig(block, hidden_states, *args, **kwargs)
-    out = orig(block, hidden_states, *args, **kwargs)
+            return call(hidden_states)
+    out = call(hidden_states)
     return hidden_states + g.to(out.dtype) * (out - hidden_states)

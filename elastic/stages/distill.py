@@ -240,6 +240,16 @@ def _fingerprint(cfg: Any, teacher: Path, student_in: Path, phase: Phase, spec: 
     }
 
 
+def check_plan(cfg: Any, acc) -> None:
+    """On GPUs, refuse before loading anything a configuration the plan says does not fit."""
+    if acc.device.type != "cuda":
+        return
+    from elastic.plan import check_stage
+
+    check_stage(cfg, STAGE, world_size=acc.num_processes,
+                gpu_memory_bytes=torch.cuda.get_device_properties(acc.device).total_memory)
+
+
 def _resume_flag(value: Any) -> bool | None:
     if value in (None, "auto"):
         return None
@@ -259,6 +269,8 @@ def run(cfg: Any, run: RunDir) -> dict:
     from elastic import tracking
     from elastic.losses import KDStudent
     from elastic.parent import load_model, load_tokenizer, resolve_parent_path, torch_dtype
+    from elastic.parallel import resolve_strategy, resolve_teacher_mode, shard_frozen
+    from elastic.parent import checkpoint_dtype, save_checkpoint
     from elastic.train import (TrainConfig, StepBatches, clear_checkpoints, gather_state_dict, make_accelerator,
                                train)
 
@@ -287,12 +299,24 @@ def run(cfg: Any, run: RunDir) -> dict:
         if ph.batch_size % (ph.micro_batch_size * acc.num_processes):
             raise DistillError(f"phase {ph.name}: batch_size {ph.batch_size} is not a multiple of micro_batch_size x "
                                f"processes ({ph.micro_batch_size} x {acc.num_processes}); change one of them")
+    strategy = resolve_strategy(cfg, STAGE, acc)
+    teacher_mode = resolve_teacher_mode(cfg, STAGE, acc, strategy)
+    check_plan(cfg, acc)
     tracking.init_trackers(acc, cfg.get("tracking") or {}, run_name=f"{STAGE}-{run.root.name}",
                            config={"distill": _plain(dcfg), "parent": str(teacher_path), "student": str(student_path)})
     t_dtype = dcfg.get("teacher_dtype", "auto")
     t_dtype = ("bfloat16" if acc.device.type == "cuda" else "float32") if t_dtype == "auto" else t_dtype
-    teacher = load_model(teacher_path, dtype=torch_dtype(t_dtype), device=acc.device).requires_grad_(False)
-    acc.print(f"[distill] teacher {teacher_path} ({t_dtype}), student {student_path}, {acc.num_processes} process(es)")
+    # students are written in the parent's own dtype (bf16 for the 9B), whatever they trained in
+    save_dtype = checkpoint_dtype(teacher_path)
+    mixed = str(dcfg.get("mixed_precision", "auto"))
+    mixed = ("bf16" if acc.device.type == "cuda" else "no") if mixed == "auto" else mixed
+    if teacher_mode == "shard":
+        teacher = shard_frozen(load_model(teacher_path, dtype=torch_dtype(t_dtype), device="cpu").requires_grad_(False),
+                               acc.device)
+    else:
+        teacher = load_model(teacher_path, dtype=torch_dtype(t_dtype), device=acc.device).requires_grad_(False)
+    acc.print(f"[distill] teacher {teacher_path} ({t_dtype}, {teacher_mode}), student {student_path}, "
+              f"{acc.num_processes} process(es), {strategy}")
 
     summary: dict[str, Any] = {"teacher": str(teacher_path), "student": str(student_path), "phases": {}}
     source = student_path
@@ -315,7 +339,8 @@ def run(cfg: Any, run: RunDir) -> dict:
             source, step_offset = out, step_offset + n_steps
             continue
 
-        student = load_model(source, dtype="float32", device=acc.device)
+        # FSDP moves each process's shard to the device itself: the whole student never sits on one GPU
+        student = load_model(source, dtype="float32", device="cpu" if strategy == "fsdp" else acc.device)
         model = KDStudent(student, temperature=float(dcfg.get("temperature", 1.0)), lm_weight=lm_weight,
                           chunk_size=int(dcfg.get("loss_chunk_size", 1024)))
         batches = StepBatches(mixture, batch_size=ph.batch_size, micro_batch_size=ph.micro_batch_size,
@@ -334,7 +359,7 @@ def run(cfg: Any, run: RunDir) -> dict:
         before = evaluate(acc, model, teacher, heldout, eval_bs)
         ckpt_dir = run.path(STAGE, "checkpoints", ph.name)
         result = train(model, make_step_fn(lm_weight), batches, tcfg, accelerator=acc, checkpoint_dir=ckpt_dir,
-                       teacher=teacher, fingerprint=fp)
+                       teacher=teacher, fingerprint=fp, strategy=strategy, mixed_precision=mixed)
         after = evaluate(acc, result.model, teacher, heldout, eval_bs)
         metrics = {
             "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
@@ -346,15 +371,14 @@ def run(cfg: Any, run: RunDir) -> dict:
             acc.print(f"[distill] {ph.name}: held-out CE {before['ce']:.4f} -> {after['ce']:.4f} "
                       f"(teacher {after['teacher_ce']:.4f}), KL {before['kl']:.4f} -> {after['kl']:.4f}")
 
-        state_dict = gather_state_dict(acc, result.model, prefix="student.")  # every process (FSDP gathers)
+        # every process (FSDP gathers one tensor at a time); main holds one copy, in the parent's dtype
+        state_dict = gather_state_dict(acc, result.model, prefix="student.", dtype=save_dtype)
         if main:
             trained = acc.unwrap_model(result.model).student
             with run.artifact_dir(out_rel, stage=STAGE, config=_plain(dcfg), overwrite=bool(cfg.force),
                                   inputs={"teacher": str(teacher_path), "student": str(source)},
                                   phase=asdict(ph), fingerprint=fp, metrics=metrics) as (tmp, _extra):
-                trained.config.use_cache = True  # training turned it off; a released model generates with a cache
-                trained.save_pretrained(tmp, state_dict=state_dict)
-                tokenizer.save_pretrained(tmp)
+                save_checkpoint(trained.config, state_dict, tmp, dtype=save_dtype, tokenizer=tokenizer)
             if not dcfg.get("keep_checkpoints_after", False):
                 clear_checkpoints(ckpt_dir)
         acc.wait_for_everyone()

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import OmegaConf
@@ -104,7 +104,7 @@ class SearchModel(nn.Module):
     """The elastic model and the router in one module, so one optimizer / DDP wrap trains both.
 
     ``forward(input_ids, step)`` draws this micro-batch's budget and architecture and returns
-    ``(logits, budget_loss, info)``. Each micro-batch of a step draws its own budget (the k-th forward
+    a `SearchOutput` (hidden states, KD loss, budget loss, info). Each micro-batch of a step draws its own budget (the k-th forward
     of a step is micro-batch k), so with gradient accumulation one optimizer step blends several
     budgets' gradients instead of following one budget at a time. Under data parallelism process r of
     W draws for the global micro-batch slot ``micro * W + r``, so the processes train different
@@ -128,6 +128,8 @@ class SearchModel(nn.Module):
         if len(w) != n or any(x < 0 for x in w) or sum(w) <= 0:
             raise ArchError(f"search.phase2_weights needs {n} non-negative weights (largest budget first), got {w}")
         self.phase2 = torch.tensor(w[::-1]) / sum(w)  # aligned with router.budgets (ascending)
+        self.temperature = float(c.get("temperature", 1.0))
+        self.loss_chunk_size = int(c.get("loss_chunk_size") or 1024)
         self._step, self._micro = None, 0  # which forward of the current step this is (not state: a step restarts it)
         self.rank, self.world = 0, 1  # this process and the process count (set_process): the draws' slot
 
@@ -154,7 +156,14 @@ class SearchModel(nn.Module):
         hard = float(torch.rand((), generator=g)) < self.hard_prob
         return b, hard, g
 
-    def forward(self, input_ids: torch.Tensor, step: int):
+    def forward(self, input_ids: torch.Tensor, step: int, teacher_hidden: torch.Tensor | None = None,
+                teacher_head: torch.Tensor | None = None) -> "SearchOutput":
+        """Draw this micro-batch's sub-network, run it, and (given the teacher's final hidden states and
+        head) compute the chunked KD loss here, inside the module's forward: DDP/FSDP only see parameter
+        uses that happen in it (FSDP gathers ``lm_head`` for this forward), and the logits are built a
+        ``loss_chunk_size`` chunk of tokens at a time, never as ``[batch, seq, vocab]``."""
+        from elastic.losses import chunked_kd_loss, hidden_states
+
         self._micro = self._micro + 1 if step == self._step else 0
         self._step = step
         budget, hard, g = self.plan(step, self._micro)
@@ -175,9 +184,26 @@ class SearchModel(nn.Module):
             bl, ratio = budget_loss(self.cost.expected(probs), budget, self.cost.full, self.band)
             bl = bl.float()
             info["ratio"] = float(ratio)
-        logits = self.elastic(input_ids).logits
-        self.elastic.set_full()
-        return logits, bl, info
+        try:
+            hidden = hidden_states(self.elastic.model, input_ids)  # masked final norm included
+            kd = None
+            if teacher_hidden is not None:
+                kd = chunked_kd_loss(hidden, teacher_hidden, self.elastic.model.get_output_embeddings(), teacher_head,
+                                     temperature=self.temperature, chunk_size=self.loss_chunk_size)
+        finally:
+            # blocks captured their masks for any recompute in backward (activation checkpointing)
+            self.elastic.set_full()
+        return SearchOutput(hidden, kd, bl, info)
+
+
+class SearchOutput(NamedTuple):
+    """What `SearchModel.forward` returns: the masked model's final hidden states, the KD loss (None
+    without a teacher), the budget loss and what was drawn."""
+
+    hidden: torch.Tensor
+    kd: Any
+    budget_loss: torch.Tensor
+    info: dict
 
 
 def make_search_model(parent_model, ranking, c, seed: int) -> SearchModel:
@@ -237,16 +263,16 @@ def param_groups_fn(c):
 
 
 def make_step_fn(accelerator, c):
-    from elastic.losses import kd_loss
+    from elastic.losses import hidden_states
 
-    lam, temp = float(c.lambda_budget), float(c.temperature)
+    lam = float(c.lambda_budget)
     log_choices_every = max(1, int(c.log_choices_every))
 
     def step_fn(batch, model, teacher, step):
         with torch.no_grad():
-            t_logits = teacher(batch, use_cache=False).logits
-        logits, bl, info = model(batch, step)
-        kd = kd_loss(logits, t_logits, temperature=temp)
+            t_hidden = hidden_states(teacher, batch)
+        out = model(batch, step, t_hidden, teacher.get_output_embeddings().weight)
+        kd, bl, info = out.kd, out.budget_loss, out.info
         loss = kd.loss + lam * bl
         name = budget_name(info["budget"])
         m = {"kl": float(kd.kl), f"kl/{name}": float(kd.kl), "tau": info["tau"], "logit_scale": info["scale"]}
@@ -317,24 +343,19 @@ def run(cfg, run: RunDir) -> dict:
 
     from elastic import tracking
     from elastic.inputs import heldout_loss, stream_spec, token_batches
-    from elastic.parent import load_model, load_tokenizer, resolve_parent_path
+    from elastic.models.nemotron_h import slice_model
+    from elastic.parallel import resolve_strategy, resolve_teacher_mode, shard_frozen
+    from elastic.parent import checkpoint_dtype, load_model, load_tokenizer, resolve_parent_path, save_checkpoint
+    from elastic.stages.distill import check_plan
     from elastic.stages.importance import load_ranking
-    from elastic.train import TrainConfig, clear_checkpoints, make_accelerator, train
+    from elastic.train import TrainConfig, clear_checkpoints, gather_state_dict, make_accelerator, train
 
     c = cfg.search
     validate_config(c)
     t0 = time.time()
     parent_path = resolve_parent_path(cfg)
     tok = load_tokenizer(parent_path)
-    teacher = load_model(parent_path, cfg.parent.dtype, "cpu")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    parent = arch_of(teacher)
     ranking = load_ranking(run)
-    ranking.validate(parent)
-    student_src = load_model(parent_path, "float32", "cpu")
-    sm = make_search_model(student_src, ranking, c, int(cfg.seed))
-    del student_src
 
     tcfg = cfg.get("tracking") or OmegaConf.create({"backends": list(c.get("tracking_backends") or [])})
     from accelerate.utils import DistributedDataParallelKwargs
@@ -342,17 +363,28 @@ def run(cfg, run: RunDir) -> dict:
     # full-model and settle steps leave the router without gradient: DDP must not wait for it
     acc = make_accelerator(device=cfg.device, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                            **tracking.accelerator_kwargs(tcfg, run.path("search/logs")))
-    # data first: bad data is one error line, before any tracker run is started
+    strategy = resolve_strategy(cfg, STAGE, acc)
+    teacher_mode = resolve_teacher_mode(cfg, STAGE, acc, strategy)
+    check_plan(cfg, acc)
+    mixed = "bf16" if acc.device.type == "cuda" else "no"
+    # data first: bad data is one error line, before any model is loaded or tracker run started
     batches = train_batches(cfg, tok, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences),
                             rank=acc.process_index, world_size=acc.num_processes)
+
+    teacher = load_model(parent_path, cfg.parent.dtype, "cpu").requires_grad_(False)
+    parent = arch_of(teacher)
+    ranking.validate(parent)
+    student_src = load_model(parent_path, "float32", "cpu")
+    sm = make_search_model(student_src, ranking, c, int(cfg.seed))
+    del student_src
+    teacher = shard_frozen(teacher, acc.device) if teacher_mode == "shard" else teacher.to(acc.device)
     tracking.init_trackers(acc, tcfg, run_name="search", config=c)
-    teacher.to(acc.device)
     sm.set_process(acc.process_index, acc.num_processes)
     tc = TrainConfig(
         max_steps=int(c.steps), lr=float(c.lr), warmup_steps=int(c.warmup_steps), min_lr_ratio=float(c.min_lr_ratio),
         weight_decay=float(c.weight_decay), grad_clip=float(c.grad_clip) or None, checkpoint_every=int(c.checkpoint_every),
         resume=c.resume, log_every=int(c.log_every), seed=int(cfg.seed), desc="search",
-        fail_at_step=c.get("fail_at_step"),
+        fail_at_step=c.get("fail_at_step"), gradient_checkpointing=bool(c.get("gradient_checkpointing", False)),
     )
     fingerprint = {
         "parent": str(parent_path), "parent_arch": parent.to_dict(),
@@ -360,34 +392,47 @@ def run(cfg, run: RunDir) -> dict:
         "seed": int(cfg.seed), "data": stream_spec(cfg, "search", int(c.seq_len)),
     }
     result = train(sm, make_step_fn(acc, c), batches, tc, accelerator=acc, checkpoint_dir=run.path("search/checkpoints"),
-                   teacher=teacher, param_groups=param_groups_fn(c), fingerprint=fingerprint)
+                   teacher=teacher, param_groups=param_groups_fn(c), fingerprint=fingerprint, strategy=strategy,
+                   mixed_precision=mixed, replicated_params=lambda m: list(m.router.parameters()))
     sm = acc.unwrap_model(result.model)
     sm.eval()
+    archs = chosen_archs(sm)  # the router is whole on every process
 
-    archs = chosen_archs(sm)
-    if int(c.eval_sequences) > 0:
-        held = token_batches(cfg, tok, "heldout", num_sequences=int(c.eval_sequences), batch_size=8, seq_len=int(c.seq_len))
-        for b, rec in archs.items():
-            rec["heldout_loss"] = heldout_loss(sm.elastic.extract(Arch.from_dict(rec["arch"])), held)
-        archs_parent = heldout_loss(teacher, held)
-    else:
-        archs_parent = None
-
-    # under data parallelism every process holds the same trained weights: one writes, all wait for it
+    # The trained elastic weights, whole, in the parent's dtype, on the main process only (FSDP gathers
+    # one tensor at a time): saved FIRST, so scoring below can fail without losing the search.
+    save_dtype = checkpoint_dtype(parent_path)
+    state = gather_state_dict(acc, result.model, prefix="elastic.model.", dtype=save_dtype)
+    meta = dict(stage=STAGE, config=c, inputs={"parent": str(parent_path), "ranking": "importance"})
+    elastic_model = None
     if acc.is_main_process:
-        meta = dict(stage=STAGE, config=c, inputs={"parent": str(parent_path), "ranking": "importance"})
         with run.artifact_dir("search/elastic", overwrite=True, arch=parent.to_dict(), **meta) as (tmp, _):
-            sm.elastic.model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            save_checkpoint(sm.elastic.model.config, state, tmp, dtype=save_dtype, tokenizer=tok)
             save_file(sm.elastic.ranking.to_tensors(), str(tmp / "ranking.safetensors"))
             save_file({k: v.detach().cpu().contiguous() for k, v in sm.router.state_dict().items()}, str(tmp / "router.safetensors"))
             write_json(tmp / "router.json", sm.router.config() | {
                 "resource": sm.cost.resource, "context": sm.cost.context, "memory_batch": sm.cost.batch, "band": sm.band,
                 "protect_kinds": sm.elastic.protect_kinds})
+        # a plain model over the saved tensors (no copy): the budgets are sliced out of it for scoring
+        elastic_model = load_model(run.path("search/elastic"), save_dtype, acc.device)
+        del state
+
+    archs_parent = None
+    if int(c.eval_sequences) > 0:
+        eval_bs = int(c.micro_batch_size)
+        held = token_batches(cfg, tok, "heldout", num_sequences=int(c.eval_sequences), batch_size=eval_bs, seq_len=int(c.seq_len))
+        archs_parent = heldout_loss(teacher, held)  # every process: a sharded teacher needs them all
+        if acc.is_main_process:
+            for b, rec in archs.items():
+                child = slice_model(elastic_model, Arch.from_dict(rec["arch"]), sm.elastic.ranking)
+                rec["heldout_loss"] = heldout_loss(child, held)
+                del child
+
+    # under data parallelism every process holds the same router: one writes, all wait for it
+    if acc.is_main_process:
         doc = {
             "resource": sm.cost.resource, "parent_params": parent.num_params(), "parent_cost": sm.cost.full,
             "parent_heldout_loss": archs_parent, "checkpoint": "search/elastic", "steps": result.steps,
-            "tokens": result.tokens, "budgets": {f"{b:g}": rec for b, rec in archs.items()},
+            "tokens": result.tokens, "strategy": strategy, "budgets": {f"{b:g}": rec for b, rec in archs.items()},
         }
         run.save_json("search/archs.json", doc, **meta)
         run.save_json("search/history.json", result.history, **meta)
