@@ -111,9 +111,15 @@ def shard_frozen(model: nn.Module, device: torch.device) -> nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
+    from torch.distributed.tensor import DTensor
+
     mesh = _mesh(device)
     for block in _blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    # fully_shard placed the blocks' shards on the device; the unsharded rest goes there whole
+    for t in list(model.parameters()) + list(model.buffers()):
+        if not isinstance(t, DTensor):
+            t.data = t.data.to(device)
     return model
 
 

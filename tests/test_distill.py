@@ -187,7 +187,7 @@ def test_two_ranks_split_each_step_exactly_like_one_rank():
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def _loop_losses(checkpoint_dir, *, steps=6, fail_at_step=None, batch_size=4, micro=2, fingerprint=None):
+def _loop_losses(checkpoint_dir, *, steps=6, fail_at_step=None, batch_size=4, micro=2, fingerprint=None, strategy="auto"):
     """Train a tiny student against a tiny teacher on random rows; per-step losses (main process)."""
     from elastic.data import Mixture, PackedRows
     from elastic.losses import KDStudent
@@ -205,7 +205,7 @@ def _loop_losses(checkpoint_dir, *, steps=6, fail_at_step=None, batch_size=4, mi
     cfg = TrainConfig(max_steps=steps, lr=3e-3, warmup_steps=2, checkpoint_every=2, fail_at_step=fail_at_step,
                       log_every=0, seed=0)
     result = train(model, make_step_fn(0.0), batches, cfg, accelerator=acc, checkpoint_dir=checkpoint_dir,
-                   teacher=teacher, fingerprint=fingerprint or {"run": "a"})
+                   teacher=teacher, fingerprint=fingerprint or {"run": "a"}, strategy=strategy)
     return result
 
 
@@ -239,6 +239,54 @@ def test_two_process_ddp_gives_the_loss_curve_of_one_process(tmp_path):
     two = json.loads((tmp_path / "two" / "losses.json").read_text())  # 2 processes: accumulation 1
     assert len(two) == len(one) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
+    """FSDP2 (per-block fully_shard, gloo, fp32) over 2 processes: the loss of every step equals one
+    unsharded process's; killed after step 3, it resumes from its sharded step-2 checkpoint exactly."""
+    one = _loop_losses(tmp_path / "one", steps=4, batch_size=4, micro=2).losses
+    crashed = launch_two_processes(__file__, str(tmp_path / "two"), "fsdp", "3", timeout=300)
+    assert crashed.returncode != 0 and "simulated crash after step 3" in crashed.stdout, crashed.stderr[-3000:]
+    assert (tmp_path / "two/ckpt/step_00000002/sharded/.metadata").exists()  # torch.distributed.checkpoint shards
+    proc = launch_two_processes(__file__, str(tmp_path / "two"), "fsdp", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2 (FSDP2" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "two/resumed_from.json").read_text()) == 2
+    two = json.loads((tmp_path / "two/losses.json").read_text())
+    assert len(two) == len(one) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-6, (one, two)
+
+
+@pytest.mark.slow
+def test_distill_stage_under_two_process_fsdp_matches_one_process(world, tmp_path):
+    """The whole stage under FSDP2 with a sharded teacher: the same per-step losses as one process, and
+    each phase's output is a plain checkpoint (gathered one tensor at a time) with the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    run_stage(make_cfg(world, tmp_path / "one"))
+    proc = launch_two_processes(
+        "-m", "elastic.run", "stage=distill", f"run_dir={tmp_path / 'two'}", f"parent.path={world['teacher']}",
+        f"data.files={world['text']}/*.txt", f"distill.student={world['student']}", "distill.eval_sequences=4",
+        "distill.checkpoint_every=2", "tracking.backends=[]", "device=cpu", "parallel.strategy=fsdp",
+        "parallel.teacher=shard",
+        *[f"distill.phases.0.{k}={v}" for k, v in dict(seq_len=32, batch_size=4, micro_batch_size=2, max_steps=4, warmup_steps=1).items()],
+        *[f"distill.phases.1.{k}={v}" for k, v in dict(seq_len=256, batch_size=2, micro_batch_size=1, max_steps=2, warmup_steps=0).items()],
+        timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2 (FSDP2" in proc.stdout + proc.stderr and "shard)" in proc.stdout + proc.stderr
+
+    def losses(run):
+        lines = [json.loads(x) for x in (run / "distill/logs/metrics.jsonl").read_text().splitlines()]
+        return [x[k] for x in lines for k in ("phase1/loss", "phase2/loss") if k in x]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 6 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    for phase in ("phase1", "phase2"):
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "one/distill" / phase)
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "two/distill" / phase)  # plain HF, no project code
+        for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=k)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -376,9 +424,16 @@ def test_bad_inputs_fail_clearly_and_write_nothing(world, tmp_path):
 # ------------------------------------------------------------------------------------------------ worker
 
 
-if __name__ == "__main__":  # the 2-process worker: `accelerate launch tests/test_distill.py OUT_DIR`
+if __name__ == "__main__":  # the 2-process worker: `accelerate launch tests/test_distill.py OUT_DIR [ddp|fsdp] [CRASH_AT]`
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
-    result = _loop_losses(out / "ckpt", steps=4, batch_size=4, micro=2)
+    strategy = sys.argv[2] if len(sys.argv) > 2 else "ddp"
+    crash = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    try:
+        result = _loop_losses(out / "ckpt", steps=4, batch_size=4, micro=2, strategy=strategy, fail_at_step=crash)
+    except Exception as e:  # the simulated crash: say so, exit non-zero
+        print(f"worker stopped: {type(e).__name__}: {e}")
+        sys.exit(3)
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "losses.json").write_text(json.dumps(result.losses))
+        (out / "resumed_from.json").write_text(json.dumps(result.resumed_from))
