@@ -219,3 +219,39 @@ def test_search_under_two_process_ddp(search_run, toy_parent, tmp_path):
     archs = read_json(tmp_path / "search/archs.json")
     assert len(read_json(tmp_path / "search/history.json")) == 4
     assert {float(b) for b in archs["budgets"]} == {0.5, 0.7, 1.0}
+
+
+@pytest.mark.slow
+def test_search_under_two_process_fsdp_matches_one_process_and_resumes(search_run, toy_parent, tmp_path):
+    """FSDP2 search over 2 processes (the router replicated, its gradients averaged): each step draws
+    the same budgets and rows as one process (slot = micro x processes + rank), so the losses match one
+    unsharded process step by step; killed after step 3 it resumes exactly from its sharded checkpoint,
+    and the gathered elastic checkpoint and the extracted budgets load with plain transformers."""
+    from elastic import toy
+    from launch import launch_two_processes
+
+    common = [o for o in SEARCH if not o.startswith(("search.steps", "search.micro_batch_size", "search.checkpoint_every"))]
+    common += ["search.steps=4", "search.micro_batch_size=1", "search.checkpoint_every=2"]
+    for name in ("one", "two"):
+        shutil.copytree(search_run / "importance", tmp_path / name / "importance")
+    pipeline(make_cfg(toy_parent, tmp_path / "one", "stage=search", *common))
+    files, held = toy.toy_files("calib"), toy.toy_files("heldout")
+    args = ["-m", "elastic.run", "stage=search", f"run_dir={tmp_path / 'two'}", f"parent.path={toy_parent}",
+            f"data.files=[{','.join(files)}]", f"data.heldout_files=[{','.join(held)}]", "data.seq_len=64",
+            *common, "device=cpu", "parallel.strategy=fsdp"]
+    crashed = launch_two_processes(*args, "+search.fail_at_step=3", timeout=400)
+    assert crashed.returncode != 0 and "simulated crash after step 3" in crashed.stdout + crashed.stderr
+    proc = launch_two_processes(*args, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "world size 2 (FSDP2" in out and "resuming at step 2/4" in out
+    one = [h["loss"] for h in read_json(tmp_path / "one/search/history.json")]
+    two = [h["loss"] for h in read_json(tmp_path / "two/search/history.json")]
+    assert len(one) == len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one/search/elastic")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two/search/elastic")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=k)
+    extracted = pipeline(make_cfg(toy_parent, tmp_path / "two", "stage=prune", "budget=all", *common))["prune"]["extracted"]
+    for rec in extracted.values():
+        assert AutoModelForCausalLM.from_pretrained(rec["path"]).num_parameters() == rec["params"]
