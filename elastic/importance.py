@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from elastic.losses import hidden_states, next_token_labels
 from elastic.models.nemotron_h import arch_of
 
 
@@ -38,8 +39,19 @@ class _SeqMeanBatchL2:
         return {k: v.sqrt() for k, v in self.sq.items()}
 
 
-def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+def _logit_sums(head: nn.Module, h_ref: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, chunk: int):
+    """Sums over tokens, a `chunk` of tokens at a time (``[tokens x vocab]`` is never built whole):
+    squared logit difference to the reference, squared reference logits, LM cross-entropy of `h`'s logits
+    and the labelled-token count."""
+    h_ref, h, labels = h_ref.flatten(0, -2), h.flatten(0, -2), labels.flatten()
+    diff = ref_sq = ce = 0.0
+    for i in range(0, h.shape[0], chunk):
+        ref = head(h_ref[i : i + chunk]).float()
+        out = head(h[i : i + chunk]).float()
+        diff += float((out - ref).pow(2).sum())
+        ref_sq += float(ref.pow(2).sum())
+        ce += float(nn.functional.cross_entropy(out, labels[i : i + chunk], ignore_index=-100, reduction="sum"))
+    return diff, ref_sq, ce, int((labels != -100).sum())
 
 
 @torch.no_grad()
@@ -79,7 +91,7 @@ def width_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = Tru
     device = next(model.parameters()).device
     try:
         for ids in tqdm(list(batches), desc="importance: width", disable=not progress, unit="batch"):
-            model(ids.to(device), use_cache=False)
+            hidden_states(model, ids.to(device))  # every hooked module runs; no logits are needed
     finally:
         for h in hooks:
             h.remove()
@@ -87,32 +99,39 @@ def width_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = Tru
 
 
 @torch.no_grad()
-def depth_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = True) -> dict[str, torch.Tensor]:
+def depth_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = True,
+                 chunk_size: int = 1024) -> dict[str, torch.Tensor]:
     """Per-layer importance by skipping it alone: ``depth_mse`` (normalised logit MSE) and ``depth_loss``
-    (LM-loss rise). Higher = more important."""
+    (LM-loss rise). Higher = more important.
+
+    Only final hidden states are kept per forward; logits are compared `chunk_size` tokens at a time,
+    so a 9B at 4 x 4096 tokens holds two ``[B, S, hidden]`` tensors and one ``[chunk, vocab]`` pair
+    instead of two fp32 ``[B, S, 131072]`` logits (32 GiB)."""
     layers_ = model.model.layers
     n = len(layers_)
     mse = torch.zeros(n, dtype=torch.float64)
     dloss = torch.zeros(n, dtype=torch.float64)
     batches = list(batches)
     device = next(model.parameters()).device
+    head = model.get_output_embeddings()
     bar = tqdm(total=len(batches) * (n + 1), desc="importance: depth", disable=not progress, unit="fwd")
     try:
         for ids in batches:
             ids = ids.to(device)
-            full = model(ids, use_cache=False).logits.float()
-            base = _lm_loss(full, ids)
-            denom = full.pow(2).mean()
+            labels = next_token_labels(ids)
+            full = hidden_states(model, ids)
+            _, denom, base, count = _logit_sums(head, full, full, labels, chunk_size)
             bar.update()
             for i in range(n):
                 # Bypassing a block == its residual alone; swapping the list is cheaper than running it.
                 model.model.layers = nn.ModuleList([b for j, b in enumerate(layers_) if j != i])
                 try:
-                    skipped = model(ids, use_cache=False).logits.float()
+                    skipped = hidden_states(model, ids)
                 finally:
                     model.model.layers = layers_
-                mse[i] += ((skipped - full).pow(2).mean() / denom).item()
-                dloss[i] += (_lm_loss(skipped, ids) - base).item()
+                diff, _, ce, _ = _logit_sums(head, full, skipped, labels, chunk_size)
+                mse[i] += diff / denom
+                dloss[i] += (ce - base) / count
                 bar.update()
     finally:
         bar.close()
@@ -120,12 +139,13 @@ def depth_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = Tru
     return {"depth_mse": (mse / k).float(), "depth_loss": (dloss / k).float()}
 
 
-def compute_scores(model, batches, *, depth: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:
+def compute_scores(model, batches, *, depth: bool = True, progress: bool = True,
+                   chunk_size: int = 1024) -> dict[str, torch.Tensor]:
     """All importance scores of `model` on `batches` (token-id tensors [B, S])."""
     batches = list(batches)
     scores = width_scores(model, batches, progress=progress)
     if depth:
-        scores.update(depth_scores(model, batches, progress=progress))
+        scores.update(depth_scores(model, batches, progress=progress, chunk_size=chunk_size))
     return scores
 
 

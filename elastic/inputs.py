@@ -31,12 +31,43 @@ def _uses_fraction(cfg: Any, split: str) -> bool:
     return bool(cfg.data.get("files")) and not cfg.data.get("heldout_files") and split in ("calib", "heldout", "train")
 
 
+STREAM_SHUFFLE_BUFFER = 1000  # documents shuffled ahead when calibration / held-out rows are read from a stream
+
+
+def _total_bytes(files) -> int | None:
+    """Bytes of local files (a path, glob, directory or list of them); None for a `load_dataset` dict spec."""
+    import os
+
+    from elastic.data import _expand
+
+    if isinstance(files, dict) or (hasattr(files, "keys") and not isinstance(files, str)):
+        return None
+    specs = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    return sum(os.path.getsize(p) for spec in specs for p in _expand(spec))
+
+
 def token_rows(cfg: Any, tokenizer, split: str, *, num_sequences: int | None = None, seq_len: int | None = None) -> torch.Tensor:
-    """Up to `num_sequences` (None = all) packed sequences of `split`, as one [N, seq_len] tensor."""
-    from elastic.data import DataError, load_text, pack_tokens
+    """Up to `num_sequences` (None = all) packed sequences of `split`, as one [N, seq_len] tensor.
+
+    Files larger than ``data.in_memory_limit_mb`` in total are not tokenised whole to keep N rows: the
+    rows are read from the front of a document-shuffled stream until N are packed (calibration of a 9B
+    on 1k x 4K tokens reads ~4M tokens of a 1B-token corpus, not all of it).
+    """
+    from elastic.data import DataError, StreamingRows, load_text, pack_tokens, stream_text
 
     seq_len = int(seq_len or cfg.data.seq_len)
-    ds = load_text(data_files(cfg, split), text_column=cfg.data.get("text_column", "text"))
+    files = data_files(cfg, split)
+    limit = float(cfg.data.get("in_memory_limit_mb") or 0) * 2**20
+    size = _total_bytes(files) if num_sequences is not None and limit > 0 else None
+    if size is not None and size > limit:
+        if _uses_fraction(cfg, split):
+            raise DataError(f"data.files hold {size / 2**20:.0f} MiB, more than data.in_memory_limit_mb, so they are "
+                            "streamed and the held-out share cannot be cut off their end: set data.heldout_files "
+                            "(disjoint held-out text)")
+        src = StreamingRows(stream_text(files, text_column=cfg.data.get("text_column", "text")), tokenizer, seq_len,
+                            seed=int(cfg.seed), shuffle_buffer=STREAM_SHUFFLE_BUFFER, name=split)
+        return torch.stack([src.row(j) for j in range(int(num_sequences))])
+    ds = load_text(files, text_column=cfg.data.get("text_column", "text"))
     seqs = pack_tokens(ds, tokenizer, seq_len, seed=int(cfg.seed))
     if _uses_fraction(cfg, split):
         n_held = max(1, int(round(len(seqs) * float(cfg.data.heldout_fraction))))

@@ -96,3 +96,35 @@ def test_too_little_text_for_one_sequence(tmp_path):
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(DataError, match="fewer than one sequence of 64"):
         pack_tokens(load_text(str(tmp_path / "short.txt")), CharTokenizer(), 64)
+
+
+def test_large_calibration_files_are_streamed_up_to_the_rows_needed(corpus, tmp_path):
+    """Above data.in_memory_limit_mb, calibration reads a shuffled stream until N rows are packed (the
+    corpus is never tokenised whole); a held-out share of streamed files is refused."""
+    from omegaconf import OmegaConf
+
+    from elastic.inputs import token_rows
+
+    class CountingTokenizer(CharTokenizer):
+        docs = 0
+
+        def __call__(self, texts, **kw):
+            CountingTokenizer.docs += len(texts)
+            return super().__call__(texts, **kw)
+
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(200):
+        (many / f"d{i:03d}.txt").write_text(f"document {i} " * 40)
+    cfg = OmegaConf.create({"seed": 0, "parent": {"path": "x"}, "data": {
+        "files": str(many / "*.txt"), "heldout_files": str(corpus / "a.txt"), "text_column": "text", "seq_len": 16,
+        "heldout_fraction": 0.1, "in_memory_limit_mb": 0.01}})
+    tok = CountingTokenizer()
+    rows = token_rows(cfg, tok, "calib", num_sequences=5)
+    assert rows.shape == (5, 16)
+    assert CountingTokenizer.docs < 100  # read only about what 5 rows need (~520 tokens a document), not 200 files
+    everything = token_rows(OmegaConf.merge(cfg, {"data": {"in_memory_limit_mb": 0}}), tok, "calib", num_sequences=5)
+    assert everything.shape == (5, 16) and CountingTokenizer.docs >= 200  # in memory: the whole corpus
+    cfg.data.heldout_files = None
+    with pytest.raises(DataError, match="heldout_files"):
+        token_rows(cfg, tok, "calib", num_sequences=5)

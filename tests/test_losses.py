@@ -129,3 +129,29 @@ def test_chunked_heldout_loss_equals_the_unchunked_one():
             count += ids[:, 1:].numel()
     for chunk in (7, 1024):
         assert heldout_loss(model, batches, chunk_size=chunk) == pytest.approx(total / count, rel=1e-6)
+
+
+def test_chunked_depth_scores_equal_full_logits_ones():
+    """Depth importance compares logits a chunk of tokens at a time; the scores are the full-logits ones."""
+    from torch import nn
+
+    from elastic.importance import depth_scores
+
+    model = tiny_model("M-*M-")
+    batches = [tokens(2, 30), tokens(2, 30, seed=4)]
+    layers = model.model.layers
+    mse, dloss = torch.zeros(len(layers)), torch.zeros(len(layers))
+    with torch.no_grad():
+        for ids in batches:
+            full = model(ids, use_cache=False).logits.float()
+            base = F.cross_entropy(full[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            for i in range(len(layers)):
+                model.model.layers = nn.ModuleList([b for j, b in enumerate(layers) if j != i])
+                skipped = model(ids, use_cache=False).logits.float()
+                model.model.layers = layers
+                mse[i] += (skipped - full).pow(2).mean() / full.pow(2).mean() / len(batches)
+                dloss[i] += (F.cross_entropy(skipped[:, :-1].flatten(0, 1), ids[:, 1:].flatten()) - base) / len(batches)
+    got = depth_scores(model, batches, progress=False, chunk_size=7)
+    assert_close(got["depth_mse"], mse, rtol=1e-4, atol=1e-6)
+    assert_close(got["depth_loss"], dloss, rtol=1e-4, atol=1e-5)
+    assert len(set(got["depth_mse"].tolist())) == len(layers)  # layers do differ: the test can fail

@@ -30,7 +30,7 @@ def run(cfg, run: RunDir) -> dict:
     arch = arch_of(model)
     batches = token_batches(cfg, tok, "calib", num_sequences=c.num_sequences, batch_size=c.batch_size, seq_len=c.seq_len)
     t0 = time.time()
-    scores = compute_scores(model, batches, depth=c.depth)
+    scores = compute_scores(model, batches, depth=c.depth, chunk_size=int(c.get("logits_chunk_size") or 1024))
     if not c.depth:  # keep the layer order as given so depth pruning still has a (trivial) ranking
         import torch
 
