@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Hub look-ups cannot succeed here and each one wastes ~45 s retrying; a user with a hub sets these to 0.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-
 from elastic.stages import ORDER  # noqa: E402
+
+# Stages that train and may run under a multi-process launch (accelerate / torchrun); every other stage
+# runs in one process, before (importance, prune) or after (quantize, evaluate) them.
+MULTI_PROCESS_STAGES = ("search", "distill")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -58,6 +57,7 @@ def pipeline(cfg: Any) -> dict[str, Any]:
     from elastic.rundir import RunDir
 
     implemented = available_stages()
+    check_launch(cfg.stage)
     if cfg.stage == "all":
         stages = implemented
     elif cfg.stage in implemented:
@@ -108,6 +108,36 @@ def _print_summary(run, results: dict) -> None:
     Console().print(table)
 
 
+def world_size() -> int:
+    """Processes of this launch (accelerate and torchrun set WORLD_SIZE in each of them)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_launch(stage: str) -> None:
+    """One stage per launch: only the training stages run under several processes.
+
+    Under ``accelerate launch`` every process runs this entry point; `stage=all` there would load the
+    parent once per process for importance and prune and race on the run directory.
+    """
+    n = world_size()
+    if n > 1 and stage not in MULTI_PROCESS_STAGES:
+        raise ValueError(
+            f"stage={stage} was launched on {n} processes; only {' and '.join(MULTI_PROCESS_STAGES)} run multi-process. "
+            "Launch one stage per command: the single-process stages with `python -m elastic.run stage=<stage>`, "
+            "then `scripts/distill_multigpu.sh N ...` (STAGE=search for the search) -- see README, 'Run the real thing'")
+
+
+def offline_defaults(argv: list[str]) -> None:
+    """The toy recipe (the default) needs no hub: without these, each hub look-up on an offline machine
+    wastes ~45 s retrying DNS. Other recipes leave the hub alone (transformers' kernels, datasets
+    specs); set the variables yourself when your cluster has no hub."""
+    recipe = next((a.partition("=")[2] for a in argv if a.startswith("recipe=")), "toy")
+    if recipe == "toy":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")  # wandb stays offline unless asked (tracking.wandb_mode)
+
+
 def _preflight(argv: list[str]) -> None:
     """Catch the commonest typos before Hydra prints a long report about them."""
     for arg in argv:
@@ -128,6 +158,7 @@ def main() -> None:
     import hydra
 
     _preflight(sys.argv[1:])
+    offline_defaults(sys.argv[1:])
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _main(cfg) -> None:

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TrainConfig", "TrainResult", "StepBatches", "ResumeError", "SimulatedCrash", "train",
     "make_accelerator", "default_param_groups", "latest_checkpoint", "clear_checkpoints",
-    "gather_state_dict", "memory_gb",
+    "gather_state_dict", "memory_gb", "preflight",
 ]
 
 StepFn = Callable[[torch.Tensor, nn.Module, Any, int], "tuple[torch.Tensor, Mapping[str, Any]]"]
@@ -191,6 +191,19 @@ def make_accelerator(*, device: str = "auto", mixed_precision: str = "auto", log
     project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) if project_dir else None
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with or None,
                        project_config=project, **kwargs)
+
+
+def preflight(cfg, stage: str, accelerator) -> None:
+    """Before a training stage loads anything onto GPUs: log which Mamba-2 scan will run and refuse a
+    configuration the plan (`elastic.plan`) says does not fit this launch's GPUs, naming the term."""
+    if accelerator.device.type != "cuda":
+        return
+    from elastic import kernels
+    from elastic.plan import check_stage
+
+    accelerator.print(f"[{stage}] {kernels.describe()}")
+    check_stage(cfg, stage, world_size=accelerator.num_processes,
+                gpu_memory_bytes=torch.cuda.get_device_properties(accelerator.device).total_memory)
 
 
 def default_param_groups(model: nn.Module) -> list[dict]:

@@ -1,6 +1,7 @@
 """The importance and prune stages end to end on the trained toy parent, through the real entry point."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -175,3 +176,26 @@ def test_help_lists_stages_and_recipes():
     assert r.returncode == 0
     for word in ("importance", "prune", "search", "distill", "recipe: nemotron_9b_to_4b, toy", "prune.target"):
         assert word in r.stdout, word
+
+
+@pytest.mark.parametrize("stage", ["all", "importance", "prune"])
+def test_a_multi_process_launch_runs_only_training_stages(stage, tmp_path):
+    """Under a multi-process launch every process runs the entry point: stage=all (or a single-process
+    stage) would load the parent in each and race on the run directory, so it is refused up front."""
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    r = subprocess.run([sys.executable, "-m", "elastic.run", f"stage={stage}", f"run_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2
+    assert "launched on 2 processes; only search and distill run multi-process" in r.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir()) or not (tmp_path / stage).exists()
+
+
+def test_offline_defaults_belong_to_the_toy_recipe(monkeypatch):
+    from elastic.run import offline_defaults
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    offline_defaults(["recipe=nemotron_9b_to_4b", "stage=importance"])
+    assert "HF_HUB_OFFLINE" not in os.environ  # a cluster with a hub keeps it
+    offline_defaults(["stage=importance"])  # the toy (default) recipe needs none
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"

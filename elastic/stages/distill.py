@@ -240,16 +240,6 @@ def _fingerprint(cfg: Any, teacher: Path, student_in: Path, phase: Phase, spec: 
     }
 
 
-def check_plan(cfg: Any, acc) -> None:
-    """On GPUs, refuse before loading anything a configuration the plan says does not fit."""
-    if acc.device.type != "cuda":
-        return
-    from elastic.plan import check_stage
-
-    check_stage(cfg, STAGE, world_size=acc.num_processes,
-                gpu_memory_bytes=torch.cuda.get_device_properties(acc.device).total_memory)
-
-
 def _resume_flag(value: Any) -> bool | None:
     if value in (None, "auto"):
         return None
@@ -272,7 +262,7 @@ def run(cfg: Any, run: RunDir) -> dict:
     from elastic.parallel import resolve_strategy, resolve_teacher_mode, shard_frozen
     from elastic.parent import checkpoint_dtype, save_checkpoint
     from elastic.train import (TrainConfig, StepBatches, clear_checkpoints, gather_state_dict, make_accelerator,
-                               train)
+                               preflight, train)
 
     dcfg = cfg.distill
     if run.is_done(STAGE) and not cfg.force:
@@ -301,7 +291,7 @@ def run(cfg: Any, run: RunDir) -> dict:
                                f"processes ({ph.micro_batch_size} x {acc.num_processes}); change one of them")
     strategy = resolve_strategy(cfg, STAGE, acc)
     teacher_mode = resolve_teacher_mode(cfg, STAGE, acc, strategy)
-    check_plan(cfg, acc)
+    preflight(cfg, STAGE, acc)
     tracking.init_trackers(acc, cfg.get("tracking") or {}, run_name=f"{STAGE}-{run.root.name}",
                            config={"distill": _plain(dcfg), "parent": str(teacher_path), "student": str(student_path)})
     t_dtype = dcfg.get("teacher_dtype", "auto")

@@ -346,9 +346,8 @@ def run(cfg, run: RunDir) -> dict:
     from elastic.models.nemotron_h import slice_model
     from elastic.parallel import resolve_strategy, resolve_teacher_mode, shard_frozen
     from elastic.parent import checkpoint_dtype, load_model, load_tokenizer, resolve_parent_path, save_checkpoint
-    from elastic.stages.distill import check_plan
     from elastic.stages.importance import load_ranking
-    from elastic.train import TrainConfig, clear_checkpoints, gather_state_dict, make_accelerator, train
+    from elastic.train import TrainConfig, clear_checkpoints, gather_state_dict, make_accelerator, preflight, train
 
     c = cfg.search
     validate_config(c)
@@ -365,7 +364,7 @@ def run(cfg, run: RunDir) -> dict:
                            **tracking.accelerator_kwargs(tcfg, run.path("search/logs")))
     strategy = resolve_strategy(cfg, STAGE, acc)
     teacher_mode = resolve_teacher_mode(cfg, STAGE, acc, strategy)
-    check_plan(cfg, acc)
+    preflight(cfg, STAGE, acc)
     mixed = "bf16" if acc.device.type == "cuda" else "no"
     # data first: bad data is one error line, before any model is loaded or tracker run started
     batches = train_batches(cfg, tok, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences),
