@@ -322,8 +322,11 @@ class StreamingRows:
     ``seed + epoch``; 0 = file order), tokenized as :func:`pack_tokens` does (no special tokens, EOS
     after each document) and cut into ``seq_len`` rows. Rows are produced by reading forward, so
     :meth:`row` must be asked for non-decreasing indices (each training process reads every row
-    and keeps its own share). The state is (epoch, documents read, leftover tokens): a resumed run
-    skips the documents already read without tokenizing them again.
+    and keeps its own share). The state is (epoch, documents read, leftover tokens, and the dataset's
+    own position when it can give one): a resumed run never tokenizes the documents already read, and
+    an unshuffled stream restores the dataset's state (`IterableDataset.load_state_dict`), which jumps
+    to the file it was reading instead of reading every earlier file again. A shuffled stream skips
+    ``docs`` documents instead (a restored dataset state would lose the shuffle buffer's contents).
     """
 
     streaming = True
@@ -343,17 +346,26 @@ class StreamingRows:
     def seq_len(self) -> int:
         return self._seq_len
 
-    def _reset(self, *, epoch: int, docs: int, buffer: list[int], produced: int) -> None:
+    def _reset(self, *, epoch: int, docs: int, buffer: list[int], produced: int, dataset_state: dict | None = None) -> None:
         self.epoch, self.docs, self.buffer, self.produced = epoch, docs, list(buffer), produced
         self._it = None
+        self._live: datasets.IterableDataset | None = None  # the dataset being iterated (its state_dict is the position)
+        self._resume_state = dataset_state
         self._last: tuple[int, torch.Tensor] | None = None
 
     def _open(self) -> Iterator[dict]:
+        import copy
+
         ds = self.dataset
         if self.shuffle_buffer > 0:
             ds = ds.shuffle(seed=self.seed + self.epoch, buffer_size=self.shuffle_buffer)
-        if self.docs:
+        if self.docs and self.shuffle_buffer == 0 and self._resume_state is not None:
+            ds = copy.deepcopy(ds)  # load_state_dict changes the dataset object; the next epoch starts clean
+            ds.load_state_dict(self._resume_state)
+        elif self.docs:
             ds = ds.skip(self.docs)
+        self._resume_state = None
+        self._live = ds
         return iter(ds)
 
     def _fill(self) -> None:
@@ -374,7 +386,7 @@ class StreamingRows:
             if n_read == 0:  # end of the epoch
                 if self.docs == 0 or empty_epochs:
                     raise DataError(f"streaming source {self.name!r} has no text")
-                self.epoch, self.docs, self._it = self.epoch + 1, 0, None
+                self.epoch, self.docs, self._it, self._live = self.epoch + 1, 0, None, None
                 empty_epochs += 1
                 continue
             self.docs += n_read
@@ -408,11 +420,15 @@ class StreamingRows:
             self._next()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "docs": self.docs, "buffer": list(self.buffer), "produced": self.produced}
+        # the dataset's own position is exact only for an unshuffled stream (see the class docstring)
+        live = self._live if self.shuffle_buffer == 0 and self._live is not None and self._it is not None else None
+        ds_state = live.state_dict() if live is not None else self._resume_state
+        return {"epoch": self.epoch, "docs": self.docs, "buffer": list(self.buffer), "produced": self.produced,
+                "dataset": ds_state}
 
     def load_state_dict(self, state: dict) -> None:
         self._reset(epoch=int(state["epoch"]), docs=int(state["docs"]), buffer=state["buffer"],
-                    produced=int(state["produced"]))
+                    produced=int(state["produced"]), dataset_state=state.get("dataset"))
 
 
 class Mixture:

@@ -164,6 +164,26 @@ def test_streaming_rows_pack_like_pack_tokens_and_resume(world, tmp_path):
         StreamingRows(stream_text(str(tmp_path / "blank.txt")), tok, 16).row(0)
 
 
+def test_unshuffled_stream_resumes_from_the_dataset_state_without_rereading(world, monkeypatch):
+    """An unshuffled stream saves the dataset's own position: a resume jumps there (no `skip` over every
+    earlier document) and reads exactly the rows the uninterrupted stream reads, across epochs."""
+    import datasets
+
+    from elastic.data import StreamingRows, stream_text
+
+    tok = world["tokenizer"]
+    ds = stream_text(str(world["text"] / "*.txt"))
+    s1 = StreamingRows(ds, tok, 16)
+    for j in range(25):
+        s1.row(j)
+    state = json.loads(json.dumps(s1.state_dict()))
+    assert state["dataset"] is not None
+    monkeypatch.setattr(datasets.IterableDataset, "skip", lambda *a, **k: pytest.fail("resume re-read documents"))
+    s2 = StreamingRows(ds, tok, 16)
+    s2.load_state_dict(state)
+    assert all(torch.equal(s1.row(j), s2.row(j)) for j in range(25, 400))  # crosses into epoch 2
+
+
 def test_two_ranks_split_each_step_exactly_like_one_rank():
     from elastic.data import Mixture, PackedRows
     from elastic.train import StepBatches
