@@ -1,0 +1,102 @@
+"""Fake-tensor memory traces of one real training step (no memory, no GPU): what `elastic.plan` is checked against.
+
+Inside ``FakeTensorMode`` tensors have shapes and dtypes but no storage, and
+``torch.distributed._tools.mem_tracker.MemTracker`` records what every live tensor would occupy,
+so a 9B-wide step costs seconds on a CPU. Device "cpu" with CPU bf16 autocast stands in for a GPU
+with bf16 autocast (fake ``cuda`` tensors cannot run a backward on a CPU-only build). Each trace calls
+the project's own step code (``stages.distill.make_step_fn`` + ``losses.KDStudent``,
+``stages.search.make_search_model`` + ``stages.search.make_step_fn``), so it follows that code when
+it changes. The step is run twice; the second one (optimizer state allocated, gradients freed by
+``zero_grad(set_to_none=True)`` as in ``train.train``) is traced.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def _autocast(module: torch.nn.Module) -> None:
+    """What accelerate's ``mixed_precision=bf16`` does to the prepared module: its forward runs under autocast."""
+    module.forward = torch.autocast("cpu", dtype=torch.bfloat16)(module.forward)
+
+
+def _peak(run_step, *tracked) -> dict[str, int]:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    run_step()  # optimizer state
+    mt = MemTracker()
+    mt.track_external(*tracked)
+    with mt:
+        run_step()
+    snap = mt.get_tracker_snapshot("peak")
+    dev = next(d for d in snap if str(d) == "cpu")
+    return {str(k).split(".")[-1]: int(v) for k, v in snap[dev].items()}
+
+
+def trace_distill(student_config, teacher_config, *, seq_len: int, micro_batch: int, chunk_size: int,
+                  checkpointing: bool) -> dict[str, int]:
+    """Peak bytes by category (``Total``, ``PARAM``, ``GRAD``, ``ACT``, ``TEMP``, ``OPT``, ...) of one distill step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import NemotronHForCausalLM
+
+    from elastic.losses import KDStudent
+    from elastic.stages.distill import make_step_fn
+    from elastic.train import _enable_gradient_checkpointing, default_param_groups
+
+    with FakeTensorMode():
+        student = NemotronHForCausalLM(student_config).float().train()
+        teacher = NemotronHForCausalLM(teacher_config).to(torch.bfloat16).eval().requires_grad_(False)
+        model = KDStudent(student, chunk_size=chunk_size)
+        if checkpointing:
+            _enable_gradient_checkpointing(model)
+        _autocast(model)
+        opt = torch.optim.AdamW(default_param_groups(model), lr=1e-4)
+        step_fn = make_step_fn(0.0)
+        batch = torch.randint(0, student_config.vocab_size, (micro_batch, seq_len))
+
+        def run_step():
+            loss, _ = step_fn(batch, model, teacher, 0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return _peak(run_step, model, opt, teacher)
+
+
+def trace_search(parent_config, search_cfg, *, micro_batch: int, checkpointing: bool, seed: int = 0) -> dict[str, int]:
+    """Peak bytes by category of one search step: the elastic student (the whole parent, fp32, masked by the
+    router's sample) and the frozen bf16 parent as teacher, through ``stages.search.make_step_fn``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import NemotronHForCausalLM
+
+    from elastic.models.nemotron_h import Ranking, arch_of
+    from elastic.stages.search import make_search_model, make_step_fn, param_groups_fn
+    from elastic.train import _enable_gradient_checkpointing
+
+    c = search_cfg
+    with FakeTensorMode():
+        parent = NemotronHForCausalLM(parent_config).float()
+        teacher = NemotronHForCausalLM(parent_config).to(torch.bfloat16).eval().requires_grad_(False)
+        ranking = Ranking.identity(arch_of(parent))
+        sm = make_search_model(parent, ranking, c, seed)
+        del parent
+        sm.train()
+        if checkpointing:
+            _enable_gradient_checkpointing(sm)
+        _autocast(sm)
+        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
+                                 for g in param_groups_fn(c)(sm)], lr=1e-4)
+        accel = types.SimpleNamespace(unwrap_model=lambda m: m)
+        step_fn = make_step_fn(accel, c)
+        batch = torch.randint(0, parent_config.vocab_size, (micro_batch, int(c.seq_len)))
+        step = 1  # not a logging step of the router's choices (log_choices_every > 1), not settling
+
+        def run_step():
+            loss, _ = step_fn(batch, sm, teacher, step)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return _peak(run_step, sm, opt, teacher)
