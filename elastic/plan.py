@@ -195,74 +195,83 @@ def _mamba_dims(a: Arch) -> tuple[int, int, int, int, int]:
 def _saved_per_token(a: Arch, kind: str, *, residual: int, path: str, elastic: bool, chunk: int) -> float:
     """Bytes autograd keeps per token for one block of `kind` in a bf16-autocast training forward.
 
-    Read off transformers' NemotronH (5.x) modules: the block's RMSNorm keeps its fp32 input and
-    normalised output and, when the residual is fp32, autocast keeps a bf16 copy for the mixer's
-    first linear; the MLP keeps relu(up) and its square (bf16); attention keeps q, k, v and the output
-    (sdpa / flash: no S x S matrix); a Mamba mixer keeps ``in_proj``'s output ``[z|xBC|dt]`` (bf16),
-    and on the torch path the conv's input/output/silu, the fp32 scan inputs (x, B and C repeated to
-    every head), the per-chunk states, the gated norm's fp32 tensors; on the kernel path only
-    ``in_proj``'s output and the scan output (the fused kernel recomputes the rest). The segment sums
-    ``[heads, Q, Q]`` per chunk are in `_scan_saved`. The elastic model (search) adds the masked norms'
-    fp32 cumulative sums and scales, the MLP's masked activation and each block's gate.
+    Read off transformers' NemotronH (5.x) modules under autocast (matmuls and einsums in bf16, each
+    casting its inputs; element-wise ops in their input dtype):
+
+    * block RMSNorm: fp32 residual (fp32 weights): its input and normalised output (fp32), and one bf16
+      copy of the output per linear that reads it (autocast casts per op: 1 for Mamba / MLP, 3 for
+      q/k/v); bf16 residual (FSDP bf16 weights): an fp32 copy, the normalised output and the bf16 output.
+    * MLP: relu(up) and its square (bf16). Attention: q, k, v, the output and o_proj's input (bf16),
+      sdpa's log-sum-exp (flash / memory-efficient kernels: no S x S matrix).
+    * Mamba, torch path (``mamba2_chunk_scan``): the conv's bf16 input and output; x in fp32 and x * dt;
+      bf16 copies of x, B, C, B * decay and the chunk states for the einsums; one fp32 B or C repeated to
+      every head; ``L = exp(segsum)`` fp32 ``[H, Q]`` per token and the bf16 ``G = C.B`` and ``M = G * L``;
+      the gated RMSNorm's five fp32 tensors and out_proj's bf16 input.
+    * Mamba, fused kernel (mamba-ssm ``mamba_split_conv1d_scan_combined``): ``in_proj``'s output
+      ``[z|xBC|dt]`` and the scan output (bf16); the kernel recomputes the rest in backward. The elastic
+      model (search) cannot use the fused kernel (its gated norm is masked): transformers' unfused path
+      with mamba-ssm's chunk scan keeps ``[z|xBC|dt]``, the conv output, the scan output and the torch
+      gated norm.
+    * elastic masks (search): each masked RMSNorm keeps its scale (fp32), the depth gate keeps
+      ``block(x) - x`` (fp32), the MLP keeps its masked activation, the gated norm its scale.
     """
     h = a.hidden_size
-    norm = FP32 * h * 2 + (BF16 * h if residual == FP32 else FP32 * h + BF16 * h)
+    readers = 3 if kind == "*" else 1
+    norm = (FP32 * h * 2 + BF16 * h * readers) if residual == FP32 else (FP32 * h * 2 + BF16 * h)
     if elastic:
-        norm += FP32 * h * 3 + FP32 * h  # x^2 cumulative sum, mixture scale, scaled x; the depth gate's (out - x)
+        norm += FP32 * h * 2
     if kind == "-":
         f = a.intermediate_size
         return norm + BF16 * f * 2 + (BF16 * f if elastic else 0)
     if kind == "*":
         q = a.num_attention_heads * a.head_dim
         kv = a.num_key_value_heads * a.head_dim
-        return norm + BF16 * (2 * q + 2 * kv) + BF16 * q
+        return norm + BF16 * (2 * q + 2 * kv) + FP32 * a.num_attention_heads
     if kind == "M":
         i, cd, nh, n, p = _mamba_dims(a)
         zxbcdt = BF16 * (i + cd + nh)
+        small = FP32 * nh * 4
         if path == "kernel" and not elastic:
-            return norm + zxbcdt + BF16 * i + FP32 * nh * 2
-        conv = BF16 * cd * 3  # conv input (autocast copy), conv output, silu output
+            return norm + zxbcdt + BF16 * i + small
+        gated = FP32 * i * 5 + BF16 * i + (FP32 * i if elastic else 0)
+        if path == "kernel":
+            return norm + zxbcdt + BF16 * cd + BF16 * i + gated + small
+        # conv input: autocast's bf16 copy (fp32 weights), or the [z|xBC|dt] view itself (bf16 weights)
+        conv = (BF16 * cd if residual == FP32 else zxbcdt) + BF16 * cd
         hn = nh * n
-        scan = FP32 * (3 * i + 3 * hn) + FP32 * 2 * nh * p * n / chunk + FP32 * 2 * i + FP32 * nh * 4
-        if path == "kernel":  # elastic: transformers' unfused path with mamba-ssm's chunk-scan kernel
-            scan = BF16 * i + FP32 * nh * p * n / chunk
-        gated = FP32 * i * 4 + BF16 * i
-        if elastic:
-            gated += FP32 * i * 3
-        return norm + zxbcdt + conv + scan + gated
+        scan = (FP32 * i * 2 + BF16 * i * 3 + FP32 * hn + BF16 * hn * 4 + BF16 * nh * p * n / chunk * 2.5
+                + FP32 * nh * chunk + BF16 * nh * chunk * 2)
+        return norm + conv + scan + gated + small
     raise ArchError(f"unsupported layer kind {kind!r}")
 
 
 def _scan_unit(a: Arch, chunk: int) -> int:
-    """Bytes per token of one fp32 ``[heads, S/Q, Q, Q]`` segment-sum-shaped tensor (torch path)."""
+    """Bytes per token of one fp32 ``[H, S/Q, Q, Q]`` segment-sum-shaped tensor (torch path)."""
     return FP32 * a.mamba_num_heads * chunk
 
 
-def _scan_saved(a: Arch, chunk: int, path: str) -> float:
-    """Per token, per Mamba layer: the segment-sum-shaped tensors autograd keeps on the torch path
-    (``L = exp(segsum)``, ``G = C.B``, ``M = G * L``)."""
-    return 3 * _scan_unit(a, chunk) if path == "torch" else 0
-
-
 def _scan_workspace(a: Arch, shape: Shape, chunk: int, path: str, backward: bool) -> float:
-    """Transient bytes of one Mamba layer's scan beyond what it keeps (one layer at a time).
+    """Transient bytes of one Mamba layer's scan beyond what it keeps (one layer runs at a time).
 
-    torch path (``mamba2_chunk_scan``): ``segment_sum`` builds the ``[B, H, S/Q, Q, Q]`` fp32 expand,
-    masked copy and cumsum (two alive next to the kept ones); the backward adds the gradients of
-    ``M``, ``G`` and ``L`` and the segment sum's own (about five such tensors). kernel path: the
-    chunk states ``[B, S/Q, H, P, N]`` fp32 and the per-chunk dt/dA cumsums, in and out.
+    torch path: ``segment_sum`` holds two fp32 ``[B, H, S/Q, Q, Q]`` tensors at once (masked copy and
+    cumsum) next to the fp32 B/C repeated to every head; its backward the gradients of ``L`` (fp32) and
+    of ``G`` / ``M`` (bf16), about 1.5 such tensors. kernel path: the fp32 chunk states
+    ``[B, S/Q, H, P, N]`` (in and out) and the per-chunk dt / dA cumsums; in backward also the gradient of
+    ``[z|xBC|dt]``.
     """
     if "M" not in a.pattern:
         return 0.0
     t = shape.tokens
-    if path == "torch":
-        return t * _scan_unit(a, chunk) * (5 if backward else 2)
     i, cd, nh, n, p = _mamba_dims(a)
+    if path == "torch":
+        unit = _scan_unit(a, chunk)
+        return t * (1.5 * unit if backward else 2 * unit + FP32 * nh * n)
     return t * (FP32 * nh * p * n / chunk * (3 if backward else 1) + FP32 * nh * 4 + (BF16 * (i + cd + nh) if backward else 0))
 
 
 def _layer_transient(a: Arch, kind: str, shape: Shape, backward: bool) -> float:
-    """The largest non-scan transient of one block: its output and, in backward, gradients of the same size."""
+    """The largest non-scan transient of one block: its output (fp32 residual) and widest intermediate;
+    in backward their gradients as well."""
     t = shape.tokens
     width = {"-": a.intermediate_size, "M": a.mamba_intermediate + a.conv_dim + a.mamba_num_heads,
              "*": (a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim}[kind]
@@ -307,15 +316,18 @@ class StagePlan:
     total_flops: float
     gpu_hours: float
     terms: list[Term] = field(default_factory=list)
-    forward_bytes: float = 0.0
-    backward_bytes: float = 0.0
+    phases: dict = field(default_factory=dict)  # moment of the step -> bytes per GPU; the peak is the largest
     keys: dict = field(default_factory=dict)  # term name -> the config key that changes it
     activations_other_bytes: float | None = None  # activations with the other checkpointing setting
     notes: list[str] = field(default_factory=list)
 
     @property
     def peak_bytes(self) -> float:
-        return max(self.forward_bytes, self.backward_bytes)
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
 
     @property
     def budget_bytes(self) -> float:
@@ -334,9 +346,9 @@ class StagePlan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["terms"] = {t.name: {"bytes": int(t.bytes), "gib": round(t.gib, 2), "note": t.note} for t in self.terms}
-        d.update(peak_bytes=int(self.peak_bytes), peak_gib=round(self.peak_bytes / GiB, 2),
-                 budget_gib=round(self.budget_bytes / GiB, 2), fits=self.fits,
-                 forward_gib=round(self.forward_bytes / GiB, 2), backward_gib=round(self.backward_bytes / GiB, 2))
+        d["phases"] = {k: round(v / GiB, 2) for k, v in self.phases.items()}
+        d.update(peak_bytes=int(self.peak_bytes), peak_gib=round(self.peak_bytes / GiB, 2), peak_phase=self.peak_phase,
+                 budget_gib=round(self.budget_bytes / GiB, 2), fits=self.fits)
         if self.activations_other_bytes is not None:
             d["activations_other_gib"] = round(self.activations_other_bytes / GiB, 2)
         return d
@@ -389,8 +401,7 @@ def _root_params(a: Arch) -> int:
 
 def _activations(a: Arch, shape: Shape, *, residual: int, path: str, elastic: bool, chunk: int, checkpointing: bool) -> float:
     t = shape.tokens
-    per_layer = {k: _saved_per_token(a, k, residual=residual, path=path, elastic=elastic, chunk=chunk)
-                 + (_scan_saved(a, chunk, path) if k == "M" else 0) for k in set(a.pattern)}
+    per_layer = {k: _saved_per_token(a, k, residual=residual, path=path, elastic=elastic, chunk=chunk) for k in set(a.pattern)}
     final = FP32 * a.hidden_size * 2 + BF16 * a.hidden_size  # norm_f's input and output, the loss's bf16 hidden
     if not checkpointing:
         return t * (sum(per_layer[k] for k in a.pattern) + final)
@@ -398,12 +409,14 @@ def _activations(a: Arch, shape: Shape, *, residual: int, path: str, elastic: bo
     return t * (residual * a.hidden_size * a.num_layers + max(per_layer.values()) + final)
 
 
-def _loss_bytes(a: Arch, teacher: Arch | None, shape: Shape, loss_chunk: int) -> float:
-    """The chunked KD loss: teacher final hidden states (bf16) + per chunk the student and teacher
-    logits in fp32, their log-softmaxes and the gradient (about 5 chunk x vocab fp32 tensors)."""
+def _loss_bytes(a: Arch, teacher: Arch | None, shape: Shape, loss_chunk: int, backward: bool) -> float:
+    """The chunked KD loss (``losses._chunk_sums`` under checkpoint): per chunk the student's and the
+    teacher's logits (bf16 from the matmul, then fp32), ``/ T``, two log-softmaxes and KL's element-wise
+    terms -- about 7 fp32 ``chunk x vocab`` tensors at once in the forward, 9.5 in the backward
+    (recomputed chunk + gradients). Plus the teacher's final hidden states (bf16) for the whole micro-batch."""
     c = min(loss_chunk, shape.tokens)
     hidden = BF16 * shape.tokens * (teacher.hidden_size if teacher else 0)
-    return hidden + 5 * FP32 * c * a.vocab_size
+    return hidden + (9.5 if backward else 7) * FP32 * c * a.vocab_size
 
 
 def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, shape: Shape, batch_size: int,
@@ -444,20 +457,34 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
     act = _activations(student, shape, residual=residual, path=path, elastic=elastic, chunk=chunk, checkpointing=checkpointing)
     other = _activations(student, shape, residual=residual, path=path, elastic=elastic, chunk=chunk, checkpointing=not checkpointing)
     terms.append(Term("activations", act, ("with" if checkpointing else "without") + " activation checkpointing"))
-    terms.append(Term("logits_chunk", _loss_bytes(student, teacher, shape, loss_chunk),
-                      f"KD loss: teacher hidden states + ~5 fp32 {min(loss_chunk, shape.tokens)} x {student.vocab_size} tensors"))
-    ws_f = max(_scan_workspace(student, shape, chunk, path, backward=False),
-               _scan_workspace(teacher, shape, teacher_chunk, path, backward=False) if teacher else 0.0)
+    loss_f = _loss_bytes(student, teacher, shape, loss_chunk, backward=False)
+    loss_b = _loss_bytes(student, teacher, shape, loss_chunk, backward=True)
+    terms.append(Term("logits_chunk", max(loss_f, loss_b),
+                      f"KD loss, {min(loss_chunk, shape.tokens)} tokens x {student.vocab_size} vocab per chunk (+ teacher hidden states)"))
+    ws_f = _scan_workspace(student, shape, chunk, path, backward=False)
     ws_b = _scan_workspace(student, shape, chunk, path, backward=True)
+    ws_t = _scan_workspace(teacher, shape, teacher_chunk, path, backward=False) if teacher else 0.0
     lt_f = max(_layer_transient(student, k, shape, False) for k in set(student.pattern))
     lt_b = max(_layer_transient(student, k, shape, True) for k in set(student.pattern))
-    terms.append(Term("mamba_scan", max(ws_f, ws_b), f"{path} path: one layer's scan workspace (backward)"))
-    terms.append(Term("layer_transient", max(lt_f, lt_b), "one block's outputs and gradients in flight"))
+    lt_t = max(_layer_transient(teacher, k, shape, False) for k in set(teacher.pattern)) if teacher else 0.0
+    terms.append(Term("mamba_scan", max(ws_f, ws_b, ws_t), f"{path} path: one Mamba layer's scan workspace"))
+    terms.append(Term("layer_transient", max(lt_f, lt_b, lt_t), "one block's outputs and gradients in flight"))
 
     t = {x.name: x.bytes for x in terms}
     fixed = t["parameters"] + t["optimizer"] + t.get("ddp_buckets", 0) + t.get("teacher", 0) + t.get("fsdp_gathered", 0)
-    forward = fixed + weights_fwd + act + t["logits_chunk"] + ws_f + lt_f
-    backward = fixed + t["gradients"] + act + t["logits_chunk"] + ws_b + lt_b
+    grad_head = FP32 * student.vocab_size * student.hidden_size / div  # lm_head's gradient: the first one the backward makes
+    grad_block = FP32 * _block_params_max(student) / div
+    t_hidden = BF16 * shape.tokens * teacher.hidden_size if teacher else 0.0
+    # the step's moments, in order; the peak is the largest (activations are all alive from the end of the
+    # forward to the start of the backward; gradients grow while they are freed)
+    phases = {
+        "teacher forward": fixed + ws_t + lt_t,
+        "student forward": fixed + weights_fwd + act + t_hidden + ws_f + lt_f,
+        "loss forward": fixed + weights_fwd + act + loss_f,
+        "loss backward": fixed + act + grad_head + loss_b,
+        "blocks backward": fixed + act + t_hidden + grad_head + grad_block + ws_b + lt_b,
+        "optimizer step": fixed + t["gradients"],
+    }
 
     tokens_per_step = batch_size * shape.seq
     fpt = _train_flops_per_token(student, teacher, shape.seq, chunk, teacher_chunk, checkpointing)
@@ -470,8 +497,7 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
         seq_len=shape.seq, micro_batch=shape.batch, batch_size=batch_size,
         grad_accum=max(1, batch_size // (shape.batch * n)), steps=steps, tokens_per_step=tokens_per_step,
         tokens=tokens_per_step * steps, checkpointing=checkpointing, flops_per_token=fpt, total_flops=total,
-        gpu_hours=hours, terms=terms, forward_bytes=forward, backward_bytes=backward, keys=keys,
-        activations_other_bytes=other,
+        gpu_hours=hours, terms=terms, phases=phases, keys=keys, activations_other_bytes=other,
     )
 
 
@@ -486,8 +512,9 @@ def plan_inference(row: str, model: Arch, *, shape: Shape, dtype_bytes: int, tok
         Term("parameters", dtype_bytes * model.num_params(), f"{dtype_bytes}-byte weights, inference"),
         Term("activations", t * (dtype_bytes * h * 3 + FP32 * h * 2), "residual stream, the reference final hidden states, a norm's fp32"),
         Term("logits_chunk", 3 * FP32 * min(logits_chunk, t) * model.vocab_size, "depth scoring: reference and skipped logits chunks in fp32 + a softmax"),
-        Term("mamba_scan", _scan_workspace(model, shape, chunk, path, backward=False) + (t * _scan_saved(model, chunk, path)),
-             f"{path} path: one layer's scan workspace (no grad)"),
+        Term("mamba_scan", t * (3 * _scan_unit(model, chunk) + FP32 * model.mamba_num_heads * model.ssm_state_size)
+             if path == "torch" else _scan_workspace(model, shape, chunk, path, backward=False),
+             f"{path} path: one layer's scan workspace (no grad: segment sum, L, G and M in fp32)"),
         Term("layer_transient", max(_layer_transient(model, k, shape, False) for k in set(model.pattern)), "one block's outputs"),
     ]
     total = sum(x.bytes for x in terms)
@@ -498,8 +525,8 @@ def plan_inference(row: str, model: Arch, *, shape: Shape, dtype_bytes: int, tok
         strategy="single", teacher_mode="-", mamba_path=path, student=model.to_dict(), student_params=model.num_params(),
         teacher_params=0, seq_len=shape.seq, micro_batch=shape.batch, batch_size=shape.batch, grad_accum=1,
         steps=math.ceil(tokens / t), tokens_per_step=t, tokens=tokens, checkpointing=False, flops_per_token=fpt,
-        total_flops=flops, gpu_hours=flops / (peak_tflops * 1e12 * mfu) / 3600, terms=terms, forward_bytes=total,
-        backward_bytes=0.0, keys=keys, notes=[f"one process (importance runs on one GPU); {passes} forwards per batch"],
+        total_flops=flops, gpu_hours=flops / (peak_tflops * 1e12 * mfu) / 3600, terms=terms, phases={"forward": total},
+        keys=keys, notes=[f"one process (importance runs on one GPU); {passes} forwards per batch"],
     )
 
 

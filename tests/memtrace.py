@@ -17,19 +17,55 @@ import types
 import torch
 
 
+def _build(config, dtype: torch.dtype):
+    """A NemotronH built directly in `dtype` (casting a fake model afterwards fails to swap its tensors)."""
+    from transformers import NemotronHForCausalLM
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return NemotronHForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+
+
 def _autocast(module: torch.nn.Module) -> None:
     """What accelerate's ``mixed_precision=bf16`` does to the prepared module: its forward runs under autocast."""
     module.forward = torch.autocast("cpu", dtype=torch.bfloat16)(module.forward)
 
 
+def _init_optimizer(tracked) -> None:
+    """AdamW's moments exist from the first step on: allocate them with one step on zero gradients (no
+    forward/backward needed) and free the gradients again, as ``zero_grad(set_to_none=True)`` does."""
+    for opt in (o for o in tracked if isinstance(o, torch.optim.Optimizer)):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+LAST = {}  # the last trace's MemTracker (tests print its module-wise peaks on failure)
+
+
 def _peak(run_step, *tracked) -> dict[str, int]:
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    run_step()  # optimizer state
+    _init_optimizer(tracked)
     mt = MemTracker()
+    frozen = [p for m in tracked if isinstance(m, torch.nn.Module) for p in m.parameters() if not p.requires_grad]
     mt.track_external(*tracked)
-    with mt:
-        run_step()
+    # MemTracker hooks the gradient of every parameter a module uses, and a frozen one refuses a hook; the
+    # teacher only runs under no_grad, so flagging its weights for the traced step changes nothing else
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        with mt:
+            run_step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    LAST["tracker"] = mt
     snap = mt.get_tracker_snapshot("peak")
     dev = next(d for d in snap if str(d) == "cpu")
     return {str(k).split(".")[-1]: int(v) for k, v in snap[dev].items()}
@@ -39,15 +75,13 @@ def trace_distill(student_config, teacher_config, *, seq_len: int, micro_batch: 
                   checkpointing: bool) -> dict[str, int]:
     """Peak bytes by category (``Total``, ``PARAM``, ``GRAD``, ``ACT``, ``TEMP``, ``OPT``, ...) of one distill step."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import NemotronHForCausalLM
-
     from elastic.losses import KDStudent
     from elastic.stages.distill import make_step_fn
     from elastic.train import _enable_gradient_checkpointing, default_param_groups
 
     with FakeTensorMode():
-        student = NemotronHForCausalLM(student_config).float().train()
-        teacher = NemotronHForCausalLM(teacher_config).to(torch.bfloat16).eval().requires_grad_(False)
+        student = _build(student_config, torch.float32).train()
+        teacher = _build(teacher_config, torch.bfloat16).eval().requires_grad_(False)
         model = KDStudent(student, chunk_size=chunk_size)
         if checkpointing:
             _enable_gradient_checkpointing(model)
@@ -69,16 +103,14 @@ def trace_search(parent_config, search_cfg, *, micro_batch: int, checkpointing: 
     """Peak bytes by category of one search step: the elastic student (the whole parent, fp32, masked by the
     router's sample) and the frozen bf16 parent as teacher, through ``stages.search.make_step_fn``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import NemotronHForCausalLM
-
     from elastic.models.nemotron_h import Ranking, arch_of
     from elastic.stages.search import make_search_model, make_step_fn, param_groups_fn
     from elastic.train import _enable_gradient_checkpointing
 
     c = search_cfg
     with FakeTensorMode():
-        parent = NemotronHForCausalLM(parent_config).float()
-        teacher = NemotronHForCausalLM(parent_config).to(torch.bfloat16).eval().requires_grad_(False)
+        parent = _build(parent_config, torch.float32)
+        teacher = _build(parent_config, torch.bfloat16).eval().requires_grad_(False)
         ranking = Ranking.identity(arch_of(parent))
         sm = make_search_model(parent, ranking, c, seed)
         del parent

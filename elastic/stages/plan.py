@@ -45,7 +45,7 @@ def _rows_table(doc: dict) -> tuple[list[str], list[list[str]]]:
     cells += [line(f"{t} GiB", lambda r, t=t: f"{r['terms'][t]['gib']:.1f}" if t in r["terms"] else "-") for t in present]
     cells += [
         line("activations, other checkpointing GiB", lambda r: f"{r['activations_other_gib']:.1f}" if "activations_other_gib" in r else "-"),
-        line("forward / backward GiB", lambda r: f"{r['forward_gib']:.1f} / {r['backward_gib']:.1f}"),
+        line("peak at", lambda r: r["peak_phase"]),
         line("PEAK / usable GiB", lambda r: f"{r['peak_gib']:.1f} / {r['budget_gib']:.1f}"),
         line("fits", lambda r: "yes" if r["fits"] else "NO"),
         line("tokens per step", lambda r: f"{r['tokens_per_step']:,}"),
