@@ -12,6 +12,7 @@ it changes. The step is run twice; the second one (optimizer state allocated, gr
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -99,21 +100,63 @@ def trace_distill(student_config, teacher_config, *, seq_len: int, micro_batch: 
         return _peak(run_step, model, opt, teacher)
 
 
+def _to_fake(module: torch.nn.Module, mode) -> None:
+    """Swap every parameter and buffer of a real module for a fake one of the same shape and dtype."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = mode.from_tensor(b)
+
+
+@contextlib.contextmanager
+def _logged_scalars_read_as_zero():
+    """The step reads a few logged numbers with ``float(tensor)`` (the KL, the budget ratio); a fake tensor has
+    no value, so in a trace they read as 0.0. Nothing the step computes depends on them."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    orig = torch.Tensor.__float__
+    torch.Tensor.__float__ = lambda t: 0.0 if isinstance(t, FakeTensor) else orig(t)
+    try:
+        yield
+    finally:
+        torch.Tensor.__float__ = orig
+
+
 def trace_search(parent_config, search_cfg, *, micro_batch: int, checkpointing: bool, seed: int = 0) -> dict[str, int]:
     """Peak bytes by category of one search step: the elastic student (the whole parent, fp32, masked by the
-    router's sample) and the frozen bf16 parent as teacher, through ``stages.search.make_step_fn``."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    router's sample) and the frozen bf16 parent as teacher, through ``stages.search.make_search_model`` and
+    ``stages.search.make_step_fn``.
+
+    The elastic model is built for real (its rankings, masks and router are small tensors whose values the
+    construction reads) and then made fake; so `parent_config` must be small enough to build (a few layers,
+    a reduced vocabulary). The router's draws run on real generators outside the fake mode, as in training.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
     from elastic.models.nemotron_h import Ranking, arch_of
     from elastic.stages.search import make_search_model, make_step_fn, param_groups_fn
     from elastic.train import _enable_gradient_checkpointing
 
     c = search_cfg
-    with FakeTensorMode():
+    with torch.device("meta"):  # real but uninitialised weights: only shapes matter, and init would cost minutes
         parent = _build(parent_config, torch.float32)
+    parent = parent.to_empty(device="cpu")
+    sm = make_search_model(parent, Ranking.identity(arch_of(parent)), c, seed)
+    del parent
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _to_fake(sm, mode)
+    plan = sm.plan
+
+    def real_draws(*args, **kwargs):
+        with unset_fake_temporarily():
+            return plan(*args, **kwargs)
+
+    sm.plan = real_draws
+    with mode, _logged_scalars_read_as_zero():
         teacher = _build(parent_config, torch.bfloat16).eval().requires_grad_(False)
-        ranking = Ranking.identity(arch_of(parent))
-        sm = make_search_model(parent, ranking, c, seed)
-        del parent
         sm.train()
         if checkpointing:
             _enable_gradient_checkpointing(sm)
@@ -123,7 +166,7 @@ def trace_search(parent_config, search_cfg, *, micro_batch: int, checkpointing: 
         accel = types.SimpleNamespace(unwrap_model=lambda m: m)
         step_fn = make_step_fn(accel, c)
         batch = torch.randint(0, parent_config.vocab_size, (micro_batch, int(c.seq_len)))
-        step = 1  # not a logging step of the router's choices (log_choices_every > 1), not settling
+        step = 1  # a router step (not settling), not one that logs the router's choices (log_choices_every > 1)
 
         def run_step():
             loss, _ = step_fn(batch, sm, teacher, step)
