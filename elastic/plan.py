@@ -661,17 +661,19 @@ def check_stage(cfg, stage: str, *, world_size: int | None = None, gpu_memory_by
 
 
 def tau_at_router_end(search_cfg) -> dict[str, float]:
-    """The Gumbel-softmax temperature reached at the last router step (before settling) -- the number a
-    ``tau_decay`` must be chosen against. ``tau_decay: null`` reaches ``tau_min`` by construction."""
+    """The Gumbel-softmax temperature at the last router step (before settling), from the search's own
+    `router.Schedule` -- the number ``tau_decay`` must be chosen against. ``tau_decay: null`` reaches
+    ``tau_min`` there by construction."""
+    from elastic.router import Schedule
     from elastic.stages.search import settle_steps
 
     c = search_cfg
     router_steps = max(1, int(c.steps) - settle_steps(c))
-    tau0, tau_min = float(c.tau0), float(c.tau_min)
     decay = c.get("tau_decay")
-    tau = tau_min if decay is None else max(tau_min, tau0 * float(decay) ** (router_steps - 1))
-    return {"router_steps": router_steps, "tau_end": tau, "tau_min": tau_min,
-            "decay_to_floor": (tau_min / tau0) ** (1 / max(1, router_steps - 1))}
+    sched = Schedule(router_steps, tau0=float(c.tau0), tau_min=float(c.tau_min), decay=None if decay is None else float(decay))
+    floor = Schedule(router_steps, tau0=float(c.tau0), tau_min=float(c.tau_min), decay=None)
+    return {"router_steps": router_steps, "tau_end": sched.tau(router_steps - 1), "tau_min": float(c.tau_min),
+            "decay_to_floor": floor.decay}
 
 
 def check_tau_schedule(search_cfg, rel: float = 0.5) -> str | None:
