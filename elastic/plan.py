@@ -317,7 +317,7 @@ class StagePlan:
     gpu_hours: float
     terms: list[Term] = field(default_factory=list)
     phases: dict = field(default_factory=dict)  # moment of the step -> bytes per GPU; the peak is the largest
-    keys: dict = field(default_factory=dict)  # term name -> the config key that changes it
+    keys: dict = field(default_factory=dict)  # term name -> the config change that shrinks it (None: none here)
     activations_other_bytes: float | None = None  # activations with the other checkpointing setting
     notes: list[str] = field(default_factory=list)
 
@@ -355,8 +355,9 @@ class StagePlan:
 
     def refusal(self) -> str:
         """The PlanError message: the overflowing term, by how much, and what to change."""
-        big = self.largest_term()
-        key = self.keys.get(big.name, "plan.gpus")
+        ranked = sorted(self.terms, key=lambda t: -t.bytes)
+        big = next((t for t in ranked if self.keys.get(t.name)), ranked[0])
+        key = self.keys.get(big.name) or "raise plan.gpu_memory_gib (a larger GPU)"
         return (f"{self.row}: {big.name} {big.gib:.1f} GiB overflow {self.gpu_memory_bytes / GiB:.0f} GiB per GPU "
                 f"(peak {self.peak_bytes / GiB:.1f} GiB > {self.budget_bytes / GiB:.1f} GiB usable after plan.reserve_gib; "
                 f"{self.strategy}, {self.world_size} GPU(s), Mamba {self.mamba_path} path) -- {key}")
@@ -443,8 +444,10 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
                           "bf16 all-gathered: 2 blocks (current + prefetch) + the root group; one unsharded gradient (bf16 + fp32)"))
         weights_fwd = 0.0
     else:
-        weights_fwd = BF16 * p_s  # autocast's cache of bf16 weight copies, alive during the forward
-        terms.append(Term("bf16_weights", weights_fwd, "autocast's bf16 copies of the fp32 weights (forward only)"))
+        # autocast's cache of bf16 copies of the fp32 weights a matmul reads (not the embedding: a lookup), kept
+        # until the forward leaves autocast
+        weights_fwd = BF16 * (p_s - student.vocab_size * student.hidden_size)
+        terms.append(Term("bf16_weights", weights_fwd, "autocast's bf16 copies of the fp32 matmul weights (forward only)"))
     if teacher is not None:
         p_t = teacher.num_params()
         if teacher_mode == "shard" and n > 1:
@@ -481,7 +484,7 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
         "teacher forward": fixed + ws_t + lt_t,
         "student forward": fixed + weights_fwd + act + t_hidden + ws_f + lt_f,
         "loss forward": fixed + weights_fwd + act + loss_f,
-        "loss backward": fixed + act + grad_head + loss_b,
+        "loss backward": fixed + act + loss_b,  # its first chunk, before lm_head's gradient exists (measured)
         "blocks backward": fixed + act + t_hidden + grad_head + grad_block + ws_b + lt_b,
         "optimizer step": fixed + t["gradients"],
     }
@@ -533,12 +536,12 @@ def plan_inference(row: str, model: Arch, *, shape: Shape, dtype_bytes: int, tok
 # ------------------------------------------------------------------------------------------------ strategy choice
 
 
-def _fits_replica(cfg, stage: str, world_size: int, gpu_memory_bytes: float) -> bool:
-    p = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="ddp", teacher="replicate")
+def _fits_replica(cfg, stage: str, world_size: int, gpu_memory_bytes: float, path: str | None) -> bool:
+    p = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="ddp", teacher="replicate", path=path)
     return all(r.fits for r in p)
 
 
-def choose_strategy(cfg, stage: str, world_size: int, gpu_memory_bytes: float) -> str:
+def choose_strategy(cfg, stage: str, world_size: int, gpu_memory_bytes: float, mamba_path: str | None = None) -> str:
     """``parallel.strategy``, or for ``auto``: ddp when a full replica fits on every GPU, else fsdp."""
     s = str(_get(cfg, "parallel.strategy", "auto"))
     if s not in ("auto", "ddp", "fsdp"):
@@ -547,21 +550,23 @@ def choose_strategy(cfg, stage: str, world_size: int, gpu_memory_bytes: float) -
         return s
     if world_size <= 1:
         return "ddp"
-    return "ddp" if _fits_replica(cfg, stage, world_size, gpu_memory_bytes) else "fsdp"
+    return "ddp" if _fits_replica(cfg, stage, world_size, gpu_memory_bytes, mamba_path) else "fsdp"
 
 
-def choose_teacher(cfg, stage: str, world_size: int, gpu_memory_bytes: float, strategy: str | None = None) -> str:
+def choose_teacher(cfg, stage: str, world_size: int, gpu_memory_bytes: float, strategy: str | None = None,
+                   mamba_path: str | None = None) -> str:
     """``parallel.teacher``, or for ``auto``: replicate when the replicated bf16 teacher fits next to the
     student's share, else shard (only under fsdp; ddp always replicates)."""
     s = str(_get(cfg, "parallel.teacher", "auto"))
     if s not in ("auto", "replicate", "shard"):
         raise PlanError(f"parallel.teacher must be auto, replicate or shard, got {s!r}")
-    strategy = strategy or choose_strategy(cfg, stage, world_size, gpu_memory_bytes)
+    strategy = strategy or choose_strategy(cfg, stage, world_size, gpu_memory_bytes, mamba_path)
     if strategy != "fsdp" or world_size <= 1:
         return "replicate"
     if s != "auto":
         return s
-    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="fsdp", teacher="replicate")
+    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="fsdp", teacher="replicate",
+                 path=mamba_path)
     return "replicate" if all(r.fits for r in rows) else "shard"
 
 
@@ -576,12 +581,13 @@ def _machine(cfg, world_size, gpu_memory_bytes):
     return n, mem, float(_get(cfg, "plan.reserve_gib", 0)) * GiB
 
 
-def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=None, teacher=None) -> list[StagePlan]:
+def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=None, teacher=None,
+          path: str | None = None) -> list[StagePlan]:
     n, mem, reserve = _machine(cfg, world_size, gpu_memory_bytes)
     pcfg = parent_config(cfg)
     parent = Arch.from_config(pcfg)
     chunk = int(pcfg.get("chunk_size") or pcfg.get("mamba_chunk_size") or 128)  # transformers' default: 128
-    path = mamba_path(cfg)
+    path = path or mamba_path(cfg)
     peak, mfu = float(_get(cfg, "plan.peak_tflops", 989)), float(_get(cfg, "plan.mfu", 0.35))
     if stage == "importance":
         c = cfg.importance
@@ -596,15 +602,15 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
                                      "mamba_scan": "lower importance.batch_size or importance.seq_len (or install mamba-ssm: plan.mamba_path=kernel)",
                                      "parameters": "set parent.dtype=bfloat16 or use a larger GPU (plan.gpu_memory_gib)",
                                      "layer_transient": "lower importance.batch_size"})]
-    strategy = strategy or choose_strategy(cfg, stage, n, mem)
-    teacher = teacher or choose_teacher(cfg, stage, n, mem, strategy)
+    strategy = strategy or choose_strategy(cfg, stage, n, mem, path)
+    teacher = teacher or choose_teacher(cfg, stage, n, mem, strategy, path)
     common = dict(world_size=n, gpu_memory_bytes=mem, reserve_bytes=reserve, strategy=strategy, teacher_mode=teacher,
                   path=path, chunk=chunk, teacher_chunk=chunk, peak_tflops=peak, mfu=mfu)
-    sharding_key = "set parallel.strategy=fsdp" if strategy != "fsdp" else ("set parallel.teacher=shard" if teacher != "shard" else "raise plan.gpus")
     if stage == "search":
         c = cfg.search
         ckpt = bool(_get(cfg, "search.gradient_checkpointing", False))
-        keys = _train_keys("search", ckpt, sharding_key, path, "search")
+        keys = _train_keys("search", "search", ckpt=ckpt, micro=int(c.micro_batch_size), n=n, strategy=strategy,
+                           teacher=teacher, path=path)
         return [plan_training("search", "search", parent, parent, shape=Shape(int(c.micro_batch_size), int(c.seq_len)),
                               batch_size=int(c.batch_size), steps=int(c.steps), checkpointing=ckpt,
                               loss_chunk=int(_get(cfg, "search.loss_chunk_size", 1024)), elastic=True, keys=keys, **common)]
@@ -616,7 +622,8 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
         cap = _get(cfg, "distill.max_steps")
         rows = []
         for i, ph in enumerate(parse_phases(cfg.distill)):
-            keys = _train_keys("distill", ckpt, sharding_key, path, f"distill.phases.{i}")
+            keys = _train_keys("distill", f"distill.phases.{i}", ckpt=ckpt, micro=ph.micro_batch_size, n=n,
+                               strategy=strategy, teacher=teacher, path=path)
             rows.append(plan_training(f"distill {ph.name}", "distill", student, parent, shape=Shape(ph.micro_batch_size, ph.seq_len),
                                       batch_size=ph.batch_size, steps=ph.steps(cap), checkpointing=ckpt,
                                       loss_chunk=int(_get(cfg, "distill.loss_chunk_size", 1024)), elastic=False, keys=keys, **common))
@@ -624,33 +631,52 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
     raise PlanError(f"stage {stage!r} has no plan; plan rows exist for importance, search and distill")
 
 
-def _train_keys(stage: str, ckpt: bool, sharding_key: str, path: str, batch_prefix: str) -> dict[str, str]:
-    mb = f"lower {batch_prefix}.micro_batch_size" + ("" if batch_prefix != "search" else " or search.seq_len")
-    act = (f"set {stage}.gradient_checkpointing=true or {mb}" if not ckpt else mb)
-    scan = ("install mamba-ssm and causal-conv1d (pip install mamba-ssm causal-conv1d --no-build-isolation) "
-            "for the fused kernel path, or " + mb) if path == "torch" else mb
-    return {"parameters": sharding_key, "gradients": sharding_key, "optimizer": sharding_key,
-            "ddp_buckets": "set parallel.strategy=fsdp", "bf16_weights": "set parallel.strategy=fsdp",
-            "fsdp_gathered": "raise plan.gpu_memory_gib (a larger GPU)",
-            "teacher": "set parallel.teacher=shard" if sharding_key != "raise plan.gpus" else "raise plan.gpus",
-            "activations": act, "logits_chunk": f"lower {stage}.loss_chunk_size", "mamba_scan": scan,
-            "layer_transient": mb}
+def _train_keys(stage: str, batch_prefix: str, *, ckpt: bool, micro: int, n: int, strategy: str, teacher: str,
+                path: str) -> dict[str, str | None]:
+    """For each term, the config change that shrinks it here (None: nothing to change for this term, e.g. a
+    micro-batch that is already 1); `StagePlan.refusal` names the largest term that has one."""
+    lower_micro = f"lower {batch_prefix}.micro_batch_size" if micro > 1 else None
+    if n == 1:
+        shard = "use more GPUs: plan.gpus (with parallel.strategy=fsdp the weights, gradients and optimizer are sharded)"
+    else:
+        shard = "set parallel.strategy=fsdp" if strategy != "fsdp" else "raise plan.gpus"
+    if not ckpt:
+        act = f"set {stage}.gradient_checkpointing=true" + (f" or {lower_micro}" if lower_micro else "")
+    else:
+        act = lower_micro
+    kernel = ("install the fused Mamba kernels (pip install mamba-ssm causal-conv1d --no-build-isolation; "
+              "plan.mamba_path=kernel)")
+    return {
+        "parameters": shard, "gradients": shard, "optimizer": shard,
+        "ddp_buckets": shard, "bf16_weights": shard, "fsdp_gathered": "raise plan.gpu_memory_gib (a larger GPU)",
+        "teacher": shard if strategy != "fsdp" or n == 1 else ("set parallel.teacher=shard" if teacher != "shard" else "raise plan.gpus"),
+        "activations": act if act or path != "torch" else kernel,
+        "logits_chunk": f"lower {stage}.loss_chunk_size",
+        "mamba_scan": kernel if path == "torch" else lower_micro,
+        "layer_transient": lower_micro,
+    }
 
 
-def plan_stage(cfg, stage: str, *, world_size: int | None = None, gpu_memory_bytes: float | None = None) -> StagePlan:
-    """The plan of one stage; for distill, the phase with the highest per-GPU peak."""
-    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes)
+def plan_stage(cfg, stage: str, *, world_size: int | None = None, gpu_memory_bytes: float | None = None,
+               mamba_path: str | None = None) -> StagePlan:
+    """The plan of one stage; for distill, the phase with the highest per-GPU peak (by share of the usable memory).
+    `world_size`, `gpu_memory_bytes` and `mamba_path` (kernel | torch, what a training stage detected) override
+    ``plan.gpus``, ``plan.gpu_memory_gib`` and ``plan.mamba_path``."""
+    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, path=mamba_path)
     return max(rows, key=lambda r: r.peak_bytes / r.budget_bytes)
 
 
-def plan_rows(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None) -> list[StagePlan]:
+def plan_rows(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, mamba_path=None) -> list[StagePlan]:
     """Every row of a stage (distill: one per phase)."""
-    return _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes)
+    return _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, path=mamba_path)
 
 
-def check_stage(cfg, stage: str, *, world_size: int | None = None, gpu_memory_bytes: float | None = None) -> list[StagePlan]:
-    """Raise `PlanError` naming the overflowing term and the key to change unless every row of `stage` fits."""
-    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes)
+def check_stage(cfg, stage: str, *, world_size: int | None = None, gpu_memory_bytes: float | None = None,
+                mamba_path: str | None = None) -> list[StagePlan]:
+    """Raise `PlanError` naming the overflowing term and the change to make unless every row of `stage` fits
+    (call it before a training stage loads anything, with the launch's world size, the GPU's memory and the
+    Mamba path it detected); returns the rows otherwise."""
+    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, path=mamba_path)
     bad = [r for r in rows if not r.fits]
     if bad:
         raise PlanError("; ".join(r.refusal() for r in bad))
