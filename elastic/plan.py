@@ -10,7 +10,7 @@ The training step modelled (what ``stages/search.py`` and ``stages/distill.py`` 
 * the student's trainable weights are fp32 master weights with bf16 compute. ``ddp`` (or one
   process): every GPU holds fp32 weights + fp32 gradients + AdamW's two fp32 moments, DDP's
   gradient buckets (about one more copy of the fp32 gradients) and, while the forward runs under
-  autocast, a bf16 copy of every weight (autocast's weight cache). ``fsdp`` (torch FSDP2
+  autocast, a bf16 copy of every matmul weight (autocast's weight cache). ``fsdp`` (torch FSDP2
   ``fully_shard`` on every ``NemotronHBlock`` and the root; ``MixedPrecisionPolicy(param_dtype=bf16,
   reduce_dtype=fp32)``, ``reshard_after_forward=True``): weights, gradients and moments / N, plus the
   all-gathered bf16 weights of two blocks (current + prefetch) and of the root group (embeddings,
@@ -23,16 +23,20 @@ The training step modelled (what ``stages/search.py`` and ``stages/distill.py`` 
   is fp32 (``NemotronHBlock`` casts its input to the norm weight's dtype); under FSDP's bf16 params it
   is bf16.
 * the KD loss: final hidden states of student and teacher, logits ``loss_chunk_size`` tokens at a
-  time (``losses.chunked_kd_loss``): a few fp32 ``chunk x vocab`` tensors alive at once.
+  time (``losses.chunked_kd_loss``): about 7 (forward) to 9.5 (backward) fp32 ``chunk x vocab`` tensors at once.
 * the Mamba-2 scan's workspace: the fused kernel (mamba-ssm: chunk states only) or transformers'
   pure-torch ``mamba2_chunk_scan``, whose segment sums ``[B, heads, S/Q, Q, Q]`` in fp32 (``Q`` =
   ``config.chunk_size``) grow with the context (``_scan_workspace``).
 
-Peak per GPU = the fixed state (weights, optimizer, teacher, buffers) + the larger of the forward
-(bf16 weight copies + activations + the forward workspace) and the backward (gradients +
-activations + the backward workspace). Left out: the CUDA context and NCCL buffers and allocator
-fragmentation (``plan.reserve_gib``), tensors smaller than one token's row, the data loader.
-`tests/test_plan.py` checks the peak against a fake-tensor trace of the project's own step.
+Peak per GPU = the largest of the step's moments (`StagePlan.phases`): the teacher's forward, the
+student's forward (bf16 weight copies + activations + one layer's workspace), the loss's forward and
+backward (activations + logits chunks), the blocks' backward (activations + lm_head's gradient + one
+layer's backward workspace) and the optimizer step (all gradients), each on top of the fixed state
+(weights, AdamW moments, teacher, DDP buckets or FSDP-gathered blocks). Matmuls and einsums run in bf16
+under autocast (accelerate's ``mixed_precision=bf16``, also under FSDP). Left out: the CUDA context,
+NCCL buffers and allocator fragmentation (``plan.reserve_gib``), tensors smaller than one token's row,
+the data loader. `tests/test_plan.py` checks the peak against fake-tensor traces of the project's own
+steps (within 15%; measured 0-11% above, `benchmarks/plan_9b_to_4b.md`).
 """
 
 from __future__ import annotations
