@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from elastic.stages import ORDER  # noqa: E402
+from elastic.stages import ORDER, STANDALONE  # noqa: E402
 
 # Stages that train and may run under a multi-process launch (accelerate / torchrun); every other stage
 # runs in one process, before (importance, prune) or after (quantize, evaluate) them.
@@ -56,8 +56,10 @@ def pipeline(cfg: Any) -> dict[str, Any]:
     """Run `cfg.stage` (or every implemented stage, in order, for ``all``) in `cfg.run_dir`."""
     from elastic.rundir import RunDir
 
-    implemented = available_stages()
     check_launch(cfg.stage)
+    if cfg.stage in STANDALONE:  # e.g. stage=plan: reads only the config, writes RUN/<stage>/, no DONE marker
+        return {cfg.stage: importlib.import_module(f"elastic.stages.{cfg.stage}").run(cfg, RunDir(cfg.run_dir))}
+    implemented = available_stages()
     if cfg.stage == "all":
         stages = implemented
     elif cfg.stage in implemented:
@@ -145,8 +147,8 @@ def _preflight(argv: list[str]) -> None:
         if key == "recipe" and val and not (RECIPES_DIR / f"{val}.yaml").exists():
             names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
             _fail(f"unknown recipe {val!r}; choose one of: {', '.join(names)}")
-        if key == "stage" and val and val != "all" and val not in ORDER:
-            _fail(f"unknown stage {val!r}; choose one of: all, {', '.join(ORDER)}")
+        if key == "stage" and val and val != "all" and val not in ORDER + STANDALONE:
+            _fail(f"unknown stage {val!r}; choose one of: all, {', '.join(ORDER + STANDALONE)}")
 
 
 def _fail(msg: str) -> None:

@@ -2,3 +2,6 @@
 
 # The order `stage=all` runs them in; a stage whose module is missing is skipped as "not implemented yet".
 ORDER = ("importance", "search", "prune", "distill", "quantize", "evaluate")
+
+# Tools run on their own (`stage=<name>`), never by `stage=all`: no DONE marker, always recomputed.
+STANDALONE = ("plan",)

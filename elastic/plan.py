@@ -1,0 +1,745 @@
+"""`stage=plan` and the pre-flight check: per-GPU memory, tokens, FLOPs and GPU-hours of every stage, from the config alone.
+
+Nothing is loaded: the parent's `config.json` gives an `Arch` (`parent.path` may be a folder holding
+only that file), the student of each stage is derived from the config (search: the parent itself,
+masked; distill: ``prune.arch``, ``prune.target`` or the searched ``budget``), and every parameter
+count comes from `Arch.num_params` / `Arch.layer_params`.
+
+The training step modelled (what ``stages/search.py`` and ``stages/distill.py`` run):
+
+* the student's trainable weights are fp32 master weights with bf16 compute. ``ddp`` (or one
+  process): every GPU holds fp32 weights + fp32 gradients + AdamW's two fp32 moments, DDP's
+  gradient buckets (about one more copy of the fp32 gradients) and, while the forward runs under
+  autocast, a bf16 copy of every matmul weight (autocast's weight cache). ``fsdp`` (torch FSDP2
+  ``fully_shard`` on every ``NemotronHBlock`` and the root; ``MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32)``, ``reshard_after_forward=True``): weights, gradients and moments / N, plus the
+  all-gathered bf16 weights of two blocks (current + prefetch) and of the root group (embeddings,
+  ``norm_f``, ``lm_head``), and one block's unsharded gradient (bf16 + its fp32 copy for the reduce).
+* the frozen teacher in bf16: replicated (2 bytes x P per GPU) or FSDP2-sharded (2 P / N + two
+  gathered blocks + its root group).
+* activations: what autograd keeps for the backward, per layer kind, read off transformers'
+  NemotronH modules (``_saved_per_token``); with activation checkpointing only each block's input is
+  kept and one block is recomputed at a time. Under autocast with fp32 weights the residual stream
+  is fp32 (``NemotronHBlock`` casts its input to the norm weight's dtype); under FSDP's bf16 params it
+  is bf16.
+* the KD loss: final hidden states of student and teacher, logits ``loss_chunk_size`` tokens at a
+  time (``losses.chunked_kd_loss``): about 7 (forward) to 9.5 (backward) fp32 ``chunk x vocab`` tensors at once.
+* the Mamba-2 scan's workspace: the fused kernel (mamba-ssm: chunk states only) or transformers'
+  pure-torch ``mamba2_chunk_scan``, whose segment sums ``[B, heads, S/Q, Q, Q]`` in fp32 (``Q`` =
+  ``config.chunk_size``) grow with the context (``_scan_workspace``).
+
+Peak per GPU = the largest of the step's moments (`StagePlan.phases`): the teacher's forward, the
+student's forward (bf16 weight copies + activations + one layer's workspace), the loss's forward and
+backward (activations + logits chunks), the blocks' backward (activations + lm_head's gradient + one
+layer's backward workspace) and the optimizer step (all gradients), each on top of the fixed state
+(weights, AdamW moments, teacher, DDP buckets or FSDP-gathered blocks). Matmuls and einsums run in bf16
+under autocast (accelerate's ``mixed_precision=bf16``, also under FSDP). Left out: the CUDA context,
+NCCL buffers and allocator fragmentation (``plan.reserve_gib``), tensors smaller than one token's row,
+the data loader. `tests/test_plan.py` checks the peak against fake-tensor traces of the project's own
+steps (within 15%; measured 0-11% above, `benchmarks/plan_9b_to_4b.md`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from elastic.arch import Arch, ArchError, human_count
+
+GiB = 2**30
+FP32, BF16 = 4, 2
+
+
+class PlanError(ValueError):
+    """A stage that does not fit: names the overflowing term and the config key to change."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _get(cfg, dotted: str, default=None):
+    from omegaconf import OmegaConf
+
+    try:
+        v = OmegaConf.select(cfg, dotted, default=default, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - a missing mandatory value reads as unset here
+        return default
+    if OmegaConf.is_config(v):
+        v = OmegaConf.to_container(v, resolve=True)
+    return default if v is None else v
+
+
+def parent_config(cfg) -> dict:
+    """The parent's config.json (the only file the plan reads)."""
+    from elastic.parent import resolve_parent_path
+
+    path = Path(resolve_parent_path(cfg)) if _get(cfg, "parent.path") is None else Path(str(cfg.parent.path)).expanduser()
+    f = path / "config.json" if path.is_dir() else path
+    if not f.exists():
+        raise FileNotFoundError(f"{f} is missing: parent.path must be a checkpoint folder (config.json is enough for stage=plan)")
+    return json.loads(f.read_text())
+
+
+def _dtype_bytes(name: str) -> int:
+    return {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}.get(str(name), 4)
+
+
+def mamba_path(cfg) -> str:
+    """``plan.mamba_path``; ``auto`` = kernel when mamba-ssm imports here, else torch."""
+    p = str(_get(cfg, "plan.mamba_path", "auto"))
+    if p not in ("auto", "kernel", "torch"):
+        raise PlanError(f"plan.mamba_path must be auto, kernel or torch, got {p!r}")
+    if p == "auto":
+        from elastic.kernels import mamba_path as detected  # the same detection the training stages log
+
+        p = detected()
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ architectures
+
+
+def student_arch(cfg, parent: Arch) -> tuple[Arch, str]:
+    """The distillation student: ``prune.arch`` (explicit sizes, identity layer ranking), ``prune.target``
+    or else ``budget`` (the largest grid architecture within the budget: a plan cannot know the
+    importance ranking, so dropped layers are the last droppable ones)."""
+    from elastic.models.nemotron_h import Ranking, make_arch
+    from elastic.search_space import Space, parse_budget
+
+    c = cfg.prune
+    sizes = _get(cfg, "prune.arch")
+    if sizes:
+        layers = tuple(sizes["layers"]) if sizes.get("layers") is not None else None
+        arch = make_arch(parent, Ranking.identity(parent), hidden_size=sizes.get("hidden_size"),
+                         intermediate_size=sizes.get("intermediate_size"), mamba_num_heads=sizes.get("mamba_num_heads"),
+                         drop_layers=int(sizes.get("drop_layers") or 0), layers=layers,
+                         protect_kinds=str(_get(cfg, "prune.protect_kinds", "")))
+        return arch, "prune.arch"
+    target = _get(cfg, "prune.target")
+    src, grid = "prune.target", c
+    if target is None:
+        budget = _get(cfg, "budget")
+        if budget is None or isinstance(budget, str) and budget == "all":
+            budgets = _get(cfg, "search.budgets", [])
+            budget = min(budgets) if budgets else None
+        elif isinstance(budget, list):
+            budget = min(budget)
+        if budget is None:
+            return parent, "parent (no prune.arch, prune.target or budget)"
+        target, src, grid = budget, "budget (searched)", cfg.search
+    n = parse_budget(target, parent.num_params())
+    g = grid.granularity
+    protect = str(grid.get("protect_kinds", "*"))
+    space = Space.build(parent, hidden_step=int(g.hidden), ffn_step=int(g.ffn),
+                        mamba_heads_per_group_step=int(g.mamba_heads_per_group),
+                        max_width_prune=float(grid.max_width_prune), max_depth_prune=float(grid.max_depth_prune),
+                        protect_kinds=protect)
+    best = _largest_within(parent, space, protect, n)
+    if best is None:
+        raise ArchError(f"no architecture of the grid has at most {human_count(n)} parameters ({src})")
+    return best, f"{src} {target}: largest grid architecture <= {human_count(n)}"
+
+
+def _largest_within(parent: Arch, space, protect: str, n: int) -> Arch | None:
+    """The grid architecture with the most parameters <= n. A block's count depends on one or two axes
+    only, so `Arch.layer_params` is asked once per (hidden, axis) pair and the grid is summed from those."""
+    droppable = [i for i, k in enumerate(parent.pattern) if k not in protect]
+    kept = {d: tuple(i for i in range(parent.num_layers) if i not in set(droppable[len(droppable) - d:] if d else ()))
+            for d in space.drops}
+    counts = {d: {k: sum(parent.pattern[i] == k for i in ks) for k in "M-*"} for d, ks in kept.items()}
+
+    def arch(h, f, m, pattern="M-*"):
+        return parent.replace(hidden_size=h, intermediate_size=f, mamba_num_heads=m, pattern=pattern, layers=())
+
+    best = None
+    for h in space.hidden:
+        root = arch(h, space.ffn[0], space.mamba_heads[0])
+        root_params = root.num_params() - sum(root.layer_params(k) for k in "M-*")
+        attn = root.layer_params("*")
+        mamba = {m: arch(h, space.ffn[0], m).layer_params("M") for m in space.mamba_heads}
+        mlp = {f: arch(h, f, space.mamba_heads[0]).layer_params("-") for f in space.ffn}
+        for d, c in counts.items():
+            for m, pm in mamba.items():
+                for f, pf in mlp.items():
+                    p = root_params + c["*"] * attn + c["M"] * pm + c["-"] * pf
+                    if p <= n and (best is None or p > best[0]):
+                        best = (p, h, f, m, d)
+    if best is None:
+        return None
+    p, h, f, m, d = best
+    a = parent.replace(hidden_size=h, intermediate_size=f, mamba_num_heads=m, layers=kept[d],
+                       pattern="".join(parent.pattern[i] for i in kept[d]))
+    assert a.num_params() == p
+    return a
+
+
+# ------------------------------------------------------------------------------------------------ memory model
+
+
+@dataclass
+class Shape:
+    """One forward's tokens: micro-batch x sequence."""
+
+    batch: int
+    seq: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def _mamba_dims(a: Arch) -> tuple[int, int, int, int, int]:
+    i = a.mamba_intermediate
+    return i, a.conv_dim, a.mamba_num_heads, a.ssm_state_size, a.mamba_head_dim
+
+
+def _saved_per_token(a: Arch, kind: str, *, residual: int, path: str, elastic: bool, chunk: int) -> float:
+    """Bytes autograd keeps per token for one block of `kind` in a bf16-autocast training forward.
+
+    Read off transformers' NemotronH (5.x) modules under autocast (matmuls and einsums in bf16, each
+    casting its inputs; element-wise ops in their input dtype):
+
+    * block RMSNorm: fp32 residual (fp32 weights): its input and normalised output (fp32), and one bf16
+      copy of the output per linear that reads it (autocast casts per op: 1 for Mamba / MLP, 3 for
+      q/k/v); bf16 residual (FSDP bf16 weights): an fp32 copy, the normalised output and the bf16 output.
+    * MLP: relu(up) and its square (bf16). Attention: q, k, v, the output and o_proj's input (bf16),
+      sdpa's log-sum-exp (flash / memory-efficient kernels: no S x S matrix).
+    * Mamba, torch path (``mamba2_chunk_scan``): the conv's bf16 input and output; x in fp32 and x * dt;
+      bf16 copies of x, B, C, B * decay and the chunk states for the einsums; one fp32 B or C repeated to
+      every head; ``L = exp(segsum)`` fp32 ``[H, Q]`` per token and the bf16 ``G = C.B`` and ``M = G * L``;
+      the gated RMSNorm's five fp32 tensors and out_proj's bf16 input.
+    * Mamba, fused kernel (mamba-ssm ``mamba_split_conv1d_scan_combined``): ``in_proj``'s output
+      ``[z|xBC|dt]`` and the scan output (bf16); the kernel recomputes the rest in backward. The elastic
+      model (search) cannot use the fused kernel (its gated norm is masked): transformers' unfused path
+      with mamba-ssm's chunk scan keeps ``[z|xBC|dt]``, the conv output, the scan output and the torch
+      gated norm.
+    * elastic masks (search): each masked RMSNorm keeps its scale (fp32), the depth gate keeps
+      ``block(x) - x`` (fp32), the MLP keeps its masked activation, the gated norm its scale.
+    """
+    h = a.hidden_size
+    readers = 3 if kind == "*" else 1
+    norm = (FP32 * h * 2 + BF16 * h * readers) if residual == FP32 else (FP32 * h * 2 + BF16 * h)
+    if elastic:
+        norm += FP32 * h * 2
+    if kind == "-":
+        f = a.intermediate_size
+        return norm + BF16 * f * 2 + (BF16 * f if elastic else 0)
+    if kind == "*":
+        q = a.num_attention_heads * a.head_dim
+        kv = a.num_key_value_heads * a.head_dim
+        return norm + BF16 * (2 * q + 2 * kv) + FP32 * a.num_attention_heads
+    if kind == "M":
+        i, cd, nh, n, p = _mamba_dims(a)
+        zxbcdt = BF16 * (i + cd + nh)
+        small = FP32 * nh * 4
+        if path == "kernel" and not elastic:
+            return norm + zxbcdt + BF16 * i + small
+        gated = FP32 * i * 5 + BF16 * i + (FP32 * i if elastic else 0)
+        if path == "kernel":
+            return norm + zxbcdt + BF16 * cd + BF16 * i + gated + small
+        # conv input: autocast's bf16 copy (fp32 weights), or the [z|xBC|dt] view itself (bf16 weights)
+        conv = (BF16 * cd if residual == FP32 else zxbcdt) + BF16 * cd
+        hn = nh * n
+        scan = (FP32 * i * 2 + BF16 * i * 3 + FP32 * hn + BF16 * hn * 4 + BF16 * nh * p * n / chunk * 2.5
+                + FP32 * nh * chunk + BF16 * nh * chunk * 2)
+        return norm + conv + scan + gated + small
+    raise ArchError(f"unsupported layer kind {kind!r}")
+
+
+def _scan_unit(a: Arch, chunk: int) -> int:
+    """Bytes per token of one fp32 ``[H, S/Q, Q, Q]`` segment-sum-shaped tensor (torch path)."""
+    return FP32 * a.mamba_num_heads * chunk
+
+
+def _scan_workspace(a: Arch, shape: Shape, chunk: int, path: str, backward: bool) -> float:
+    """Transient bytes of one Mamba layer's scan beyond what it keeps (one layer runs at a time).
+
+    torch path: ``segment_sum`` holds two fp32 ``[B, H, S/Q, Q, Q]`` tensors at once (masked copy and
+    cumsum) next to the fp32 B/C repeated to every head; its backward the gradients of ``L`` (fp32) and
+    of ``G`` / ``M`` (bf16), about 1.5 such tensors. kernel path: the fp32 chunk states
+    ``[B, S/Q, H, P, N]`` (in and out) and the per-chunk dt / dA cumsums; in backward also the gradient of
+    ``[z|xBC|dt]``.
+    """
+    if "M" not in a.pattern:
+        return 0.0
+    t = shape.tokens
+    i, cd, nh, n, p = _mamba_dims(a)
+    if path == "torch":
+        unit = _scan_unit(a, chunk)
+        return t * (1.5 * unit if backward else 2 * unit + FP32 * nh * n)
+    return t * (FP32 * nh * p * n / chunk * (3 if backward else 1) + FP32 * nh * 4 + (BF16 * (i + cd + nh) if backward else 0))
+
+
+def _layer_transient(a: Arch, kind: str, shape: Shape, backward: bool) -> float:
+    """The largest non-scan transient of one block: its output (fp32 residual) and widest intermediate;
+    in backward their gradients as well."""
+    t = shape.tokens
+    width = {"-": a.intermediate_size, "M": a.mamba_intermediate + a.conv_dim + a.mamba_num_heads,
+             "*": (a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim}[kind]
+    return t * (FP32 * a.hidden_size * 2 + BF16 * width * (3 if backward else 1))
+
+
+@dataclass
+class Term:
+    name: str
+    bytes: float
+    note: str = ""
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GiB
+
+
+@dataclass
+class StagePlan:
+    """One row of the plan: a stage (or distill phase) on `world_size` GPUs of `gpu_memory_bytes` each."""
+
+    row: str
+    stage: str
+    world_size: int
+    gpu_memory_bytes: float
+    reserve_bytes: float
+    strategy: str
+    teacher_mode: str
+    mamba_path: str
+    student: dict
+    student_params: int
+    teacher_params: int
+    seq_len: int
+    micro_batch: int
+    batch_size: int
+    grad_accum: int
+    steps: int
+    tokens_per_step: int
+    tokens: int
+    checkpointing: bool
+    flops_per_token: float
+    total_flops: float
+    gpu_hours: float
+    terms: list[Term] = field(default_factory=list)
+    phases: dict = field(default_factory=dict)  # moment of the step -> bytes per GPU; the peak is the largest
+    keys: dict = field(default_factory=dict)  # term name -> the config change that shrinks it (None: none here)
+    activations_other_bytes: float | None = None  # activations with the other checkpointing setting
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def budget_bytes(self) -> float:
+        return self.gpu_memory_bytes - self.reserve_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    def term(self, name: str) -> Term:
+        return next(t for t in self.terms if t.name == name)
+
+    def largest_term(self) -> Term:
+        return max(self.terms, key=lambda t: t.bytes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["terms"] = {t.name: {"bytes": int(t.bytes), "gib": round(t.gib, 2), "note": t.note} for t in self.terms}
+        d["phases"] = {k: round(v / GiB, 2) for k, v in self.phases.items()}
+        d.update(peak_bytes=int(self.peak_bytes), peak_gib=round(self.peak_bytes / GiB, 2), peak_phase=self.peak_phase,
+                 budget_gib=round(self.budget_bytes / GiB, 2), fits=self.fits)
+        if self.activations_other_bytes is not None:
+            d["activations_other_gib"] = round(self.activations_other_bytes / GiB, 2)
+        return d
+
+    def refusal(self) -> str:
+        """The PlanError message: the overflowing term, by how much, and what to change."""
+        ranked = sorted(self.terms, key=lambda t: -t.bytes)
+        big = next((t for t in ranked if self.keys.get(t.name)), ranked[0])
+        key = self.keys.get(big.name) or "raise plan.gpu_memory_gib (a larger GPU)"
+        msg = (f"{self.row}: {big.name} {big.gib:.1f} GiB overflow {self.gpu_memory_bytes / GiB:.0f} GiB per GPU "
+               f"(peak {self.peak_bytes / GiB:.1f} GiB > {self.budget_bytes / GiB:.1f} GiB usable after plan.reserve_gib; "
+               f"{self.strategy}, {self.world_size} GPU(s), Mamba {self.mamba_path} path) -- {key}")
+        if self.mamba_path == "torch":
+            from elastic.kernels import INSTALL_HINT
+
+            msg += f" [the fused Mamba kernels need far less: {INSTALL_HINT.split('#')[0].strip()}]"
+        return msg
+
+
+# ------------------------------------------------------------------------------------------------ the step model
+
+
+def _matmul_params(a: Arch) -> int:
+    """Parameters used in matrix products per token (every weight but the embedding lookup and vectors)."""
+    return a.num_params() - a.vocab_size * a.hidden_size - a.hidden_size * (1 + a.num_layers)
+
+
+def _mixer_flops_per_token(a: Arch, seq: int, chunk: int) -> float:
+    """Forward FLOPs per token beyond the weight matmuls: causal attention (q.k and p.v over half the
+    context on average) and the Mamba-2 SSD scan (intra-chunk C.B and M.x, chunk states in and out)."""
+    attn = a.count("*") * 2 * 2 * a.num_attention_heads * a.head_dim * (seq / 2)
+    i, cd, nh, n, p = _mamba_dims(a)
+    scan = a.count("M") * (2 * nh * chunk * n + 2 * nh * chunk * p + 4 * nh * p * n)
+    return attn + scan
+
+
+def _train_flops_per_token(student: Arch, teacher: Arch | None, seq: int, chunk: int, t_chunk: int,
+                           checkpointing: bool) -> float:
+    """Student forward + backward (2x forward) + the recomputed forward under checkpointing, and the
+    chunked loss's recomputed logits; teacher forward (logits included)."""
+    fwd = 2 * _matmul_params(student) + _mixer_flops_per_token(student, seq, chunk)
+    logits = 2 * student.vocab_size * student.hidden_size
+    total = 3 * fwd + logits + (fwd - logits if checkpointing else 0)
+    if teacher is not None:
+        total += 2 * _matmul_params(teacher) + _mixer_flops_per_token(teacher, seq, t_chunk)
+    return total
+
+
+def _block_params_max(a: Arch) -> int:
+    return max(a.layer_params(k) for k in set(a.pattern))
+
+
+def _root_params(a: Arch) -> int:
+    return a.num_params() - sum(a.layer_params(k) for k in a.pattern)
+
+
+def _activations(a: Arch, shape: Shape, *, residual: int, path: str, elastic: bool, chunk: int, checkpointing: bool) -> float:
+    t = shape.tokens
+    per_layer = {k: _saved_per_token(a, k, residual=residual, path=path, elastic=elastic, chunk=chunk) for k in set(a.pattern)}
+    final = FP32 * a.hidden_size * 2 + BF16 * a.hidden_size  # norm_f's input and output, the loss's bf16 hidden
+    if not checkpointing:
+        return t * (sum(per_layer[k] for k in a.pattern) + final)
+    # each block's input is kept; one block's activations are rebuilt at a time in backward
+    return t * (residual * a.hidden_size * a.num_layers + max(per_layer.values()) + final)
+
+
+def _loss_bytes(a: Arch, teacher: Arch | None, shape: Shape, loss_chunk: int, backward: bool) -> float:
+    """The chunked KD loss (``losses._chunk_sums`` under checkpoint): per chunk the student's and the
+    teacher's logits (bf16 from the matmul, then fp32), ``/ T``, two log-softmaxes and KL's element-wise
+    terms -- about 7 fp32 ``chunk x vocab`` tensors at once in the forward, 9.5 in the backward
+    (recomputed chunk + gradients). Plus the teacher's final hidden states (bf16) for the whole micro-batch."""
+    c = min(loss_chunk, shape.tokens)
+    hidden = BF16 * shape.tokens * (teacher.hidden_size if teacher else 0)
+    return hidden + (9.5 if backward else 7) * FP32 * c * a.vocab_size
+
+
+def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, shape: Shape, batch_size: int,
+                  steps: int, world_size: int, gpu_memory_bytes: float, reserve_bytes: float, strategy: str,
+                  teacher_mode: str, path: str, chunk: int, teacher_chunk: int, checkpointing: bool, loss_chunk: int,
+                  elastic: bool, peak_tflops: float, mfu: float, keys: dict[str, str], extra_params: int = 0) -> StagePlan:
+    """Per-GPU memory by term and the compute of one training stage (or phase)."""
+    n = world_size
+    sharded = strategy == "fsdp" and n > 1
+    p_s = student.num_params() + extra_params
+    div = n if sharded else 1
+    residual = BF16 if sharded else FP32
+    terms = [
+        Term("parameters", FP32 * p_s / div, f"fp32 master weights{' / %d' % n if sharded else ''}"),
+        Term("gradients", FP32 * p_s / div, "fp32"),
+        Term("optimizer", 2 * FP32 * p_s / div, "AdamW exp_avg + exp_avg_sq, fp32"),
+    ]
+    if strategy == "ddp" and n > 1:
+        terms.append(Term("ddp_buckets", FP32 * p_s, "DDP gradient buckets, about one more fp32 copy of the gradients"))
+    if sharded:
+        gathered = BF16 * (2 * _block_params_max(student) + _root_params(student))
+        grad_unsharded = (BF16 + FP32) * max(_block_params_max(student), _root_params(student))
+        terms.append(Term("fsdp_gathered", gathered + grad_unsharded,
+                          "bf16 all-gathered: 2 blocks (current + prefetch) + the root group; one unsharded gradient (bf16 + fp32)"))
+        weights_fwd = 0.0
+    else:
+        # autocast's cache of bf16 copies of the fp32 weights a matmul reads (not the embedding: a lookup), kept
+        # until the forward leaves autocast
+        weights_fwd = BF16 * (p_s - student.vocab_size * student.hidden_size)
+        terms.append(Term("bf16_weights", weights_fwd, "autocast's bf16 copies of the fp32 matmul weights (forward only)"))
+    if teacher is not None:
+        p_t = teacher.num_params()
+        if teacher_mode == "shard" and n > 1:
+            t_bytes = BF16 * p_t / n + BF16 * (2 * _block_params_max(teacher) + _root_params(teacher))
+            note = f"frozen bf16, FSDP2-sharded / {n} + 2 gathered blocks + root group"
+        else:
+            t_bytes = BF16 * p_t
+            note = "frozen bf16, replicated"
+        terms.append(Term("teacher", t_bytes, note))
+    act = _activations(student, shape, residual=residual, path=path, elastic=elastic, chunk=chunk, checkpointing=checkpointing)
+    other = _activations(student, shape, residual=residual, path=path, elastic=elastic, chunk=chunk, checkpointing=not checkpointing)
+    terms.append(Term("activations", act, ("with" if checkpointing else "without") + " activation checkpointing"))
+    loss_f = _loss_bytes(student, teacher, shape, loss_chunk, backward=False)
+    loss_b = _loss_bytes(student, teacher, shape, loss_chunk, backward=True)
+    terms.append(Term("logits_chunk", max(loss_f, loss_b),
+                      f"KD loss, {min(loss_chunk, shape.tokens)} tokens x {student.vocab_size} vocab per chunk (+ teacher hidden states)"))
+    ws_f = _scan_workspace(student, shape, chunk, path, backward=False)
+    ws_b = _scan_workspace(student, shape, chunk, path, backward=True)
+    ws_t = _scan_workspace(teacher, shape, teacher_chunk, path, backward=False) if teacher else 0.0
+    lt_f = max(_layer_transient(student, k, shape, False) for k in set(student.pattern))
+    lt_b = max(_layer_transient(student, k, shape, True) for k in set(student.pattern))
+    lt_t = max(_layer_transient(teacher, k, shape, False) for k in set(teacher.pattern)) if teacher else 0.0
+    terms.append(Term("mamba_scan", max(ws_f, ws_b, ws_t), f"{path} path: one Mamba layer's scan workspace"))
+    terms.append(Term("layer_transient", max(lt_f, lt_b, lt_t), "one block's outputs and gradients in flight"))
+
+    t = {x.name: x.bytes for x in terms}
+    fixed = t["parameters"] + t["optimizer"] + t.get("ddp_buckets", 0) + t.get("teacher", 0) + t.get("fsdp_gathered", 0)
+    grad_head = FP32 * student.vocab_size * student.hidden_size / div  # lm_head's gradient: the first one the backward makes
+    grad_block = FP32 * _block_params_max(student) / div
+    t_hidden = BF16 * shape.tokens * teacher.hidden_size if teacher else 0.0
+    # the step's moments, in order; the peak is the largest (activations are all alive from the end of the
+    # forward to the start of the backward; gradients grow while they are freed)
+    phases = {
+        "teacher forward": fixed + ws_t + lt_t,
+        "student forward": fixed + weights_fwd + act + t_hidden + ws_f + lt_f,
+        "loss forward": fixed + weights_fwd + act + loss_f,
+        "loss backward": fixed + act + loss_b,  # its first chunk, before lm_head's gradient exists (measured)
+        "blocks backward": fixed + act + t_hidden + grad_head + grad_block + ws_b + lt_b,
+        "optimizer step": fixed + t["gradients"],
+    }
+
+    tokens_per_step = batch_size * shape.seq
+    fpt = _train_flops_per_token(student, teacher, shape.seq, chunk, teacher_chunk, checkpointing)
+    total = fpt * tokens_per_step * steps
+    hours = total / (peak_tflops * 1e12 * mfu) / 3600
+    return StagePlan(
+        row=row, stage=stage, world_size=n, gpu_memory_bytes=gpu_memory_bytes, reserve_bytes=reserve_bytes,
+        strategy=strategy if n > 1 else "single", teacher_mode=teacher_mode if teacher is not None else "-", mamba_path=path,
+        student=student.to_dict(), student_params=p_s, teacher_params=teacher.num_params() if teacher else 0,
+        seq_len=shape.seq, micro_batch=shape.batch, batch_size=batch_size,
+        grad_accum=max(1, batch_size // (shape.batch * n)), steps=steps, tokens_per_step=tokens_per_step,
+        tokens=tokens_per_step * steps, checkpointing=checkpointing, flops_per_token=fpt, total_flops=total,
+        gpu_hours=hours, terms=terms, phases=phases, keys=keys, activations_other_bytes=other,
+    )
+
+
+def plan_inference(row: str, model: Arch, *, shape: Shape, dtype_bytes: int, tokens: int, passes: int, world_size: int,
+                   gpu_memory_bytes: float, reserve_bytes: float, path: str, chunk: int, logits_chunk: int,
+                   peak_tflops: float, mfu: float, keys: dict[str, str]) -> StagePlan:
+    """Importance: the parent in its dtype, forward only (no autograd state), `passes` forwards per batch
+    (1 + one per skipped layer for depth scores), logits `logits_chunk` tokens at a time."""
+    t = shape.tokens
+    h = model.hidden_size
+    terms = [
+        Term("parameters", dtype_bytes * model.num_params(), f"{dtype_bytes}-byte weights, inference"),
+        Term("activations", t * (dtype_bytes * h * 3 + FP32 * h * 2), "residual stream, the reference final hidden states, a norm's fp32"),
+        Term("logits_chunk", 3 * FP32 * min(logits_chunk, t) * model.vocab_size, "depth scoring: reference and skipped logits chunks in fp32 + a softmax"),
+        Term("mamba_scan", t * (3 * _scan_unit(model, chunk) + FP32 * model.mamba_num_heads * model.ssm_state_size)
+             if path == "torch" else _scan_workspace(model, shape, chunk, path, backward=False),
+             f"{path} path: one layer's scan workspace (no grad: segment sum, L, G and M in fp32)"),
+        Term("layer_transient", max(_layer_transient(model, k, shape, False) for k in set(model.pattern)), "one block's outputs"),
+    ]
+    total = sum(x.bytes for x in terms)
+    fpt = (2 * _matmul_params(model) + _mixer_flops_per_token(model, shape.seq, chunk)) * passes
+    flops = fpt * tokens
+    return StagePlan(
+        row=row, stage="importance", world_size=1, gpu_memory_bytes=gpu_memory_bytes, reserve_bytes=reserve_bytes,
+        strategy="single", teacher_mode="-", mamba_path=path, student=model.to_dict(), student_params=model.num_params(),
+        teacher_params=0, seq_len=shape.seq, micro_batch=shape.batch, batch_size=shape.batch, grad_accum=1,
+        steps=math.ceil(tokens / t), tokens_per_step=t, tokens=tokens, checkpointing=False, flops_per_token=fpt,
+        total_flops=flops, gpu_hours=flops / (peak_tflops * 1e12 * mfu) / 3600, terms=terms, phases={"forward": total},
+        keys=keys, notes=[f"one process (importance runs on one GPU); {passes} forwards per batch"],
+    )
+
+
+# ------------------------------------------------------------------------------------------------ strategy choice
+
+
+def _fits_replica(cfg, stage: str, world_size: int, gpu_memory_bytes: float, path: str | None) -> bool:
+    p = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="ddp", teacher="replicate", path=path)
+    return all(r.fits for r in p)
+
+
+def choose_strategy(cfg, stage: str, world_size: int, gpu_memory_bytes: float, mamba_path: str | None = None) -> str:
+    """``parallel.strategy``, or for ``auto``: ddp when a full replica fits on every GPU, else fsdp."""
+    s = str(_get(cfg, "parallel.strategy", "auto"))
+    if s not in ("auto", "ddp", "fsdp"):
+        raise PlanError(f"parallel.strategy must be auto, ddp or fsdp, got {s!r}")
+    if s != "auto":
+        return s
+    if world_size <= 1:
+        return "ddp"
+    return "ddp" if _fits_replica(cfg, stage, world_size, gpu_memory_bytes, mamba_path) else "fsdp"
+
+
+def choose_teacher(cfg, stage: str, world_size: int, gpu_memory_bytes: float, strategy: str | None = None,
+                   mamba_path: str | None = None) -> str:
+    """``parallel.teacher``, or for ``auto``: replicate when the replicated bf16 teacher fits next to the
+    student's share, else shard (only under fsdp; ddp always replicates)."""
+    s = str(_get(cfg, "parallel.teacher", "auto"))
+    if s not in ("auto", "replicate", "shard"):
+        raise PlanError(f"parallel.teacher must be auto, replicate or shard, got {s!r}")
+    strategy = strategy or choose_strategy(cfg, stage, world_size, gpu_memory_bytes, mamba_path)
+    if strategy != "fsdp" or world_size <= 1:
+        return "replicate"
+    if s != "auto":
+        return s
+    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="fsdp", teacher="replicate",
+                 path=mamba_path)
+    return "replicate" if all(r.fits for r in rows) else "shard"
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def _machine(cfg, world_size, gpu_memory_bytes):
+    n = int(world_size if world_size is not None else _get(cfg, "plan.gpus", 1))
+    mem = float(gpu_memory_bytes if gpu_memory_bytes is not None else float(_get(cfg, "plan.gpu_memory_gib", 80)) * GiB)
+    if n < 1 or mem <= 0:
+        raise PlanError(f"plan.gpus ({n}) and plan.gpu_memory_gib must be positive")
+    return n, mem, float(_get(cfg, "plan.reserve_gib", 0)) * GiB
+
+
+def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=None, teacher=None,
+          path: str | None = None) -> list[StagePlan]:
+    n, mem, reserve = _machine(cfg, world_size, gpu_memory_bytes)
+    pcfg = parent_config(cfg)
+    parent = Arch.from_config(pcfg)
+    chunk = int(pcfg.get("chunk_size") or pcfg.get("mamba_chunk_size") or 128)  # transformers' default: 128
+    path = path or mamba_path(cfg)
+    peak, mfu = float(_get(cfg, "plan.peak_tflops", 989)), float(_get(cfg, "plan.mfu", 0.35))
+    if stage == "importance":
+        c = cfg.importance
+        seq = int(_get(cfg, "importance.seq_len", _get(cfg, "data.seq_len", 256)))
+        b = int(c.batch_size)
+        passes = 1 + (parent.num_layers if bool(_get(cfg, "importance.depth", True)) else 0)
+        return [plan_inference("importance", parent, shape=Shape(b, seq), dtype_bytes=_dtype_bytes(_get(cfg, "parent.dtype", "float32")),
+                               tokens=int(c.num_sequences) * seq, passes=passes, world_size=1, gpu_memory_bytes=mem,
+                               reserve_bytes=reserve, path=path, chunk=chunk,
+                               logits_chunk=int(_get(cfg, "importance.logits_chunk_size", 1024)), peak_tflops=peak, mfu=mfu,
+                               keys={"activations": "lower importance.batch_size", "logits_chunk": "lower importance.logits_chunk_size",
+                                     "mamba_scan": "lower importance.batch_size or importance.seq_len (or install mamba-ssm: plan.mamba_path=kernel)",
+                                     "parameters": "set parent.dtype=bfloat16 or use a larger GPU (plan.gpu_memory_gib)",
+                                     "layer_transient": "lower importance.batch_size"})]
+    strategy = strategy or choose_strategy(cfg, stage, n, mem, path)
+    teacher = teacher or choose_teacher(cfg, stage, n, mem, strategy, path)
+    common = dict(world_size=n, gpu_memory_bytes=mem, reserve_bytes=reserve, strategy=strategy, teacher_mode=teacher,
+                  path=path, chunk=chunk, teacher_chunk=chunk, peak_tflops=peak, mfu=mfu)
+    if stage == "search":
+        c = cfg.search
+        ckpt = bool(_get(cfg, "search.gradient_checkpointing", False))
+        keys = _train_keys("search", "search", ckpt=ckpt, micro=int(c.micro_batch_size), n=n, strategy=strategy,
+                           teacher=teacher, path=path)
+        return [plan_training("search", "search", parent, parent, shape=Shape(int(c.micro_batch_size), int(c.seq_len)),
+                              batch_size=int(c.batch_size), steps=int(c.steps), checkpointing=ckpt,
+                              loss_chunk=int(_get(cfg, "search.loss_chunk_size", 1024)), elastic=True, keys=keys, **common)]
+    if stage == "distill":
+        from elastic.stages.distill import parse_phases
+
+        student, _src = student_arch(cfg, parent)
+        ckpt = bool(_get(cfg, "distill.gradient_checkpointing", False))
+        cap = _get(cfg, "distill.max_steps")
+        rows = []
+        for i, ph in enumerate(parse_phases(cfg.distill)):
+            keys = _train_keys("distill", f"distill.phases.{i}", ckpt=ckpt, micro=ph.micro_batch_size, n=n,
+                               strategy=strategy, teacher=teacher, path=path)
+            rows.append(plan_training(f"distill {ph.name}", "distill", student, parent, shape=Shape(ph.micro_batch_size, ph.seq_len),
+                                      batch_size=ph.batch_size, steps=ph.steps(cap), checkpointing=ckpt,
+                                      loss_chunk=int(_get(cfg, "distill.loss_chunk_size", 1024)), elastic=False, keys=keys, **common))
+        return rows
+    raise PlanError(f"stage {stage!r} has no plan; plan rows exist for importance, search and distill")
+
+
+def _train_keys(stage: str, batch_prefix: str, *, ckpt: bool, micro: int, n: int, strategy: str, teacher: str,
+                path: str) -> dict[str, str | None]:
+    """For each term, the config change that shrinks it here (None: nothing to change for this term, e.g. a
+    micro-batch that is already 1); `StagePlan.refusal` names the largest term that has one."""
+    lower_micro = f"lower {batch_prefix}.micro_batch_size" if micro > 1 else None
+    if n == 1:
+        shard = "use more GPUs: plan.gpus (with parallel.strategy=fsdp the weights, gradients and optimizer are sharded)"
+    else:
+        shard = "set parallel.strategy=fsdp" if strategy != "fsdp" else "raise plan.gpus"
+    if not ckpt:
+        act = f"set {stage}.gradient_checkpointing=true" + (f" or {lower_micro}" if lower_micro else "")
+    else:
+        act = lower_micro
+    kernel = ("install the fused Mamba kernels (pip install mamba-ssm causal-conv1d --no-build-isolation; "
+              "plan.mamba_path=kernel)")
+    return {
+        "parameters": shard, "gradients": shard, "optimizer": shard,
+        "ddp_buckets": shard, "bf16_weights": shard, "fsdp_gathered": "raise plan.gpu_memory_gib (a larger GPU)",
+        "teacher": shard if strategy != "fsdp" or n == 1 else ("set parallel.teacher=shard" if teacher != "shard" else "raise plan.gpus"),
+        "activations": act if act or path != "torch" else kernel,
+        "logits_chunk": f"lower {stage}.loss_chunk_size",
+        "mamba_scan": kernel if path == "torch" else lower_micro,
+        "layer_transient": lower_micro,
+    }
+
+
+def plan_stage(cfg, stage: str, *, world_size: int | None = None, gpu_memory_bytes: float | None = None,
+               mamba_path: str | None = None) -> StagePlan:
+    """The plan of one stage; for distill, the phase with the highest per-GPU peak (by share of the usable memory).
+    `world_size`, `gpu_memory_bytes` and `mamba_path` (kernel | torch, what a training stage detected) override
+    ``plan.gpus``, ``plan.gpu_memory_gib`` and ``plan.mamba_path``."""
+    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, path=mamba_path)
+    return max(rows, key=lambda r: r.peak_bytes / r.budget_bytes)
+
+
+def plan_rows(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, mamba_path=None) -> list[StagePlan]:
+    """Every row of a stage (distill: one per phase)."""
+    return _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, path=mamba_path)
+
+
+def check_stage(cfg, stage: str, *, world_size: int | None = None, gpu_memory_bytes: float | None = None,
+                mamba_path: str | None = None) -> list[StagePlan]:
+    """Raise `PlanError` naming the overflowing term and the change to make unless every row of `stage` fits
+    (call it before a training stage loads anything, with the launch's world size, the GPU's memory and the
+    Mamba path it detected); returns the rows otherwise."""
+    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, path=mamba_path)
+    bad = [r for r in rows if not r.fits]
+    if bad:
+        raise PlanError("; ".join(r.refusal() for r in bad))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ temperature schedule
+
+
+def tau_at_router_end(search_cfg) -> dict[str, float]:
+    """The Gumbel-softmax temperature at the last router step (before settling), from the search's own
+    `router.Schedule` -- the number ``tau_decay`` must be chosen against. ``tau_decay: null`` reaches
+    ``tau_min`` there by construction."""
+    from elastic.router import Schedule
+    from elastic.stages.search import settle_steps
+
+    c = search_cfg
+    router_steps = max(1, int(c.steps) - settle_steps(c))
+    decay = c.get("tau_decay")
+    sched = Schedule(router_steps, tau0=float(c.tau0), tau_min=float(c.tau_min), decay=None if decay is None else float(decay))
+    floor = Schedule(router_steps, tau0=float(c.tau0), tau_min=float(c.tau_min), decay=None)
+    return {"router_steps": router_steps, "tau_end": sched.tau(router_steps - 1), "tau_min": float(c.tau_min),
+            "decay_to_floor": floor.decay}
+
+
+def check_tau_schedule(search_cfg, rel: float = 0.5) -> str | None:
+    """A warning when the temperature ends the router phase well above its floor (``tau_end > tau_min``
+    by more than `rel` of the floor): ``tau_decay`` was chosen for a longer run."""
+    t = tau_at_router_end(search_cfg)
+    if t["tau_end"] > t["tau_min"] * (1 + rel):
+        return (f"search: the Gumbel temperature ends the {t['router_steps']} router steps at {t['tau_end']:.3f}, not at "
+                f"tau_min={t['tau_min']}; set search.tau_decay={t['decay_to_floor']:.5f} (or null: reach tau_min at the last router step)")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def plan_all(cfg, *, world_size=None, gpu_memory_bytes=None) -> dict[str, Any]:
+    """Every row (importance, search, distill phases) and the recipe's headline numbers, as plain data."""
+    n, mem, reserve = _machine(cfg, world_size, gpu_memory_bytes)
+    pcfg = parent_config(cfg)
+    parent = Arch.from_config(pcfg)
+    student, src = student_arch(cfg, parent)
+    rows = []
+    for stage in ("importance", "search", "distill"):
+        rows += _plan(cfg, stage, world_size=n, gpu_memory_bytes=mem)
+    tau = tau_at_router_end(cfg.search)
+    return {
+        "gpus": n, "gpu_memory_gib": mem / GiB, "reserve_gib": reserve / GiB, "mamba_path": mamba_path(cfg),
+        "teacher": {"params": parent.num_params(), "arch": parent.short()},
+        "student": {"params": student.num_params(), "arch": student.short(), "source": src},
+        "tau": tau, "tau_warning": check_tau_schedule(cfg.search),
+        "rows": [r.to_dict() for r in rows], "fits": all(r.fits for r in rows),
+        "gpu_hours": sum(r.gpu_hours for r in rows),
+        "_rows": rows,
+    }
