@@ -344,9 +344,6 @@ class StagePlan:
     def term(self, name: str) -> Term:
         return next(t for t in self.terms if t.name == name)
 
-    def largest_term(self) -> Term:
-        return max(self.terms, key=lambda t: t.bytes)
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["terms"] = {t.name: {"bytes": int(t.bytes), "gib": round(t.gib, 2), "note": t.note} for t in self.terms}

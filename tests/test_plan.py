@@ -30,7 +30,6 @@ from elastic.plan import (GiB, PlanError, Shape, check_stage, check_tau_schedule
 from elastic.run import CONF_DIR
 
 DATA = Path(__file__).parent / "data"
-ROOT = Path(__file__).resolve().parent.parent
 KINDS = {"M": "linear_attention", "-": "mlp", "*": "full_attention"}
 TOLERANCE = 0.15
 
@@ -73,7 +72,7 @@ def _report(plan, trace) -> str:
 def test_plan_matches_fake_tensor_trace_of_the_distill_step():
     from memtrace import trace_distill
 
-    pattern, seq, micro, chunk = "M-*", 8192, 2, 1024
+    pattern, seq, micro, chunk = "M-*", 8192, 1, 1024
     s_cfg = _config("nemotron-3-nano-4b.config.json", pattern)
     t_cfg = _config("nemotron-nano-9b-v2.config.json", pattern)
     trace = trace_distill(s_cfg, t_cfg, seq_len=seq, micro_batch=micro, chunk_size=chunk, checkpointing=True)
@@ -94,8 +93,9 @@ def test_plan_matches_fake_tensor_trace_of_the_search_step(tmp_path):
     p_cfg = _config("nemotron-nano-9b-v2.config.json", pattern, vocab_size=4096)
     cfg = _cfg("nemotron_9b_to_4b", tmp_path, f"search.seq_len={seq}", "search.micro_batch_size=1",
                "search.log_choices_every=1000")
-    # today's search stage runs without activation checkpointing (search.gradient_checkpointing is read by the
-    # lead's FSDP work): trace and plan the step as it runs
+    # stages/search.py does not read search.gradient_checkpointing yet, and its loss is still the unchunked
+    # kd_loss (at this 4096 vocabulary its logits are ~0.1 GiB, the chunked loss's less): trace and plan the step
+    # as it runs today, without checkpointing; pass checkpointing=True once the stage honours the key
     trace = trace_search(p_cfg, cfg.search, micro_batch=1, checkpointing=False)
     parent = Arch.from_config(p_cfg)
     plan = _one_replica(parent, parent, Shape(1, seq), chunk=p_cfg.chunk_size, checkpointing=False,
@@ -105,47 +105,46 @@ def test_plan_matches_fake_tensor_trace_of_the_search_step(tmp_path):
     assert plan.peak_bytes == pytest.approx(trace["Total"], rel=TOLERANCE), _report(plan, trace)
 
 
-def _run_cli(*args: str, cwd: Path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", ELASTIC_TRACEBACK="")
-    env.pop("ELASTIC_TRACEBACK")
-    return subprocess.run([sys.executable, "-m", "elastic.run", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+def test_plan_stage_on_a_config_only_folder_prints_and_writes_the_same_numbers(tmp_path, capsys):
+    from elastic.run import pipeline
 
-
-def test_cli_plans_the_9b_to_4b_recipe_from_a_config_only_folder(tmp_path):
     parent = _parent_dir(tmp_path, "nemotron-nano-9b-v2.config.json")
     run_dir = tmp_path / "run"
-    r = _run_cli("recipe=nemotron_9b_to_4b", "stage=plan", f"parent.path={parent}", f"run_dir={run_dir}",
-                 "plan.mamba_path=kernel", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "3,974M" in r.stdout and "8,888M" in r.stdout, r.stdout
+    pipeline(_cfg("nemotron_9b_to_4b", parent, "stage=plan", f"run_dir={run_dir}", "plan.mamba_path=kernel"))
+    out = capsys.readouterr().out
+    assert "3,974M" in out and "8,888M" in out, out
     doc = json.loads((run_dir / "plan" / "plan.json").read_text())
-    assert (run_dir / "plan" / "plan.json.meta.json").exists() and (run_dir / "plan" / "plan.md.meta.json").exists()
     assert [row["row"] for row in doc["rows"]] == ["importance", "search", "distill phase1", "distill phase2"]
     assert [row["seq_len"] for row in doc["rows"][2:]] == [8192, 49152]
     assert doc["fits"] and all(row["fits"] for row in doc["rows"])
     assert round(doc["student"]["params"] / 1e6) == 3974 and round(doc["teacher"]["params"] / 1e6) == 8888
-    # the table shows plan.json's numbers: the peak line of plan.md and of the terminal table
+    # the terminal table and plan.md show plan.json's numbers
     md = (run_dir / "plan" / "plan.md").read_text()
-    peaks = [f"{row['peak_gib']:.1f} / {row['budget_gib']:.1f}" for row in doc["rows"]]
-    peak_line = next(line for line in md.splitlines() if line.startswith("| PEAK"))
-    assert [c.strip() for c in peak_line.strip("|").split("|")[1:]] == peaks
-    for p in peaks:
-        assert p in r.stdout
+    for label, fmt in (("PEAK", lambda r: f"{r['peak_gib']:.1f} / {r['budget_gib']:.1f}"),
+                       ("activations GiB", lambda r: f"{r['terms']['activations']['gib']:.1f}"),
+                       ("GPU-hours", lambda r: f"{r['gpu_hours']:,.0f}")):
+        want = [fmt(r) for r in doc["rows"]]
+        line = next(x for x in md.splitlines() if x.startswith(f"| {label}"))
+        assert [c.strip() for c in line.strip("|").split("|")[1:]] == want, label
+        table_line = next(x for x in out.splitlines() if label in x)
+        assert all(w in table_line for w in want), (label, table_line)
     # not part of stage=all: no DONE marker, nothing else written
     assert not (run_dir / "plan" / "DONE.json").exists()
     assert sorted(p.name for p in (run_dir / "plan").iterdir()) == ["plan.json", "plan.json.meta.json", "plan.md", "plan.md.meta.json"]
 
 
-def test_cli_refuses_ddp_naming_the_term_after_writing_the_plan(tmp_path):
+def test_cli_refuses_ddp_with_one_error_line_after_writing_the_plan(tmp_path):
     parent = _parent_dir(tmp_path, "nemotron-nano-9b-v2.config.json")
     run_dir = tmp_path / "run"
-    r = _run_cli("recipe=nemotron_9b_to_4b", "stage=plan", f"parent.path={parent}", f"run_dir={run_dir}",
-                 "plan.mamba_path=kernel", "parallel.strategy=ddp", cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "ELASTIC_TRACEBACK"} | {"OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "elastic.run", "recipe=nemotron_9b_to_4b", "stage=plan", f"parent.path={parent}",
+                        f"run_dir={run_dir}", "plan.mamba_path=kernel", "parallel.strategy=ddp"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("elastic: error: "), r.stderr
     assert "search: optimizer" in err[0] and "set parallel.strategy=fsdp" in err[0]
+    assert "3,974M" in r.stdout and "8,888M" in r.stdout
     doc = json.loads((run_dir / "plan" / "plan.json").read_text())  # written before the refusal
     assert not doc["fits"] and {row["row"] for row in doc["rows"] if not row["fits"]} >= {"search", "distill phase1"}
 
