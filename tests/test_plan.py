@@ -93,12 +93,11 @@ def test_plan_matches_fake_tensor_trace_of_the_search_step(tmp_path):
     p_cfg = _config("nemotron-nano-9b-v2.config.json", pattern, vocab_size=4096)
     cfg = _cfg("nemotron_9b_to_4b", tmp_path, f"search.seq_len={seq}", "search.micro_batch_size=1",
                "search.log_choices_every=1000")
-    # stages/search.py does not read search.gradient_checkpointing yet, and its loss is still the unchunked
-    # kd_loss (at this 4096 vocabulary its logits are ~0.1 GiB, the chunked loss's less): trace and plan the step
-    # as it runs today, without checkpointing; pass checkpointing=True once the stage honours the key
-    trace = trace_search(p_cfg, cfg.search, micro_batch=1, checkpointing=False)
+    # the search step as the recipe runs it: activation checkpointing (each block recomputed under the masks it
+    # captured) and the chunked KD loss inside SearchModel.forward
+    trace = trace_search(p_cfg, cfg.search, micro_batch=1, checkpointing=True)
     parent = Arch.from_config(p_cfg)
-    plan = _one_replica(parent, parent, Shape(1, seq), chunk=p_cfg.chunk_size, checkpointing=False,
+    plan = _one_replica(parent, parent, Shape(1, seq), chunk=p_cfg.chunk_size, checkpointing=True,
                         loss_chunk=int(cfg.search.loss_chunk_size), elastic=True)
     print(_report(plan, trace))
     assert trace["OPT"] == pytest.approx(plan.term("optimizer").bytes, rel=0.01)  # the router's few K params aside
