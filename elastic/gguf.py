@@ -129,12 +129,14 @@ def pretokenizer_type(tokenizer) -> str:
         raise GGUFError("the tokenizer has no pre-tokenizer; llama.cpp's converter does not know it")
     gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     for text in PRETOKENIZER_TEXTS:
-        ours, ref = backend.pre_tokenizer.pre_tokenize_str(text), gpt2.pre_tokenize_str(text)
-        if [p for p, _ in ours] != [p for p, _ in ref]:
-            first = next(i for i, (a, b) in enumerate(zip(ours + [("", None)] * len(ref), ref + [("", None)] * len(ours))) if a[0] != b[0])
+        ours = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+        ref = [p for p, _ in gpt2.pre_tokenize_str(text)]
+        if ours != ref:
+            i = next(i for i in range(max(len(ours), len(ref))) if ours[i:i + 1] != ref[i:i + 1])
+            piece = lambda parts: repr(parts[i][:20]) if i < len(parts) else "nothing"  # noqa: E731
             raise GGUFError(f"the tokenizer's pre-tokenizer ({spec['pre_tokenizer'].get('type')}) is not GPT-2's byte-level "
-                            f"split and llama.cpp's converter does not know it: on {text[:30]!r} piece {first} is "
-                            f"{(ours[first][0] if first < len(ours) else None)!r}, GPT-2 gives {(ref[first][0] if first < len(ref) else None)!r}")
+                            f"split and llama.cpp's converter does not know it: in {text[:24]!r} piece {i} is {piece(ours)}, "
+                            f"GPT-2's split gives {piece(ref)}")
     return "gpt-2"
 
 
@@ -255,12 +257,12 @@ def stage_source(checkpoint: str | Path, dest: Path) -> Path:
     return dest
 
 
-def convert(checkpoint: str | Path, out: Path, outtype: str, *, pre: str | None, workdir: Path) -> None:
+def convert(checkpoint: str | Path, out: Path, outtype: str, *, pre: str | None, workdir: Path, name: str | None = None) -> None:
     """Run llama.cpp's converter on `checkpoint` -> `out` (type `outtype`); `pre` is the pre-tokenizer type
     the converter falls back to when its own table does not know the tokenizer."""
     src = stage_source(checkpoint, workdir / "source")
     cmd = [sys.executable, "-m", "elastic.gguf", "convert", str(llama_cpp_dir()), pre or "",
-           str(src), "--outfile", str(out), "--outtype", outtype]
+           str(src), "--outfile", str(out), "--outtype", outtype, "--model-name", name or Path(checkpoint).name]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out.is_file():
@@ -276,11 +278,13 @@ def _converter_reason(log: str) -> str:
 
 
 def _converter_main(argv: Sequence[str]) -> None:
-    """Child process: run llama.cpp's converter unchanged, with one fallback for unknown tokenizers.
+    """Child process: run llama.cpp's converter as it is, with two of its methods wrapped (its files untouched).
 
-    The converter's `get_vocab_base_pre` raises NotImplementedError for a BPE tokenizer missing from its
-    hash table; when the parent verified the tokenizer's pre-tokenization (`pretokenizer_type`), that
-    type is returned instead. Known tokenizers still take the converter's own answer.
+    - `get_vocab_base_pre` raises NotImplementedError for a BPE tokenizer missing from its hash table;
+      when the parent verified the tokenizer's pre-tokenization (`pretokenizer_type`), that type is
+      returned instead. Known tokenizers still get the converter's own answer.
+    - `load_hparams` returns a NemotronH config.json as written (the hub-style one `stage_source` made)
+      instead of transformers' AutoConfig view of it, which adds MoE keys to every NemotronH.
     """
     llama_dir, pre, *args = argv
     sys.path.insert(0, llama_dir)
@@ -299,7 +303,17 @@ def _converter_main(argv: Sequence[str]) -> None:
             print(f"elastic: pre-tokenizer not in llama.cpp's table; using the verified {pre!r}", file=sys.stderr)
             return pre
 
+    load_hparams = base.ModelBase.load_hparams
+
+    def load_hparams_as_written(dir_model: Path, is_mistral_format: bool):
+        # The converter reads configs through transformers' AutoConfig, which refills the MoE defaults
+        # that hub_style_config removed (and llama.cpp would take the model for nemotron_h_moe); its
+        # own fallback reads config.json as written, which is what a NemotronH needs here.
+        raw = json.loads((Path(dir_model) / "config.json").read_text())
+        return raw if raw.get("model_type") == "nemotron_h" else load_hparams(dir_model, is_mistral_format)
+
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    base.ModelBase.load_hparams = staticmethod(load_hparams_as_written)
     convert_hf_to_gguf.main()
 
 
@@ -340,7 +354,7 @@ def export_gguf(checkpoint: str | Path, name: str, quants: Sequence[str], *, wor
     base_type = _CONVERTER_TYPES.get(dtype, "f32")
     base = workdir / f"{name}-{base_type}.gguf"
     try:
-        convert(checkpoint, base, base_type, pre=pre, workdir=workdir)
+        convert(checkpoint, base, base_type, pre=pre, workdir=workdir, name=name)
     except GGUFError as e:
         if pre_error is not None and "tokenizer unknown" in str(e):
             raise pre_error from None
