@@ -222,8 +222,8 @@ def tool_versions() -> dict[str, str]:
 
 
 class quiet_llama:
-    """Silence llama.cpp's C-level logging (it writes to stderr regardless of `verbose`) while keeping
-    the messages: a failed load raises `GGUFError` with llama.cpp's own last error lines."""
+    """Collect llama.cpp's log instead of printing it (llama-cpp-python prints its errors to stderr), so
+    that a file llama.cpp cannot load raises `GGUFError` with llama.cpp's own last error lines."""
 
     def __enter__(self):
         import llama_cpp
@@ -239,6 +239,9 @@ class quiet_llama:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        import llama_cpp._logger
+
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))  # llama-cpp-python's own
         if exc_type is not None and issubclass(exc_type, ValueError) and not issubclass(exc_type, GGUFError):
             errors = [ln.strip() for ln in "".join(self.lines).splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
             raise GGUFError(f"llama.cpp cannot load the GGUF: {'; '.join(errors[-3:]) or exc}") from None
