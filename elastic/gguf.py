@@ -468,7 +468,6 @@ def check(checkpoint: str | Path, files: dict[str, Path], prompts: Sequence[str]
     finally:
         torch.set_num_threads(torch_threads)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    del model
     hf |= {"format": f"transformers ({dtype})", "size_bytes": sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))}
     report: dict[str, Any] = {
         "source": str(checkpoint.resolve()), "prompts": list(prompts), "max_new_tokens": max_new_tokens, "threads": threads,
@@ -478,27 +477,45 @@ def check(checkpoint: str | Path, files: dict[str, Path], prompts: Sequence[str]
     for quant, path in files.items():
         r = run_llama(path, prompt_ids, rows, max_new_tokens, eos, threads)
         same = [a == b for a, b in zip(r["tokens"], hf["tokens"])]
+        first = [None if s else next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                 for s, a, b in zip(same, r["tokens"], hf["tokens"])]
         r |= {
             "format": f"GGUF {quant}", "size_bytes": path.stat().st_size, "ppl": math.exp(r["nll"]),
-            "tokens_identical": same, "all_identical": all(same),
-            "first_divergence": [None if s else next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                                 for s, a, b in zip(same, r["tokens"], hf["tokens"])],
+            "tokens_identical": same, "all_identical": all(same), "first_divergence": first,
+            # where greedy paths part: how far apart the HF model put its own token and the GGUF's
+            # (a small gap is a near-tie that any rounding can flip; a large one would be a real error)
+            "hf_logit_gap_at_divergence": [None if d is None else _logit_gap(model, p + h[:d], h, g, d)
+                                           for d, p, h, g in zip(first, prompt_ids, hf["tokens"], r["tokens"])],
             "ppl_delta": math.exp(r["nll"]) - math.exp(hf["nll"]),
         }
         report["models"][quant] = r
     return report
 
 
+def _logit_gap(model, ids: list[int], hf_tokens: list[int], gguf_tokens: list[int], d: int) -> float | None:
+    """HF logit of its own token minus that of the GGUF's token at step `d` (None: one sequence just ended)."""
+    import torch
+
+    if d >= len(hf_tokens) or d >= len(gguf_tokens):
+        return None
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+    return float(logits[hf_tokens[d]] - logits[gguf_tokens[d]])
+
+
 def check_table(report: dict[str, Any]) -> str:
     """The check as a markdown table (benchmarks/gguf_toy.md, the stage's printout)."""
     hf = report["models"]["hf"]
     n = len(report["prompts"])
-    lines = ["| model | size on disk | held-out ppl | ppl delta vs HF | greedy tokens = HF | CPU tokens/s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | size on disk | held-out ppl | ppl delta vs HF | greedy tokens = HF | HF logit gap where they part | CPU tokens/s |",
+             "|---|---|---|---|---|---|---|"]
     for key, m in report["models"].items():
         same = f"{n}/{n} (reference)" if key == "hf" else f"{sum(m['tokens_identical'])}/{n}"
         delta = "" if key == "hf" else f"{m['ppl_delta']:+.4f} ({m['ppl_delta'] / hf['ppl']:+.2%})"
-        lines.append(f"| {m['format']} | {m['size_bytes'] / 2**20:.2f} MiB | {m['ppl']:.4f} | {delta} | {same} | {m['tokens_per_s']:.0f} |")
+        gaps = ", ".join(f"{g:.3f} @{d}" for g, d in zip(m.get("hf_logit_gap_at_divergence", []), m.get("first_divergence", []))
+                         if g is not None)
+        lines.append(f"| {m['format']} | {m['size_bytes'] / 2**20:.2f} MiB | {m['ppl']:.4f} | {delta} | {same} | {gaps} | "
+                     f"{m['tokens_per_s']:.0f} |")
     return "\n".join(lines)
 
 

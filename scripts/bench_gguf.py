@@ -43,9 +43,10 @@ def main() -> None:
     from elastic.run import CONF_DIR, pipeline
 
     run = RunDir(args.run_dir)
-    distilled = (run.done_record("distill") or {}).get("summary", {}).get("output")
+    distill = (run.done_record("distill") or {}).get("summary", {})
     pruned = read_json(run.path("prune", "latest.json"))["path"] if run.path("prune", "latest.json").exists() else None
-    models = {"distilled": distilled, "pruned": pruned}
+    # the parent too: its widths (hidden 128, FFN 512) let llama.cpp use K-quants where the pruned ones' do not
+    models = {"distilled": distill.get("output"), "pruned": pruned, "parent (uncompressed)": distill.get("teacher")}
     missing = [k for k, v in models.items() if not v]
     if missing:
         sys.exit(f"{args.run_dir} has no {' / '.join(missing)} model: run `python -m elastic.run run_dir={args.run_dir}` first")
@@ -61,8 +62,9 @@ def main() -> None:
         name = Path(next(iter(summary["files"].values()))).name.rsplit("-", 1)[0]
         report = json.loads(run.path("export", f"{name}.check.json").read_text())
         metas = {q: json.loads(Path(p + ".meta.json").read_text()) for q, p in summary["files"].items()}
-        lines = [f"### {label}: `{Path(path).relative_to(run.root)}`", "",
-                 f"`python -m elastic.run {' '.join(o for o in overrides if not o.startswith('run_dir'))} run_dir=RUN`", "",
+        where = Path(path).relative_to(run.root) if Path(path).is_relative_to(run.root) else Path(path).name
+        lines = [f"### {label}: `{where}`", "",
+                 f"`python -m elastic.run {' '.join(o for o in overrides if not o.startswith('run_dir')).replace(str(run.root), 'RUN')} run_dir=RUN`", "",
                  gguf.check_table(report), ""]
         lines.append("Tensor types per file (llama.cpp falls back from K-quants where a row is not a multiple of 256):")
         lines.append("")
@@ -78,7 +80,7 @@ def main() -> None:
 
     versions = metas[next(iter(metas))]["tool_versions"]
     header = [
-        "# GGUF export of the toy run, run in llama.cpp", "",
+        "# GGUF export of the toy run, run in llama.cpp",
         f"Command: `.venv/bin/python scripts/bench_gguf.py --run-dir RUN --quant {' '.join(args.quant)} "
         f"--heldout-sequences {args.heldout_sequences} --seq-len {args.seq_len} --max-new-tokens {args.max_new_tokens}` "
         "after `OMP_NUM_THREADS=1 .venv/bin/python -m elastic.run run_dir=RUN` (the toy run).",
@@ -88,12 +90,12 @@ def main() -> None:
         f"Held-out text: {report['heldout']['sequences']} sequences x {report['heldout']['seq_len']} tokens of the toy's "
         f"held-out plays ({report['heldout']['tokens']} predicted tokens); {len(report['prompts'])} prompts x "
         f"{report['max_new_tokens']} greedy tokens, the same token ids in transformers and llama.cpp; "
-        f"threads: {report['threads']}.", "",
+        f"threads: {report['threads']}.",
     ]
     out = Path(args.out)
     # hand-written reading of the results below the marker survives a rerun
     notes = out.read_text().partition(NOTES)[2] if out.exists() and NOTES in out.read_text() else "\n"
-    out.write_text("\n".join(header) + "\n\n".join(sections) + "\n" + NOTES + notes)
+    out.write_text("\n\n".join(header + sections) + "\n" + NOTES + notes)
     print(f"wrote {args.out}")
 
 
