@@ -2,7 +2,7 @@
 # Install elastic into ./.venv (idempotent: a second run only checks what is there).
 #   bash scripts/install.sh            # then use .venv/bin/python
 #   bash scripts/install.sh --gguf     # also the gguf extra: llama.cpp built for this CPU (scripts/install_gguf.sh;
-#                                      #   ~10 min the first time on 2 cores, seconds from its cached wheel)
+#                                      #   8-10 min the first time on 2 idle cores, under a minute from its cached wheel)
 # torch goes first and alone: on CPU-only machines a plain `pip install` of the rest would pull
 # gigabytes of CUDA packages. Set TORCH_SPEC to pick another build (e.g. TORCH_SPEC="torch" on GPU hosts).
 set -euo pipefail

@@ -9,7 +9,8 @@
 #     llama_cpp_python-<v>.tar.gz                         the sdist
 #     llama_cpp_python-<v>/vendor/llama.cpp/              llama.cpp's sources, converter and gguf-py
 #     llama_cpp_python-<v>-*.whl                          the wheel built here (CPU, -march=native)
-# Cost on 2 CPU cores: first build ~10 min (compiling llama.cpp), then ~10 s from the cached wheel.
+# Cost on 2 CPU cores: the first build compiles llama.cpp (8-10 min idle; 52 min on cores shared with 3 other
+# jobs), later installs use the cached wheel (under a minute).
 # The wheel is tuned to the CPU it was built on (GGML_NATIVE): delete the cache folder on another CPU.
 # CMAKE_ARGS adds llama.cpp build options (e.g. -DGGML_CUDA=on on a GPU host; then delete the cached wheel).
 set -euo pipefail
