@@ -17,6 +17,9 @@ without editing llama.cpp's files:
   ``nemotron_h_moe`` and llama.cpp then fails to load a dense model. :func:`hub_style_config` writes
   the config the way NVIDIA's released checkpoints do (``hybrid_override_pattern``,
   ``num_hidden_layers``, no MoE keys for a dense model), which transformers reads to the same model.
+  The converter reads configs through ``AutoConfig``, which puts the MoE defaults back (transformers
+  5.24), so the child process hands it the hub-style config.json as written, as the converter's own
+  fallback for unreadable configs does.
 """
 
 from __future__ import annotations
@@ -153,8 +156,8 @@ def check_tokenizer(gguf_path: str | Path, tokenizer) -> None:
             if got != ref:
                 raise GGUFError(f"llama.cpp tokenizes {text[:30]!r} differently from transformers "
                                 f"({len(got)} vs {len(ref)} tokens); the GGUF's tokenizer ({gguf_pre(gguf_path)}) does not match")
-            if llm.detokenize(ref) != text.encode():
-                raise GGUFError(f"llama.cpp detokenizes {text[:30]!r} to different text")
+            if llm.detokenize(ref) != tokenizer.decode(ref).encode():
+                raise GGUFError(f"llama.cpp detokenizes the ids of {text[:30]!r} to other text than transformers does")
     finally:
         llm.close()
 
