@@ -66,7 +66,8 @@ def main() -> None:
         lines = [f"### {label}: `{where}`", "",
                  f"`python -m elastic.run {' '.join(o for o in overrides if not o.startswith('run_dir')).replace(str(run.root), 'RUN')} run_dir=RUN`", "",
                  gguf.check_table(report), ""]
-        lines.append("Tensor types per file (llama.cpp falls back from K-quants where a row is not a multiple of 256):")
+        lines.append("Tensor types per file (llama.cpp keeps F16 or falls back to another type where a tensor's input width "
+                     "is not a multiple of the quant block: 32, or 256 for K-quants):")
         lines.append("")
         for q, m in metas.items():
             lines.append(f"- {q}: {m['architecture']}, pre-tokenizer `{m['tokenizer_pre']}`, tensors {m['tensor_types']}")
