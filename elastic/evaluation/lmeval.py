@@ -1,0 +1,93 @@
+"""Multiple-choice accuracy through lm-evaluation-harness, on task YAMLs and data shipped with us.
+
+The shipped tasks (``elastic/evaluation/tasks/*.yaml``) read local JSONL through ``dataset_path:
+json`` with ``data_files`` relative to the task folder, so nothing touches the hub. lm-eval hands
+``data_files`` to `datasets`, which resolves a relative path from the working directory: a task runs
+with the working directory set to its YAML's folder, here (`in_folder`) as on the command line::
+
+    cd elastic/evaluation/tasks && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf \\
+        --model_args pretrained=/abs/path/to/checkpoint,dtype=float32 --include_path . \\
+        --tasks elastic_social_iqa,elastic_winowhy
+
+A user's own task folder (``evaluate.task_dirs``) follows the same convention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from elastic.evaluation.models import EvaluateError
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+def read_yaml(path: Path) -> dict:
+    """A task YAML as lm-eval itself reads it (`include:` merged, `!function` tags left unresolved)."""
+    from lm_eval.tasks._yaml_loader import load_yaml  # what TaskManager uses; no public equivalent in 0.4.13
+
+    return load_yaml(path, resolve_func=False)
+
+
+def find_tasks(names: list[str], extra_dirs: list[str | Path] = ()) -> dict[str, Path]:
+    """Task name -> its YAML, for every name asked for; a YAML that does not parse is an error now."""
+    index: dict[str, Path] = {}
+    for d in [TASKS_DIR, *[Path(str(x)).expanduser().resolve() for x in extra_dirs]]:
+        if not d.is_dir():
+            raise EvaluateError(f"evaluate.task_dirs: {d} is not a folder")
+        for y in sorted(d.glob("*.yaml")):
+            try:
+                cfg = read_yaml(y)
+            except Exception as e:  # yaml errors, a bad !function, an unreadable include: all one message
+                raise EvaluateError(f"task file {y} does not parse: {type(e).__name__}: {e}") from None
+            if not isinstance(cfg, dict) or "task" not in cfg:
+                raise EvaluateError(f"task file {y} has no `task:` name")
+            index[str(cfg["task"])] = y
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise EvaluateError(f"evaluate.tasks: unknown task(s) {missing}; available: {sorted(index)}")
+    return {n: index[n] for n in names}
+
+
+@contextlib.contextmanager
+def in_folder(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def num_choices(yaml_path: Path) -> float | None:
+    """Mean number of choices of a shipped-style task (JSONL with a `choices` list): its chance level is 1/that."""
+    import json
+
+    cfg = read_yaml(yaml_path)
+    files = ((cfg.get("dataset_kwargs") or {}).get("data_files") or {})
+    f = files.get(cfg.get("test_split", "test")) if isinstance(files, dict) else None
+    p = yaml_path.parent / f if f else None
+    if not p or not p.is_file():
+        return None
+    counts = [len(json.loads(line).get("choices", [])) for line in p.read_text().splitlines() if line.strip()]
+    return sum(counts) / len(counts) if counts and all(counts) else None
+
+
+def evaluate(model, tokenizer, tasks: dict[str, Path], *, limit: int | None, batch_size: int = 8) -> dict[str, dict]:
+    """Accuracy (acc, acc_norm, stderr, examples) per task for an already loaded model."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+    out = {}
+    for name, yaml_path in tasks.items():
+        with in_folder(yaml_path.parent):
+            tm = TaskManager(include_path=str(yaml_path.parent), include_defaults=False)
+            res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, num_fewshot=0,
+                                          log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+        r = res["results"][name]
+        out[name] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"),
+                     "acc_stderr": r.get("acc_stderr,none"), "examples": int(res["n-samples"][name]["effective"])}
+    return out
