@@ -223,3 +223,67 @@ def test_bad_input_exits_with_one_line(tmp_path):
                         f"evaluate.models=[{tmp_path / 'none'}]"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("elastic: error: evaluate.models: no model at")
+
+
+# ------------------------------------------------------------------------------------------------ pass key
+class _Backbone(torch.nn.Module):
+    """Hidden state of the last position = a bag of the token ids seen in its last `window` positions."""
+
+    def __init__(self, vocab: int, window: int | None):
+        super().__init__()
+        self.vocab, self.window = vocab, window
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, use_cache=False):
+        seen = input_ids if self.window is None else input_ids[:, -self.window:]
+        h = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        h[:, -1] = torch.nn.functional.one_hot(seen, self.vocab).sum(1).float()
+        return type("Out", (), {"last_hidden_state": h})()
+
+
+class _LM(torch.nn.Module):
+    """A stand-in LM with a fixed prior over words; with `copy`, it raises words it saw in its window."""
+
+    def __init__(self, vocab: int, copy: bool, window: int | None = None):
+        super().__init__()
+        self.base_model = _Backbone(vocab, window)
+        self.head = torch.nn.Linear(vocab, vocab, bias=True)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(vocab) * (3.0 if copy else 0.0))
+            self.head.bias.copy_(torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 2)  # a strong prior
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer(toy_parent):
+    return load_tokenizer(toy_parent)
+
+
+def test_passkey_scorer_reads_the_needle_and_only_the_needle(toy_tokenizer):
+    """A model that ignores the context (however strong its prior) scores exactly chance; a model that
+    reaches the needle finds every key; one that sees only its last 40 tokens finds keys only while the
+    needle lies within them (a model past its trained reach falls to chance)."""
+    tok = toy_tokenizer
+    hay = torch.cat([torch.tensor(tok.encode(open(f).read()[:40000], add_special_tokens=False)) for f in toy.toy_files("heldout")[:1]])
+    vocab = len(tok)
+    blind, reader, near = _LM(vocab, copy=False), _LM(vocab, copy=True), _LM(vocab, copy=True, window=40)
+    for length in (48, 200):
+        trials = passkey.build_trials(tok, hay, length, depth=0.5, n=6, num_candidates=4, seed=0)
+        assert trials.ids.shape == (6, 4, length)
+        assert passkey.accuracy(blind, trials) == pytest.approx(0.25)
+        assert passkey.accuracy(reader, trials) == 1.0
+        assert passkey.accuracy(near, trials) == (1.0 if length == 48 else pytest.approx(0.25))
+    # the key words never occur in the haystack of their own trial
+    for row, cands in zip(trials.ids, trials.candidates):
+        assert sum(int((row[0] == c).sum()) for c in cands) == 1
+
+
+def test_end_of_run_table_names_outputs_and_key_figures(evaluated):
+    from elastic.summary import rows
+
+    summary, run_dir = evaluated
+    (row,) = rows(Path(run_dir).resolve(), {"evaluate": summary})
+    assert row[0] == "evaluate" and row[1] == "evaluate/report/report.html"
+    assert "2 models" in row[2] and "FAILED: prune/broken, quantize/fp8" in row[2]

@@ -74,20 +74,38 @@ def num_choices(yaml_path: Path) -> float | None:
     return sum(counts) / len(counts) if counts and all(counts) else None
 
 
-def evaluate(model, tokenizer, tasks: dict[str, Path], *, limit: int | None, batch_size: int = 8) -> dict[str, dict]:
+def load_tasks(tasks: dict[str, Path]) -> list[dict]:
+    """lm-eval task dicts, one per task folder, built once for all models (indexing a folder costs seconds).
+
+    Each folder's tasks are built with the working directory in that folder, where their relative
+    `data_files` resolve (the datasets are read at this point).
+    """
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    by_folder: dict[Path, list[str]] = {}
+    for name, path in tasks.items():
+        by_folder.setdefault(path.parent, []).append(name)
+    out = []
+    for folder, names in by_folder.items():
+        with in_folder(folder):
+            tm = TaskManager(include_path=str(folder), include_defaults=False)
+            try:
+                out.append(get_task_dict(names, tm))
+            except Exception as e:  # a data file that is missing or malformed: name the folder and task
+                raise EvaluateError(f"lm-eval tasks {names} in {folder} do not load: {type(e).__name__}: {e}") from None
+    return out
+
+
+def evaluate(model, tokenizer, task_dicts: list[dict], *, limit: int | None, batch_size: int = 8) -> dict[str, dict]:
     """Accuracy (acc, acc_norm, stderr, examples) per task for an already loaded model."""
-    import lm_eval
+    from lm_eval.evaluator import evaluate as lm_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     out = {}
-    for name, yaml_path in tasks.items():
-        with in_folder(yaml_path.parent):
-            tm = TaskManager(include_path=str(yaml_path.parent), include_defaults=False)
-            res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, num_fewshot=0,
-                                          log_samples=False, bootstrap_iters=0, verbosity="WARNING")
-        r = res["results"][name]
-        out[name] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"),
-                     "acc_stderr": r.get("acc_stderr,none"), "examples": int(res["n-samples"][name]["effective"])}
+    for task_dict in task_dicts:
+        res = lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+        for name, r in res["results"].items():
+            out[name] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"),
+                         "examples": int(res["n-samples"][name]["effective"])}
     return out
