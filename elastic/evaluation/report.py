@@ -205,16 +205,20 @@ def plot_distill(metrics: list[dict], path: Path) -> Path | None:
                 series.setdefault(k, []).append((row["step"], v))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for k, pts in sorted(series.items()):
-        pts.sort()
-        style = "o--" if "/eval/" in k else "-"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=k, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats")
-    ax.set_title("Distillation curves (RUN/distill/logs/metrics.jsonl)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    # training loss / KL per step, and the held-out evaluations (much larger numbers) on their own axes
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
+    for ax, is_eval, title in ((axes[0, 0], False, "training (per step)"), (axes[0, 1], True, "held-out, after each phase")):
+        for k, pts in sorted(series.items()):
+            if ("/eval/" in k) != is_eval:
+                continue
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if is_eval else "-", label=k, lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats")
+        ax.set_title(f"Distillation {title}")
+        if ax.lines:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -313,7 +317,7 @@ def write(results: dict, out: Path, distill_metrics: list[dict] | None = None) -
     title = f"elastic evaluation: {results.get('run_dir', '')}"
 
     md = [f"# {title}", "", f"{len(mrows)} model(s) evaluated, {len(fails)} failed. "
-          f"Device: {results.get('device', 'cpu')}. Total time: {results.get('seconds', 0):.0f} s.", "",
+          f"Device: {results.get('device', 'cpu')}. Time spent on the models: {results.get('seconds', 0):.0f} s.", "",
           "## Models", "", _md_table(mcols, mrows), ""]
     if srows:
         md += ["## Throughput and memory", "", _md_table(scols, srows), ""]
