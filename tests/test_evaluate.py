@@ -191,6 +191,7 @@ def test_report_lists_every_model_plots_and_failures(evaluated):
     assert (out / "logs" / "metrics.jsonl").exists() and list((out / "logs").rglob("events.out.tfevents*"))
 
 
+@pytest.mark.slow  # lm_eval indexes all of its own tasks on start: ~30 s idle
 def test_lm_eval_command_line_runs_a_shipped_task_with_no_project_code(family):
     """The shipped YAML from the lm_eval CLI, in the task folder, on an exported checkpoint (README command)."""
     exe = Path(sys.executable).parent / "lm_eval"

@@ -80,7 +80,7 @@ def load_tasks(tasks: dict[str, Path]) -> list[dict]:
     Each folder's tasks are built with the working directory in that folder, where their relative
     `data_files` resolve (the datasets are read at this point).
     """
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     by_folder: dict[Path, list[str]] = {}
     for name, path in tasks.items():
@@ -90,7 +90,7 @@ def load_tasks(tasks: dict[str, Path]) -> list[dict]:
         with in_folder(folder):
             tm = TaskManager(include_path=str(folder), include_defaults=False)
             try:
-                out.append(get_task_dict(names, tm))
+                out.append(tm.load(names))
             except Exception as e:  # a data file that is missing or malformed: name the folder and task
                 raise EvaluateError(f"lm-eval tasks {names} in {folder} do not load: {type(e).__name__}: {e}") from None
     return out
