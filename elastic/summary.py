@@ -19,8 +19,7 @@ def key_figure(stage: str, s: Any) -> str:
         return ""
     if stage == "evaluate":
         losses = s.get("heldout_loss") or {}
-        best = s.get("best")
-        txt = f"{s.get('models', 0)} models; best held-out loss {best} {_num(losses.get(best, float('nan')))}" if best else ""
+        txt = f"{s.get('models', 0)} models; held-out loss " + ", ".join(f"{n} {_num(v, 3)}" for n, v in losses.items())
         return txt + (f"; FAILED: {', '.join(s['failed'])}" if s.get("failed") else "")
     if stage == "distill":
         parts = []

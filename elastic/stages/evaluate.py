@@ -81,7 +81,7 @@ class TextCache:
         return self.cache[key]
 
 
-def evaluate_model(ref: ModelRef, cfg: Any, device: torch.device, texts: TextCache, tasks: dict, entry: dict) -> None:
+def evaluate_model(ref: ModelRef, cfg: Any, device: torch.device, texts: TextCache, tasks: list, entry: dict) -> None:
     """Fill `entry` with one model's figures (what is filled before a failure stays)."""
     ec = cfg[STAGE]
     arch = ref.arch()
@@ -155,6 +155,7 @@ def run(cfg: Any, run: RunDir) -> dict:
     check_lengths(refs, ec)
     tasks = lmeval.find_tasks(list(ec.tasks or []), list(ec.task_dirs or [])) if ec.tasks else {}
     chances = [1 / c for c in (lmeval.num_choices(p) for p in tasks.values()) if c]
+    task_dicts = lmeval.load_tasks(tasks) if tasks else []
 
     out = run.path(STAGE)
     results: dict[str, Any] = {
@@ -168,7 +169,7 @@ def run(cfg: Any, run: RunDir) -> dict:
         entry: dict[str, Any] = {"name": ref.name, "path": str(ref.path), "stage": ref.stage}
         t0 = time.time()
         try:
-            evaluate_model(ref, cfg, device, texts, tasks, entry)
+            evaluate_model(ref, cfg, device, texts, task_dicts, entry)
             entry["status"] = "ok"
         except Exception as e:  # one broken model must not lose the others' results
             entry["status"], entry["error"] = "failed", f"{type(e).__name__}: {e}"
