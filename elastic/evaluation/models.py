@@ -104,5 +104,9 @@ def load(ref: ModelRef, device: torch.device | str = "cpu"):
                                 f"available ({e}); it cannot be scored with plain transformers") from None
         model = fp8.load_dequantized(ref.path, dtype="float32", device="cpu").to(device).eval()
     else:
-        model = load_model(ref.path, dtype="float32", device=device)
+        try:
+            model = load_model(ref.path, dtype="float32", device=device)
+        except RuntimeError as e:  # transformers' size-mismatch report ends with "look at the above report"
+            raise EvaluateError(f"{ref.path} does not load with from_pretrained (do the weights match its "
+                                f"config.json?): {str(e).strip().splitlines()[0][:300]}") from None
     return model, load_tokenizer(ref.path)
