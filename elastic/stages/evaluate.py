@@ -109,7 +109,8 @@ def evaluate_model(ref: ModelRef, cfg: Any, device: torch.device, texts: TextCac
         entry["timing"]["passkey_s"] = round(time.time() - t0, 2)
     if ec.cost.lengths:
         t0 = time.time()
-        entry["speed"] = cost.measure(model, [int(n) for n in ec.cost.lengths], int(ec.cost.decode_tokens), seed=int(cfg.seed))
+        entry["speed"] = cost.measure(model, [int(n) for n in ec.cost.lengths], int(ec.cost.decode_tokens),
+                                     repeats=int(ec.cost.get("repeats", 1)), seed=int(cfg.seed))
         entry["timing"]["speed_s"] = round(time.time() - t0, 2)
     del model
 
