@@ -95,19 +95,9 @@ def pipeline(cfg: Any) -> dict[str, Any]:
 
 
 def _print_summary(run, results: dict) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover
-        print(json.dumps(results, indent=2, default=str))
-        return
-    table = Table(title=f"elastic run: {run.root}")
-    table.add_column("stage")
-    table.add_column("outputs")
-    for stage, summary in results.items():
-        text = json.dumps(summary, default=str) if not isinstance(summary, str) else summary
-        table.add_row(stage, text if len(text) < 400 else text[:397] + "...")
-    Console().print(table)
+    from elastic.summary import print_summary
+
+    print_summary(run, results)
 
 
 def world_size() -> int:

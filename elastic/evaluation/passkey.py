@@ -1,0 +1,119 @@
+"""Long-context retrieval: a pass key hidden in local text, found by likelihood.
+
+Each trial is a haystack of held-out text with a needle ``" The key is<key>."`` inserted at a
+relative `depth` (0 = start, 1 = just before the question), ending with the question
+``" The key is"``; every prompt has exactly `length` tokens. A trial draws `num_candidates` one-token
+words that do not occur in its haystack and builds one prompt per candidate, each hiding that
+candidate as the key. With ``S[i, j]`` = log p(candidate j | prompt hiding candidate i), the model
+retrieves key i when ``S[i, j] - mean_i' S[i', j]`` is largest at j = i: the needle must raise the
+hidden word's probability above what the same word gets when another one is hidden.
+
+Why likelihood, and why contrastive: a small model rarely generates a well-formed answer, and its
+prior strongly prefers some words over others whatever the context. Subtracting each candidate's
+mean score over the trial's prompts removes that prior exactly, so a model that ignores the needle
+(a random one, or one that cannot carry the key that far) scores 1 / num_candidates in expectation:
+the chance line of the plot. The cost is `num_candidates` forward passes per trial. The haystack is
+the same text for every model, so models are compared on identical prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from elastic.evaluation.quality import hidden_and_head
+
+NEEDLE = " The key is{key}."
+QUESTION = " The key is"
+
+
+@dataclass(frozen=True)
+class Trials:
+    """All prompts of one (length, depth) cell: ids [n, k, length] (prompt j hides candidate j), candidates [n, k]."""
+
+    length: int
+    depth: float
+    ids: torch.Tensor
+    candidates: torch.Tensor
+
+
+def key_words(tokenizer, limit: int = 2048) -> list[int]:
+    """Token ids of whole words (a leading space, 3+ letters) that encode as one token."""
+    out = []
+    for token, tid in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        text = tokenizer.decode([tid])
+        word = text[1:] if text.startswith(" ") else ""
+        if len(word) >= 3 and word.isalpha() and tokenizer.encode(text, add_special_tokens=False) == [tid]:
+            out.append(tid)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def build_trials(tokenizer, haystack: torch.Tensor, length: int, depth: float, n: int, num_candidates: int,
+                 seed: int) -> Trials:
+    """`n` prompts of `length` tokens with the needle at `depth`, reproducible from `seed`."""
+    words = key_words(tokenizer)
+    if len(words) < num_candidates:
+        raise ValueError(f"the tokenizer has only {len(words)} one-token words; passkey needs {num_candidates}")
+    question = tokenizer.encode(QUESTION, add_special_tokens=False)
+    rng = random.Random(f"{seed}-{length}-{depth}")
+    rows, cands = [], []
+    needle_len = len(tokenizer.encode(NEEDLE.format(key=tokenizer.decode([words[0]])), add_special_tokens=False))
+    fill = length - needle_len - len(question)
+    if fill < 1:
+        raise ValueError(f"passkey length {length} is shorter than the needle and question ({needle_len + len(question)} tokens)")
+    if haystack.numel() < fill:
+        raise ValueError(f"passkey length {length} needs {fill} tokens of haystack text; only {haystack.numel()} available")
+    for _ in range(n):
+        start = rng.randrange(haystack.numel() - fill + 1)
+        hay = haystack[start:start + fill].tolist()
+        # candidates never occur in the haystack: only the needle can tell the key apart
+        present = set(hay)
+        absent = [w for w in words if w not in present]
+        if len(absent) < num_candidates:
+            raise ValueError(f"passkey length {length}: fewer than {num_candidates} one-token words are absent "
+                             "from the haystack; use shorter contexts or fewer candidates")
+        choice = rng.sample(absent, num_candidates)
+        at = round(depth * fill)
+        prompts = []
+        for key in choice:
+            needle = tokenizer.encode(NEEDLE.format(key=tokenizer.decode([key])), add_special_tokens=False)
+            if len(needle) != needle_len:
+                raise ValueError(f"the needle with key {tokenizer.decode([key])!r} is not {needle_len} tokens long")
+            prompts.append(hay[:at] + needle + hay[at:] + question)
+        rows.append(prompts)
+        cands.append(choice)
+    return Trials(length, depth, torch.tensor(rows), torch.tensor(cands))
+
+
+@torch.no_grad()
+def scores(model, trials: Trials, batch_size: int = 8) -> torch.Tensor:
+    """S[t, i, j]: log-probability of candidate j as the next token of trial t's prompt hiding candidate i."""
+    backbone, head = hidden_and_head(model)
+    device = next(model.parameters()).device
+    n, k, length = trials.ids.shape
+    flat = trials.ids.reshape(n * k, length)
+    cand = trials.candidates.repeat_interleave(k, dim=0)  # [n*k, k]
+    out = []
+    for s in range(0, n * k, batch_size):
+        last = backbone(input_ids=flat[s:s + batch_size].to(device), use_cache=False).last_hidden_state[:, -1]
+        logp = head(last).float().log_softmax(-1).cpu()
+        out.append(logp.gather(1, cand[s:s + batch_size]))
+    return torch.cat(out).reshape(n, k, k)
+
+
+def accuracy(model, trials: Trials, batch_size: int = 8) -> float:
+    """Share of prompts whose hidden key stands out most after removing each candidate's mean score."""
+    s = scores(model, trials, batch_size)
+    centred = s - s.mean(dim=1, keepdim=True)  # each candidate's prior, over the prompts of its trial
+    k = s.shape[1]
+    return (centred.argmax(-1) == torch.arange(k)).float().mean().item()
+
+
+def evaluate(model, trial_sets: list[Trials], batch_size: int = 8) -> list[dict]:
+    """One row per (length, depth): accuracy and the chance level."""
+    return [{"length": t.length, "depth": t.depth, "accuracy": accuracy(model, t, batch_size),
+             "trials": int(t.ids.shape[0]), "chance": 1.0 / t.candidates.shape[1]} for t in trial_sets]

@@ -1,0 +1,290 @@
+"""Stage `evaluate`: cost figures against hand formulas, the chunked loss, lm-eval on shipped local tasks,
+the pass-key scorer, the report, and bad input."""
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from elastic import toy
+from elastic.arch import Arch
+from elastic.evaluation import cost, lmeval, passkey, quality
+from elastic.evaluation.models import EvaluateError, discover
+from elastic.inputs import heldout_loss
+from elastic.models.nemotron_h import Ranking, arch_of, make_arch, slice_model
+from elastic.parent import load_model, load_tokenizer
+from elastic.run import CONF_DIR, pipeline
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import tiny_model, tokens  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+KIB = 1024
+
+
+def real_arch(name: str) -> Arch:
+    return Arch.from_config(json.loads((DATA / f"{name}.config.json").read_text()))
+
+
+# ------------------------------------------------------------------------------------------------ cost
+def test_cost_of_real_configs_matches_hand_formulas():
+    nano4b, nano9b = real_arch("nemotron-3-nano-4b"), real_arch("nemotron-nano-9b-v2")
+    c4, c9 = cost.static_cost(nano4b), cost.static_cost(nano9b)
+    # KV cache: 4 attention layers x 8 KV heads x head_dim 128 x (K and V) x 2 bytes (bf16)
+    assert c4["kv_bytes_per_token"] == 4 * 8 * 128 * 2 * 2 == 16 * KIB
+    assert c9["kv_bytes_per_token"] == 16 * KIB  # the 9B has the same 4 attention layers
+    # Mamba state per sequence, per layer: conv state (heads*head_dim + 2*groups*state) x (kernel - 1) in bf16,
+    # plus the SSM state heads x head_dim x state in fp32.
+    conv4 = (96 * 80 + 2 * 8 * 128) * (4 - 1) * 2
+    ssm4 = 96 * 80 * 128 * 4
+    assert c4["mamba_state_bytes"] == 21 * (conv4 + ssm4) == 83_801_088
+    conv9 = (128 * 80 + 2 * 8 * 128) * (4 - 1) * 2
+    ssm9 = 128 * 80 * 128 * 4
+    assert c9["mamba_state_bytes"] == 27 * (conv9 + ssm9) == 143_548_416
+    # parameters without the 131072-row embedding table and the untied LM head
+    assert c4["non_embedding_params"] == 3_973_556_832 - 2 * 131072 * 3136
+    assert c4["bf16_weight_bytes"] == 2 * 3_973_556_832
+
+
+def test_cache_figures_match_what_transformers_holds():
+    """Run a tiny model with a cache in bf16 and count the bytes it keeps: KV per token is exactly the
+    `Arch` figure; HF keeps `conv_kernel` columns of conv state where the recurrence needs kernel - 1."""
+    model = tiny_model("M-*M*").to(torch.bfloat16)
+    arch = arch_of(model)
+    n = 24
+    cache = model(tokens(1, n), use_cache=True).past_key_values
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (getattr(layer, "keys", None),
+             getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+    state = sum(t.numel() * t.element_size() for layer in cache.layers
+                for d in (getattr(layer, "conv_states", None) or {}, getattr(layer, "recurrent_states", None) or {})
+                for t in d.values() if t is not None)
+    assert kv == n * arch.kv_cache_bytes_per_token(2)
+    extra_conv_column = arch.count("M") * arch.conv_dim * 2
+    assert state == arch.mamba_state_bytes(2) + extra_conv_column
+
+
+def test_weight_bytes_read_from_safetensors_headers(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    assert cost.weight_bytes(tmp_path) == 4 * arch_of(model).num_params()  # fp32, nothing tied
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert cost.weight_bytes(tmp_path / "bf16") == 2 * arch_of(model).num_params()
+
+
+def test_measure_reports_speed_and_peak_memory():
+    model = tiny_model()
+    rows = cost.measure(model, [16, 64], decode_tokens=2)
+    assert [r["length"] for r in rows] == [16, 64]
+    weights = 4 * arch_of(model).num_params()
+    for r in rows:
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["peak_bytes"] > weights  # weights plus cache and activations
+    assert rows[1]["peak_bytes"] > rows[0]["peak_bytes"]  # longer context, more live activations
+
+
+# ------------------------------------------------------------------------------------------------ quality
+def test_chunked_loss_equals_full_logits_loss():
+    model = tiny_model()
+    batches = [tokens(2, 20, seed=3), tokens(3, 20, seed=4)]
+    full = heldout_loss(model, batches)
+    for chunk in (7, 1000):  # a chunk smaller than a sequence, and one larger than everything
+        got = quality.chunked_loss(model, batches, chunk_tokens=chunk)
+        assert got["loss"] == pytest.approx(full, rel=1e-5)
+        assert got["tokens"] == 2 * 19 + 3 * 19
+    assert got["perplexity"] == pytest.approx(torch.tensor(full).exp().item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def family(toy_parent, tmp_path_factory):
+    """A run directory holding a child cut from the toy parent, a broken model and an FP8 folder."""
+    run_dir = tmp_path_factory.mktemp("evalrun")
+    parent = load_model(toy_parent)
+    arch = make_arch(arch_of(parent), hidden_size=96, intermediate_size=256)
+    child = slice_model(parent, arch, Ranking.identity(arch_of(parent)))
+    child.save_pretrained(run_dir / "prune" / "child")
+    load_tokenizer(toy_parent).save_pretrained(run_dir / "prune" / "child")
+    # a folder whose weights do not match its config: loading fails
+    broken = run_dir / "prune" / "broken"
+    shutil.copytree(run_dir / "prune" / "child", broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(cfg | {"hidden_size": 64}))
+    # a modelopt FP8 export: read through elastic.fp8 when the quantize stage provides it
+    fp8 = run_dir / "quantize" / "fp8"
+    shutil.copytree(run_dir / "prune" / "child", fp8)
+    (fp8 / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}}))
+    # things that are not models: a temp folder, checkpoints, and our own artifacts beside a model
+    (run_dir / "prune" / ".child.abc.tmp").mkdir()
+    shutil.copy(run_dir / "prune" / "child" / "config.json", run_dir / "prune" / ".child.abc.tmp")
+    (run_dir / "distill" / "checkpoints" / "phase1").mkdir(parents=True)
+    (run_dir / "prune" / "child.arch.json").write_text("{}")
+    # a distillation log so the report draws its curves
+    logs = run_dir / "distill" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "phase1/loss": 3.0 / s, "phase1/kl": 1.0 / s}) + "\n"
+                                                for s in range(1, 6)))
+    return run_dir
+
+
+def make_cfg(parent, run_dir, *overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[
+            f"parent.path={parent}", f"run_dir={run_dir}", f"data.files=[{','.join(toy.toy_files('calib'))}]",
+            f"data.heldout_files=[{','.join(toy.toy_files('heldout'))}]", "data.seq_len=64", "stage=evaluate",
+            "evaluate.heldout_sequences=8", "evaluate.batch_size=8", "evaluate.task_limit=12",
+            "evaluate.passkey.lengths=[48,128]", "evaluate.passkey.depths=[0.5]", "evaluate.passkey.trials=4",
+            "evaluate.cost.lengths=[32,128]", "evaluate.cost.decode_tokens=2", "evaluate.cost.curve_points=4",
+            "tracking.backends=[tensorboard]", *overrides,
+        ])
+
+
+def test_discovery_finds_exported_models_only(family, toy_parent):
+    refs = discover(family, Path(toy_parent))
+    assert [r.name for r in refs] == ["parent", "prune/broken", "prune/child", "quantize/fp8"]
+    assert [r.is_fp8 for r in refs] == [False, False, False, True]
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+@pytest.fixture(scope="module")
+def evaluated(family, toy_parent):
+    cfg = make_cfg(toy_parent, family)
+    return pipeline(cfg)["evaluate"], family
+
+
+def test_report_lists_every_model_plots_and_failures(evaluated):
+    summary, run_dir = evaluated
+    out = run_dir / "evaluate"
+    results = json.loads((out / "results.json").read_text())
+    status = {m["name"]: m["status"] for m in results["models"]}
+    assert status == {"parent": "ok", "prune/child": "ok", "prune/broken": "failed", "quantize/fp8": "failed"}
+    fp8 = next(m for m in results["models"] if m["name"] == "quantize/fp8")
+    try:
+        import elastic.fp8  # noqa: F401
+    except ImportError:
+        assert "elastic.fp8" in fp8["error"]
+    ok = {m["name"]: m for m in results["models"] if m["status"] == "ok"}
+    assert ok["prune/child"]["cost"]["params"] < ok["parent"]["cost"]["params"]
+    for m in ok.values():
+        assert m["heldout"]["loss"] > 0 and m["heldout"]["tokens"] == 8 * 63
+        assert set(m["tasks"]) == {"elastic_social_iqa", "elastic_winowhy"}
+        assert all(t["examples"] == 12 and 0 <= t["acc"] <= 1 for t in m["tasks"].values())
+        assert [(r["length"], r["depth"]) for r in m["passkey"]] == [(48, 0.5), (128, 0.5)]
+        assert [r["length"] for r in m["speed"]] == [32, 128]
+
+    md = (out / "report" / "report.md").read_text()
+    html = (out / "report" / "report.html").read_text()
+    for name in ("parent", "prune/child"):
+        assert name in md and name in html
+    assert "prune/broken" in md.split("## Failed")[1] and "quantize/fp8" in html.split("Failed")[1]
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) >= 4 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    pngs = sorted(p.name for p in (out / "report").glob("*.png"))
+    assert {"quality_vs_params.png", "memory_vs_context.png", "passkey.png", "distill_curves.png"} <= set(pngs)
+    assert summary["failed"] == ["prune/broken", "quantize/fp8"] and summary["models"] == 2
+    assert (out / "logs" / "metrics.jsonl").exists() and list((out / "logs").rglob("events.out.tfevents*"))
+
+
+@pytest.mark.slow  # lm_eval indexes all of its own tasks on start: ~30 s idle
+def test_lm_eval_command_line_runs_a_shipped_task_with_no_project_code(family):
+    """The shipped YAML from the lm_eval CLI, in the task folder, on an exported checkpoint (README command)."""
+    exe = Path(sys.executable).parent / "lm_eval"
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": str(exe.parent), "HOME": str(family),
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(exe), "--model", "hf", "--model_args", f"pretrained={family / 'prune' / 'child'},dtype=float32",
+                        "--include_path", ".", "--tasks", "elastic_winowhy", "--limit", "8", "--batch_size", "8"],
+                       cwd=lmeval.TASKS_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"elastic_winowhy.*acc", r.stdout), r.stdout[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_is_one_clear_error(family, toy_parent, tmp_path):
+    with pytest.raises(EvaluateError, match="no model at"):
+        pipeline(make_cfg(toy_parent, family, "evaluate.models=[prune/nothing-here]"))
+    with pytest.raises(EvaluateError, match="max_position_embeddings=4096"):
+        pipeline(make_cfg(toy_parent, family, "evaluate.passkey.lengths=[8192]"))
+    bad = tmp_path / "tasks"
+    bad.mkdir()
+    (bad / "broken.yaml").write_text("task: broken\ndoc_to_text: [unclosed\n")
+    with pytest.raises(EvaluateError, match="broken.yaml does not parse"):
+        pipeline(make_cfg(toy_parent, family, f"evaluate.task_dirs=[{bad}]"))
+    with pytest.raises(EvaluateError, match="unknown task"):
+        pipeline(make_cfg(toy_parent, family, "evaluate.tasks=[no_such_task]"))
+
+
+def test_bad_input_exits_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "elastic.run", "stage=evaluate", f"run_dir={tmp_path}",
+                        f"evaluate.models=[{tmp_path / 'none'}]"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("elastic: error: evaluate.models: no model at")
+
+
+# ------------------------------------------------------------------------------------------------ pass key
+class _Backbone(torch.nn.Module):
+    """Hidden state of the last position = a bag of the token ids seen in its last `window` positions."""
+
+    def __init__(self, vocab: int, window: int | None):
+        super().__init__()
+        self.vocab, self.window = vocab, window
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, use_cache=False):
+        seen = input_ids if self.window is None else input_ids[:, -self.window:]
+        h = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        h[:, -1] = torch.nn.functional.one_hot(seen, self.vocab).sum(1).float()
+        return type("Out", (), {"last_hidden_state": h})()
+
+
+class _LM(torch.nn.Module):
+    """A stand-in LM with a fixed prior over words; with `copy`, it raises words it saw in its window."""
+
+    def __init__(self, vocab: int, copy: bool, window: int | None = None):
+        super().__init__()
+        self.base_model = _Backbone(vocab, window)
+        self.head = torch.nn.Linear(vocab, vocab, bias=True)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(vocab) * (3.0 if copy else 0.0))
+            self.head.bias.copy_(torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 2)  # a strong prior
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer(toy_parent):
+    return load_tokenizer(toy_parent)
+
+
+def test_passkey_scorer_reads_the_needle_and_only_the_needle(toy_tokenizer):
+    """A model that ignores the context (however strong its prior) scores exactly chance; a model that
+    reaches the needle finds every key; one that sees only its last 40 tokens finds keys only while the
+    needle lies within them (a model past its trained reach falls to chance)."""
+    tok = toy_tokenizer
+    hay = torch.cat([torch.tensor(tok.encode(open(f).read()[:40000], add_special_tokens=False)) for f in toy.toy_files("heldout")[:1]])
+    vocab = len(tok)
+    blind, reader, near = _LM(vocab, copy=False), _LM(vocab, copy=True), _LM(vocab, copy=True, window=40)
+    for length in (48, 200):
+        trials = passkey.build_trials(tok, hay, length, depth=0.5, n=6, num_candidates=4, seed=0)
+        assert trials.ids.shape == (6, 4, length)
+        assert passkey.accuracy(blind, trials) == pytest.approx(0.25)
+        assert passkey.accuracy(reader, trials) == 1.0
+        assert passkey.accuracy(near, trials) == (1.0 if length == 48 else pytest.approx(0.25))
+    # the key words never occur in the haystack of their own trial
+    for row, cands in zip(trials.ids, trials.candidates):
+        assert sum(int((row[0] == c).sum()) for c in cands) == 1
+
+
+def test_end_of_run_table_names_outputs_and_key_figures(evaluated):
+    from elastic.summary import rows
+
+    summary, run_dir = evaluated
+    (row,) = rows(Path(run_dir).resolve(), {"evaluate": summary})
+    assert row[0] == "evaluate" and row[1] == "evaluate/report/report.html"
+    assert "2 models" in row[2] and "FAILED: prune/broken, quantize/fp8" in row[2]
