@@ -37,6 +37,7 @@ WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json
 LOADER_FILES = CONFIG_FILES | TOKENIZER_FILES | {WEIGHTS_FILE, WEIGHTS_INDEX}
 
 FP8_DTYPES = ("F8_E4M3",)  # safetensors' name of torch.float8_e4m3fn
+SCALES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")  # what modelopt's FP8 export adds to a module
 EMBEDDING = re.compile(r"(^|\.)(embeddings?|embed_tokens|wte)$")
 
 
@@ -180,6 +181,8 @@ def _check_fp8(folder: Path, qcfg, headers: dict[str, tuple[str, list[int]]]) ->
     if qcfg and bool(kv_algo) != bool(kv_scheme):
         problems.append(f"KV cache quantization disagrees: hf_quant_config.json says {kv_algo!r}, "
                         f"config.json kv_cache_scheme {kv_scheme!r}")
+    if kv_algo and not any(k.endswith((".k_scale", ".v_scale")) for k in dtypes):
+        problems.append(f"the KV cache is quantized ({kv_algo}) but no k_scale / v_scale tensor is stored")
 
     modules = module_names(dtypes)
     for where, entries in (("config.json quantization_config.ignore", ignore), ("hf_quant_config.json exclude_modules", exclude)):
@@ -226,7 +229,7 @@ def _bad_scales(folder: Path, dtypes) -> list[str]:
     for name in weight_files(folder):
         with safe_open(str(folder / name), "pt") as f:
             for k in f.keys():
-                if k.endswith(("_scale",)) and dtypes.get(k) == "F32":
+                if k.endswith(SCALES) and dtypes.get(k) == "F32":
                     t = f.get_tensor(k)
                     if not (t.isfinite().all() and (t > 0).all()):
                         out.append(f"{k} is not a positive finite number")

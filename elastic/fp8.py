@@ -27,6 +27,7 @@ from torch import nn
 from elastic.parent import ModelError
 
 FP8_MAX = 448.0  # the largest float8 e4m3fn value: scale = amax / FP8_MAX
+SCALES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")  # what modelopt's FP8 export adds to a module
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # what vLLM's FP8 kernels take as activations
 
 
@@ -178,7 +179,7 @@ def repair(folder: str | Path, to_hub: Callable[[str], str] | None = None) -> li
     - exclusion entries with modelopt 0.47's sentinel garbage -> the module name before it;
     - exclusion entries in in-memory form -> hub names.
     """
-    from elastic.export_check import check, module_names, names_a_module, tensor_headers, weight_files
+    from elastic.export_check import check, module_names, names_a_module, tensor_headers
     from elastic.rundir import write_json
 
     folder = Path(folder)
@@ -217,7 +218,6 @@ def repair(folder: str | Path, to_hub: Callable[[str], str] | None = None) -> li
                                                      "hf_quant_config.json exclude_modules")
     write_json(config_file, config)
     write_json(hq_file, hq)
-    assert weight_files(folder)
     problems = check(folder)
     if problems:
         raise QuantizeError(f"the FP8 export in {folder} is not loadable: " + "; ".join(problems))
@@ -298,7 +298,7 @@ def load_dequantized(path: str | Path, dtype: str | torch.dtype = "float32", dev
     state: dict[str, torch.Tensor] = {}
     for name in weight_files(p):
         state.update(load_file(str(p / name)))
-    scales = {k: state.pop(k) for k in [k for k in state if k.endswith(("_scale",))]}
+    scales = {k: state.pop(k) for k in [k for k in state if k.endswith(SCALES)]}
     for k in list(state):
         if state[k].dtype == torch.float8_e4m3fn:
             module = k.removesuffix(".weight")

@@ -168,8 +168,8 @@ def run(cfg: Any, run: RunDir) -> dict:
         report["dequantized_vs_fake_quant_max_logit_diff"] = (_logits(deq, probe) - fake_logits).abs().max().item()
         del deq
         report["heldout_loss"] = losses | {"sequences": sum(len(b) for b in held)}
-        report["bytes"] = {"source": weights_bytes(source)["stored"], "source_bf16": weights_bytes(source)["bf16"],
-                           "export": weights_bytes(tmp)["stored"]}
+        src = weights_bytes(source)
+        report["bytes"] = {"source": src["stored"], "source_bf16": src["bf16"], "export": weights_bytes(tmp)["stored"]}
         report["seconds"] = round(time.time() - t0, 1)
         extra.update(heldout_loss=report["heldout_loss"], bytes=report["bytes"])
         write_json(run.beside(out, "report.json"), report)  # ours: beside the folder, not inside
