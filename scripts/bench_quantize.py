@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
                          "bf16_linears": len(report["kept_bf16"]), **report["heldout_loss"], "bytes": report["bytes"],
                          "max_logit_diff_export_vs_fake_quant": report["dequantized_vs_fake_quant_max_logit_diff"],
                          "calibration": report["calibration"], "seconds": report["seconds"]})
-    result = {"model": model, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU" ,
+    result = {"model": model, "nemotron_3_nano_4b_bytes": shape_bytes(base), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU" ,
               "date": dt.date.today().isoformat(), "command": " ".join(["python", "scripts/bench_quantize.py", *(argv or sys.argv[1:])]),
               "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -67,6 +67,28 @@ def main(argv=None) -> dict:
         json.dump(result, f, indent=2)
     print(markdown(result))
     return result
+
+
+def shape_bytes(cfg) -> dict:
+    """Weight bytes of the Nemotron 3 Nano 4B shape (tests/data config, built on the meta device) per
+    preset: computed from the parameter counts (1 byte in FP8, 2 in BF16), not measured."""
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from elastic import fp8
+
+    config = AutoConfig.from_pretrained(os.path.join(os.path.dirname(__file__), "..", "tests", "data",
+                                                     "nemotron-3-nano-4b.config.json"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    out = {"bf16": 2 * total}
+    for preset, globs in OmegaConf.to_container(cfg.quantize.presets).items():
+        kept, _ = fp8.keep_bf16(model, globs)
+        in_fp8 = sum(m.weight.numel() for n, m in model.named_modules() if n in set(fp8.quantizable(model)) - set(kept))
+        out[preset] = 2 * total - in_fp8
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -84,6 +106,10 @@ def markdown(result: dict) -> str:
             f"{r['bf16']:.4f} | {r['fake_quant']:.4f} | {r['dequantized_export']:.4f} | "
             f"{r['dequantized_export'] - r['bf16']:+.4f} | {r['bytes']['export']:,} | "
             f"{r['bytes']['export'] / r['bytes']['source_bf16']:.0%} |")
+    b = result["nemotron_3_nano_4b_bytes"]
+    lines += ["", "Nemotron 3 Nano 4B shape (computed from its config, not measured): BF16 "
+              f"{b['bf16'] / 1e9:.2f} GB; " + ", ".join(f"{k} {v / 1e9:.2f} GB ({v / b['bf16']:.0%})"
+                                                       for k, v in b.items() if k != "bf16")]
     return "\n".join(lines)
 
 
