@@ -21,11 +21,12 @@ from elastic.rundir import RunDir, read_json
 from test_pipeline import make_cfg
 
 TINY_RUN = [
+    "importance.num_sequences=8", "importance.batch_size=8",
     "search.steps=4", "search.batch_size=4", "search.micro_batch_size=2", "search.seq_len=32",
-    "search.train_sequences=32", "search.checkpoint_every=0", "search.eval_sequences=2", "tracking.backends=[]",
-    "distill.max_steps=1", "distill.eval_sequences=2", "distill.phases.0.seq_len=32", "distill.phases.0.batch_size=2",
+    "search.train_sequences=32", "search.checkpoint_every=0", "search.eval_sequences=0", "tracking.backends=[]",
+    "distill.max_steps=1", "distill.eval_sequences=0", "distill.phases.0.seq_len=32", "distill.phases.0.batch_size=2",
     "distill.phases.0.micro_batch_size=2", "distill.phases.1.seq_len=64", "distill.phases.1.batch_size=2",
-    "distill.phases.1.micro_batch_size=2", "quantize.calib_sequences=16", "quantize.eval_sequences=16",
+    "distill.phases.1.micro_batch_size=2", "quantize.calib_sequences=16", "quantize.eval_sequences=8",
 ]
 MARGIN = 0.02  # nats: the FP8 model's held-out loss may exceed the BF16 one by at most this (measured on the toy: +0.0004)
 
@@ -80,7 +81,7 @@ def test_quantize_after_distill_report_and_export(toy_run):
     report = read_json(run.beside(out, "report.json"))
     assert report["source"] == results["distill"]["output"]
     loss = report["heldout_loss"]
-    assert loss["sequences"] == 16
+    assert loss["sequences"] == 8
     assert loss["fake_quant"] - loss["bf16"] < MARGIN, loss
     assert abs(loss["dequantized_export"] - loss["fake_quant"]) < 2e-3, loss
     assert report["bytes"]["export"] < 0.75 * report["bytes"]["source_bf16"], report["bytes"]
