@@ -134,6 +134,12 @@ class RunDir:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
+    def beside(self, folder: str | Path, artifact: str) -> Path:
+        """Where our own `artifact` of an exported model folder lives: ``<folder>.<artifact>`` next to
+        it (``prune/budget-0.5.arch.json``), never inside, where serving engines would read it as the model's."""
+        p = self.path(str(folder))
+        return p.with_name(f"{p.name}.{artifact}")
+
     # ---------------------------------------------------------------- sidecars
     def sidecar_path(self, artifact: str | Path) -> Path:
         p = Path(artifact)

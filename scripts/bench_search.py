@@ -97,7 +97,7 @@ def main() -> None:
 
     from elastic.models.nemotron_h import Ranking
 
-    el_rank = Ranking.from_tensors(load_file(str(run.path("search/elastic/ranking.safetensors"))))
+    el_rank = Ranking.from_tensors(load_file(str(run.beside("search/elastic", "ranking.safetensors"))))
     hb = token_batches(cfg, tok, "heldout", num_sequences=args.heldout, batch_size=16, seq_len=args.seq_len)
     parent_loss = heldout_loss(teacher, hb)
 

@@ -61,10 +61,10 @@ def test_pruned_checkpoint_is_plain_hf_and_within_budget(pruned_run, toy_parent)
     n_child = sum(p.numel() for p in child.parameters())
     n_parent = sum(p.numel() for p in parent.parameters())
     assert 0.57 * n_parent <= n_child <= 0.6 * n_parent
-    arch = json.loads((RunDir(cfg.run_dir).path("prune") / results["prune"]["name"] / "arch.json").read_text())
+    arch = json.loads(RunDir(cfg.run_dir).beside(results["prune"]["path"], "arch.json").read_text())
     assert arch_of(child).num_params() == n_child and arch["hidden_size"] == child.config.hidden_size
     assert json.loads(RunDir(cfg.run_dir).path("prune/latest.json").read_text())["path"] == out
-    cands = json.loads((RunDir(cfg.run_dir).path("prune") / results["prune"]["name"] / "candidates.json").read_text())
+    cands = json.loads(RunDir(cfg.run_dir).beside(results["prune"]["path"], "candidates.json").read_text())
     assert min(c["heldout_loss"] for c in cands["candidates"]) == pytest.approx(
         next(c["heldout_loss"] for c in cands["candidates"] if c["arch"]["hidden_size"] == arch["hidden_size"]
              and c["arch"]["layers"] == arch["layers"] and c["arch"]["intermediate_size"] == arch["intermediate_size"]

@@ -46,8 +46,8 @@ def test_archs_within_budgets(search_run):
         assert rec["params"] == arch.num_params() and rec["parent_params"] == doc["parent_params"]
         assert abs(arch.num_params() / (float(b) * doc["parent_params"]) - 1) <= 0.05, (b, rec["summary"])
         assert rec["within_band"]
-    for f in ("elastic/model.safetensors", "elastic/ranking.safetensors", "elastic/router.safetensors",
-              "elastic/router.json", "widths.png", "archs.json.meta.json", "history.json"):
+    for f in ("elastic/model.safetensors", "elastic.ranking.safetensors", "elastic.router.safetensors",
+              "elastic.router.json", "widths.png", "archs.json.meta.json", "history.json"):
         assert (search_run / "search" / f).exists(), f
     hist = read_json(search_run / "search/history.json")
     assert any("choice/b0.5/hidden" in h for h in hist) and any("budget_loss" in h for h in hist)
@@ -58,16 +58,16 @@ def test_extraction_reloads_and_matches_the_masked_model(search_run, toy_parent)
     out = pipeline(cfg)["prune"]["extracted"]
     assert set(out) == {"0.5", "0.6", "0.7"}
     elastic_hf = AutoModelForCausalLM.from_pretrained(search_run / "search/elastic").eval()
-    rcfg = read_json(search_run / "search/elastic/router.json")
+    rcfg = read_json(search_run / "search/elastic.router.json")
     from safetensors.torch import load_file
 
-    depth = load_file(str(search_run / "search/elastic/ranking.safetensors"))["depth"]
+    depth = load_file(str(search_run / "search/elastic.ranking.safetensors"))["depth"]
     el = ElasticNemotronH(elastic_hf, router_space(Router.from_config(rcfg, arch_of(elastic_hf)), arch_of(elastic_hf)),
                           depth, rcfg["protect_kinds"])
     ids = tokens(vocab=elastic_hf.config.vocab_size)
     for b in ("0.5", "0.7"):
         child = AutoModelForCausalLM.from_pretrained(out[b]["path"]).eval()
-        arch = Arch.from_dict(json.loads((search_run / "prune" / f"budget-{b}" / "arch.json").read_text()))
+        arch = Arch.from_dict(json.loads((search_run / "prune" / f"budget-{b}.arch.json").read_text()))
         assert arch_of(child).replace(layers=()) == arch.replace(layers=())
         el.set_arch(arch)
         with torch.no_grad():

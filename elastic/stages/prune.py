@@ -14,11 +14,12 @@ width choices (within `max_width_prune` of the parent, in `granularity` steps) a
 (drop the k least important droppable layers, k up to `max_depth_prune` of the layers) whose
 parameter count lies in ``[(1 - tolerance) * target, target]``; take the `num_candidates` with the
 most parameters; slice each with the importance ranking and keep the one with the lowest held-out
-loss. Everything is recorded in ``prune/<name>/candidates.json``.
+loss. Everything is recorded in ``prune/<name>.candidates.json``.
 
-Output: ``prune/<name>/`` (safetensors weights, config.json derived from the kept sizes, tokenizer,
-``arch.json``) that ``AutoModelForCausalLM.from_pretrained`` loads with no project code, and
-``prune/latest.json`` pointing at it for the next stage.
+Output: ``prune/<name>/`` (safetensors weights, config.json derived from the kept sizes, tokenizer)
+that ``AutoModelForCausalLM.from_pretrained`` and serving engines load as it is; beside it
+``<name>.arch.json``, ``<name>.candidates.json``, ``<name>.ranking.safetensors`` and the sidecar;
+``prune/latest.json`` points at it for the next stage.
 """
 
 from __future__ import annotations
@@ -111,20 +112,20 @@ def grid_candidates(parent: Arch, ranking: Ranking, target: int, c: Any) -> list
 
 def save_pruned(run: RunDir, name: str, child, tok, arch: Arch, ranking: Ranking, record: dict, *, parent: Arch,
                 config, inputs: dict, overwrite: bool):
-    """Write ``prune/<name>/`` (weights, config, tokenizer, arch.json, candidates.json and the child's
-    ranking) atomically with its sidecar, and point ``prune/latest.json`` at it."""
-    from safetensors.torch import save_file
-
+    """Write ``prune/<name>/`` (weights, config, tokenizer) atomically with its sidecar, and beside it
+    ``<name>.arch.json``, ``<name>.candidates.json`` and the child's ``<name>.ranking.safetensors``;
+    point ``prune/latest.json`` at it."""
+    out = run.path("prune", name)
     with run.artifact_dir(f"prune/{name}", stage=STAGE, config=config, inputs=inputs, overwrite=overwrite,
                           arch=arch.to_dict(), params=arch.num_params(), parent_params=parent.num_params()) as (tmp, _):
         child.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_json(tmp / "arch.json", arch.to_dict())
-        write_json(tmp / "candidates.json", record)
+        # ours go beside the folder: serving engines read every *.safetensors inside it as weights
+        write_json(run.beside(out, "arch.json"), arch.to_dict())
+        write_json(run.beside(out, "candidates.json"), record)
         # the child's own ranking (identity on widths, the parent's depth order renumbered) lets a
         # later stage prune it again consistently
-        save_file(ranking.child(arch).to_tensors(), str(tmp / "ranking.safetensors"))
-    out = run.path("prune", name)
+        run.save_tensors(str(run.beside(out, "ranking.safetensors")), ranking.child(arch).to_tensors(), stage=STAGE)
     write_json(run.path("prune/latest.json"), {"name": name, "path": str(out), "arch": arch.to_dict(), "params": arch.num_params()})
     return out
 
@@ -218,7 +219,7 @@ def extract_budgets(cfg, run: RunDir) -> dict:
     budgets = parse_budget_list(cfg.budget, list(trained))
     model = load_model(ckpt, cfg.parent.dtype, resolve_device(cfg.device))
     tok = load_tokenizer(ckpt)
-    ranking = Ranking.from_tensors(load_file(str(ckpt / "ranking.safetensors")))
+    ranking = Ranking.from_tensors(load_file(str(run.beside(ckpt, "ranking.safetensors"))))
     parent = arch_of(model)
     router = None
     out = {}
@@ -231,9 +232,9 @@ def extract_budgets(cfg, run: RunDir) -> dict:
             if router is None:
                 from elastic.router import Router
 
-                rcfg = read_json(ckpt / "router.json")
+                rcfg = read_json(run.beside(ckpt, "router.json"))
                 router = Router.from_config(rcfg, parent)
-                router.load_state_dict(load_file(str(ckpt / "router.safetensors")))
+                router.load_state_dict(load_file(str(run.beside(ckpt, "router.safetensors"))))
             from elastic.router import Cost
 
             cost = Cost(router_space(router, parent), [ranking.layers_after_dropping(d, parent.num_layers, {i for i, k in enumerate(parent.pattern) if k in rcfg["protect_kinds"]}) for d in router.sizes["depth"]],

@@ -28,8 +28,8 @@ only, so a resumed run with the same process count makes the same ones):
    around the router's argmax, and when that argmax is outside the budget's band the extracted
    in-band neighbour has seen little training (measured in benchmarks/search_toy.md).
 
-Outputs: ``search/elastic/`` (plain HF checkpoint of the importance-ordered, trained weights +
-``ranking.safetensors`` + ``router.safetensors`` / ``router.json``), ``search/archs.json`` (per budget
+Outputs: ``search/elastic/`` (plain HF checkpoint of the importance-ordered, trained weights) and beside
+it ``search/elastic.ranking.safetensors``, ``elastic.router.safetensors``, ``elastic.router.json``; ``search/archs.json`` (per budget
 the router's argmax `Arch`, ``params``, ``parent_params``, the cost when the resource is memory, the
 held-out loss of the hard-masked model), ``search/widths.png`` (chosen sizes per budget over
 training) and ``search/logs/`` (tensorboard / wandb offline / metrics.jsonl).
@@ -339,8 +339,6 @@ def validate_config(c) -> None:
 # the stage
 # ---------------------------------------------------------------------------------------------
 def run(cfg, run: RunDir) -> dict:
-    from safetensors.torch import save_file
-
     from elastic import tracking
     from elastic.inputs import heldout_loss, stream_spec, token_batches
     from elastic.models.nemotron_h import slice_model
@@ -404,14 +402,16 @@ def run(cfg, run: RunDir) -> dict:
     meta = dict(stage=STAGE, config=c, inputs={"parent": str(parent_path), "ranking": "importance"})
     elastic_model = None
     if acc.is_main_process:
+        ckpt = run.path("search/elastic")
         with run.artifact_dir("search/elastic", overwrite=True, arch=parent.to_dict(), **meta) as (tmp, _):
             save_checkpoint(sm.elastic.model.config, state, tmp, dtype=save_dtype, tokenizer=tok)
-            save_file(sm.elastic.ranking.to_tensors(), str(tmp / "ranking.safetensors"))
-            save_file({k: v.detach().cpu().contiguous() for k, v in sm.router.state_dict().items()}, str(tmp / "router.safetensors"))
-            write_json(tmp / "router.json", sm.router.config() | {
+            # ranking and router go beside the HF folder (search/elastic.<artifact>): engines read every *.safetensors inside it
+            run.save_tensors(str(run.beside(ckpt, "ranking.safetensors")), sm.elastic.ranking.to_tensors(), **meta)
+            run.save_tensors(str(run.beside(ckpt, "router.safetensors")), sm.router.state_dict(), **meta)
+            write_json(run.beside(ckpt, "router.json"), sm.router.config() | {
                 "resource": sm.cost.resource, "context": sm.cost.context, "memory_batch": sm.cost.batch, "band": sm.band,
                 "protect_kinds": sm.elastic.protect_kinds})
-        # a plain model over the saved tensors (no copy): the budgets are sliced out of it for scoring
+        # the saved checkpoint, reloaded as a plain model (the gathered tensors are freed): budgets are sliced from it for scoring
         elastic_model = load_model(run.path("search/elastic"), save_dtype, acc.device)
         del state
 
