@@ -299,6 +299,8 @@ def load_dequantized(path: str | Path, dtype: str | torch.dtype = "float32", dev
     for name in weight_files(p):
         state.update(load_file(str(p / name)))
     scales = {k: state.pop(k) for k in [k for k in state if k.endswith(SCALES)]}
+    if not any(t.dtype == torch.float8_e4m3fn for t in state.values()):
+        raise ModelError(f"{p} says it is modelopt FP8 (config.json quantization_config) but holds no float8 weights")
     for k in list(state):
         if state[k].dtype == torch.float8_e4m3fn:
             module = k.removesuffix(".weight")

@@ -41,10 +41,13 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def toy_run(toy_parent, tmp_path_factory):
-    """`stage=all` on the toy parent, every budget extracted, everything tiny: every exported folder kind."""
+    """The toy pipeline up to quantize, every budget extracted, everything tiny: every exported folder kind
+    (export and evaluate, later in `stage=all`, write no model folder and have tests of their own)."""
     run_dir = tmp_path_factory.mktemp("toyrun")
-    cfg = make_cfg(toy_parent, run_dir, "stage=all", "budget=all", *TINY_RUN)
-    results = pipeline(cfg)
+    results = {}
+    for stage in ("importance", "search", "prune", "distill", "quantize"):
+        cfg = make_cfg(toy_parent, run_dir, f"stage={stage}", "budget=all", *TINY_RUN)
+        results |= pipeline(cfg)
     return cfg, results
 
 

@@ -45,8 +45,9 @@ class ModelRef:
     @property
     def is_fp8(self) -> bool:
         """A modelopt FP8 export (plain transformers would load its float8 weights without their scales)."""
-        q = self.config.get("quantization_config") or {}
-        return q.get("quant_method") == "modelopt"
+        from elastic.fp8 import is_modelopt_fp8
+
+        return is_modelopt_fp8(self.path)
 
     def arch(self) -> Arch:
         return Arch.from_config(self.config)
@@ -97,11 +98,8 @@ def load(ref: ModelRef, device: torch.device | str = "cpu"):
     from elastic.parent import load_model, load_tokenizer
 
     if ref.is_fp8:
-        try:
-            from elastic import fp8  # the quantize stage's reader; absent until that stage exists
-        except ImportError as e:
-            raise EvaluateError(f"{ref.path} is a modelopt FP8 export, but its reader elastic.fp8 is not "
-                                f"available ({e}); it cannot be scored with plain transformers") from None
+        from elastic import fp8  # the quantize stage's dequantizing reader: weight x weight_scale
+
         model = fp8.load_dequantized(ref.path, dtype="float32", device="cpu").to(device).eval()
     else:
         try:
