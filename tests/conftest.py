@@ -20,3 +20,15 @@ def toy_parent(tmp_path_factory):
     from elastic.toy import TOY_TEST, build_toy_parent
 
     return build_toy_parent(tmp_path_factory.mktemp("toy") / "parent", progress=False, **TOY_TEST)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models gain nothing from threads, and a busy 2-core machine
+    makes OpenMP threads crawl (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

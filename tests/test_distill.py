@@ -21,13 +21,7 @@ VOCAB = 320            # model vocabulary; the test tokenizer has 300 tokens
 WORDS = "the king queen lord love death night day sword crown blood heart fair sweet good my lady".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and a busy 2-core machine makes OpenMP threads crawl.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -31,12 +31,7 @@ TINY_RUN = [
 MARGIN = 0.02  # nats: the FP8 model's held-out loss may exceed the BF16 one by at most this (measured on the toy: +0.0004)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
