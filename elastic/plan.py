@@ -362,7 +362,7 @@ class StagePlan:
         msg = (f"{self.row}: {big.name} {big.gib:.1f} GiB overflow {self.gpu_memory_bytes / GiB:.0f} GiB per GPU "
                f"(peak {self.peak_bytes / GiB:.1f} GiB > {self.budget_bytes / GiB:.1f} GiB usable after plan.reserve_gib; "
                f"{self.strategy}, {self.world_size} GPU(s), Mamba {self.mamba_path} path) -- {key}")
-        if self.mamba_path == "torch":
+        if self.mamba_path == "torch" and "mamba-ssm" not in key:
             from elastic.kernels import INSTALL_HINT
 
             msg += f" [the fused Mamba kernels need far less: {INSTALL_HINT.split('#')[0].strip()}]"
