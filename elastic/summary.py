@@ -28,6 +28,14 @@ def key_figure(stage: str, s: Any) -> str:
             if "ce" in after:
                 parts.append(f"{name} held-out CE {_num(after['ce'])}")
         return ", ".join(parts)
+    if stage == "quantize" and isinstance(s.get("heldout_loss"), dict):
+        h, b = s["heldout_loss"], s.get("bytes") or {}
+        txt = f"held-out loss BF16 {_num(h.get('bf16'))} -> FP8 {_num(h.get('dequantized_export'))}"
+        if b.get("export") and b.get("source_bf16"):
+            txt += f"; {b['export'] / b['source_bf16']:.0%} of the BF16 bytes"
+        return txt
+    if stage == "export" and s.get("format") is None and "format" in s:
+        return "off (export.format is null)"
     if stage == "importance" and s.get("depth_order") is not None:
         return f"layers, least important first: {list(s['depth_order'])[:8]}"
     if stage == "search" and isinstance(s.get("budgets"), dict):
@@ -55,6 +63,8 @@ def wrote(stage: str, s: Any, run_root: Path) -> str:
                         paths.append(str(Path(p).resolve().relative_to(run_root)))
                     except ValueError:
                         paths.append(p)
+    if not paths and isinstance(s, dict) and "format" in s and s["format"] is None:
+        return "-"  # an export stage that was switched off wrote nothing
     return ", ".join(paths) or f"{stage}/"
 
 

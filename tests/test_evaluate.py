@@ -287,3 +287,13 @@ def test_end_of_run_table_names_outputs_and_key_figures(evaluated):
     (row,) = rows(Path(run_dir).resolve(), {"evaluate": summary})
     assert row[0] == "evaluate" and row[1] == "evaluate/report/report.html"
     assert "2 models" in row[2] and "FAILED: prune/broken, quantize/fp8" in row[2]
+
+
+def test_summary_rows_of_quantize_and_a_switched_off_export(tmp_path):
+    from elastic.summary import rows
+
+    q = {"path": str(tmp_path / "quantize/p-fp8"), "heldout_loss": {"bf16": 4.41, "dequantized_export": 4.4204},
+         "bytes": {"export": 2, "source_bf16": 3}}
+    (qrow, erow) = rows(tmp_path, {"quantize": q, "export": {"format": None}})
+    assert qrow == ("quantize", "quantize/p-fp8", "held-out loss BF16 4.4100 -> FP8 4.4204; 67% of the BF16 bytes")
+    assert erow == ("export", "-", "off (export.format is null)")
