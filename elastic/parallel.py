@@ -26,7 +26,6 @@ FSDP2 here is torch's composable ``fully_shard`` applied directly, not through a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -225,11 +224,9 @@ def resolve_strategy(cfg, stage: str, accelerator) -> str:
         return strategy
     if accelerator.device.type != "cuda":
         return "ddp"
-    try:
-        from elastic.plan import choose_strategy
-    except ImportError:  # pragma: no cover - the plan module ships with the package
-        return "fsdp"
-    return choose_strategy(cfg, stage, accelerator.num_processes, torch.cuda.get_device_properties(accelerator.device).total_memory)
+    from elastic.plan import choose_strategy
+
+    return choose_strategy(cfg, stage, accelerator.num_processes, gpu_memory_bytes(accelerator.device))
 
 
 def resolve_teacher_mode(cfg, stage: str, accelerator, strategy: str) -> str:
@@ -241,11 +238,14 @@ def resolve_teacher_mode(cfg, stage: str, accelerator, strategy: str) -> str:
         return mode
     if accelerator.device.type != "cuda":
         return "replicate"
-    try:
-        from elastic.plan import choose_teacher
-    except ImportError:  # pragma: no cover
-        return "shard"
-    return choose_teacher(cfg, stage, accelerator.num_processes, torch.cuda.get_device_properties(accelerator.device).total_memory)
+    from elastic.plan import choose_teacher
+
+    return choose_teacher(cfg, stage, accelerator.num_processes, gpu_memory_bytes(accelerator.device), strategy=strategy)
+
+
+def gpu_memory_bytes(device: torch.device) -> int:
+    """Total memory of the GPU a process trains on: what the plan sizes its check and choices against."""
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 def rng_state() -> dict:
@@ -270,6 +270,3 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))

@@ -199,11 +199,11 @@ def preflight(cfg, stage: str, accelerator) -> None:
     if accelerator.device.type != "cuda":
         return
     from elastic import kernels
+    from elastic.parallel import gpu_memory_bytes
     from elastic.plan import check_stage
 
     accelerator.print(f"[{stage}] {kernels.describe()}")
-    check_stage(cfg, stage, world_size=accelerator.num_processes,
-                gpu_memory_bytes=torch.cuda.get_device_properties(accelerator.device).total_memory)
+    check_stage(cfg, stage, world_size=accelerator.num_processes, gpu_memory_bytes=gpu_memory_bytes(accelerator.device))
 
 
 def default_param_groups(model: nn.Module) -> list[dict]:

@@ -50,6 +50,14 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
 
 
 # ------------------------------------------------------------------------------------------------ plots
+def _save(fig, path: Path) -> Path:
+    """Lay out, write and close a figure (every plot of the report ends this way)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_quality_vs_params(results: dict, path: Path) -> Path | None:
     models = [m for m in ok_models(results) if m.get("heldout")]
     if not models:
@@ -83,10 +91,7 @@ def plot_quality_vs_params(results: dict, path: Path) -> Path | None:
         ax.set_ylabel("multiple-choice accuracy (mean over tasks)")
         ax.set_title("lm-eval accuracy vs size")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_memory(results: dict, path: Path) -> Path | None:
@@ -115,10 +120,7 @@ def plot_memory(results: dict, path: Path) -> Path | None:
         ax.set_title("Measured peak memory")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_passkey(results: dict, path: Path) -> Path | None:
@@ -156,10 +158,7 @@ def plot_passkey(results: dict, path: Path) -> Path | None:
     ax.set_ylabel("needle depth (0 = start)")
     ax.set_title(f"{m['name']}: accuracy by length and depth")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_speed(results: dict, path: Path) -> Path | None:
@@ -177,10 +176,7 @@ def plot_speed(results: dict, path: Path) -> Path | None:
         ax.set_title(f"{title} throughput ({results.get('device', 'cpu')}, batch 1, fp32)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -219,10 +215,7 @@ def plot_distill(metrics: list[dict], path: Path) -> Path | None:
         if ax.lines:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 PLOTS = (
