@@ -1,24 +1,38 @@
-"""Per-architecture surgery, registered by Hugging Face `model_type`.
+"""Model families, registered by Hugging Face `model_type`.
 
-Each module here knows one architecture's elastic axes and all of its index math: how a ranking
-orders the axes, how an `Arch` slices the weights, and how the masked (elastic) forward hides the
-channels a sub-network drops.
+A family is one module here (or a pair) that knows everything architecture-specific: its elastic
+axes and their granularity, its sizes type (parameter count, memory, exported config), its
+importance hooks, the physical slice and the masked (elastic) wrapper. The interface is described in
+`elastic.models.family`; stages and core modules reach a family only through `family_for`.
+
+Adding a family = one new module + one line in `FAMILIES`.
 """
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
-from elastic.models import nemotron_h
+# model_type -> the module implementing the family (imported on first use)
+FAMILIES: dict[str, str] = {
+    "nemotron_h": "elastic.models.nemotron_h",
+}
+SUPPORTED = frozenset(FAMILIES)
 
-REGISTRY: dict[str, ModuleType] = {"nemotron_h": nemotron_h}
-SUPPORTED = frozenset(REGISTRY)
 
-
-def surgery_for(model_or_config) -> ModuleType:
-    """The surgery module for a model or config; a clear error for unsupported architectures."""
+def model_type_of(model_or_config) -> str | None:
+    """`model_type` of a model, a config object or a config dict."""
     cfg = getattr(model_or_config, "config", model_or_config)
-    model_type = cfg.get("model_type") if isinstance(cfg, dict) else getattr(cfg, "model_type", None)
-    if model_type not in REGISTRY:
+    return cfg.get("model_type") if isinstance(cfg, dict) else getattr(cfg, "model_type", None)
+
+
+def family_for(model_or_config) -> ModuleType:
+    """The family module for a model, a config or a config dict; a clear error for unsupported ones."""
+    model_type = model_or_config if isinstance(model_or_config, str) else model_type_of(model_or_config)
+    if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {sorted(SUPPORTED)}")
-    return REGISTRY[model_type]
+    return importlib.import_module(FAMILIES[model_type])
+
+
+# kept for callers of the first registry
+surgery_for = family_for
