@@ -1,6 +1,6 @@
 """The Nemotron Elastic router: a target budget -> a distribution over each axis's choices.
 
-One `AxisRouter` per axis (hidden, ffn, mamba heads, depth), each ``Linear(n_budgets, 256) ->
+One `AxisRouter` per axis of the family (hidden, its per-layer width axes, depth), each ``Linear(n_budgets, 256) ->
 LeakyReLU(0.1) -> Linear(256, n_choices)`` with the output layer initialised with std 0.1. The input
 is a one-hot over the trained budgets; a budget between two trained ones interpolates their
 one-hots linearly. Sampling is Gumbel-softmax on ``scale * logits`` with temperature ``tau``
@@ -8,10 +8,10 @@ one-hots linearly. Sampling is Gumbel-softmax on ``scale * logits`` with tempera
 sample is the straight-through one-hot; extraction takes the argmax.
 
 `Cost` is the differentiable closed form of the resource the budget constrains -- parameters, or
-memory (weights + KV cache + Mamba state at a context length and batch) -- evaluated on the
+memory (weights + KV cache + recurrent state at a context length and batch) -- evaluated on the
 *expected* architecture (``probs @ choices`` per width axis, expected number of kept layers of each
-kind for depth). At one-hot probabilities it equals ``Arch.num_params()`` / ``Arch.memory_bytes()``
-exactly (tested). The budget loss is ``|C / (budget * C_full) - 1|``, zero inside a ``band``
+kind for depth). At one-hot probabilities it equals the sizes type's ``num_params()`` / ``memory_bytes()``
+exactly: both are the family's one closed form (tested). The budget loss is ``|C / (budget * C_full) - 1|``, zero inside a ``band``
 (default 5%).
 """
 
@@ -24,12 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastic.arch import Arch, ArchError
+from elastic.arch import ArchError
 from elastic.search_space import Space
 
-AXES = ("hidden", "ffn", "mamba", "depth")
 RESOURCES = ("params", "memory")
-KINDS = ("M", "-", "*")
 
 
 def check_budgets(budgets) -> tuple[float, ...]:
@@ -54,6 +52,8 @@ def check_budgets(budgets) -> tuple[float, ...]:
 class Cost:
     """The resource of an architecture of `space` as a closed form in the (expected) axis sizes.
 
+    The closed form is the family's own (`Sizes.params_of` / `Sizes.memory_of`), the one that gives
+    every parameter count in the project: the router's cost and the extracted model cannot disagree.
     ``kept_layers[j]`` are the layers kept by depth choice ``j`` (from the elastic model).
     """
 
@@ -64,42 +64,27 @@ class Cost:
         self.space, self.parent, self.resource = space, space.parent, resource
         self.context, self.batch, self.bpv = int(context), int(batch), int(bytes_per_value)
         p = self.parent
-        counts = [[sum(p.pattern[i] == k for i in kept) for k in KINDS] for kept in kept_layers]
-        self.kind_counts = torch.tensor(counts, dtype=torch.float64)  # [J_depth, 3]
-        self.choices = {
-            "hidden": torch.tensor(space.hidden, dtype=torch.float64),
-            "ffn": torch.tensor(space.ffn, dtype=torch.float64),
-            "mamba": torch.tensor(space.mamba_heads, dtype=torch.float64),
-        }
+        self.kinds = p.KINDS
+        counts = [[sum(p.pattern[i] == k for i in kept) for k in self.kinds] for kept in kept_layers]
+        self.kind_counts = torch.tensor(counts, dtype=torch.float64)  # [J_depth, kinds]
+        self.choices = {a: torch.tensor(v, dtype=torch.float64) for a, v in space.choices.items()}
 
-    def of_sizes(self, h, f, m, n_mamba, n_mlp, n_attn):
-        """The cost for (possibly fractional, differentiable) sizes and kept-layer counts."""
-        p = self.parent
-        i = m * p.mamba_head_dim
-        conv = i + 2 * p.n_groups * p.ssm_state_size
-        mamba = (h + h * (i + conv + m) + (i + conv + m) * p.use_bias + conv * p.conv_kernel
-                 + conv * p.use_conv_bias + 3 * m + i + i * h + h * p.use_bias)
-        mlp = h + 2 * h * f + (f + h) * p.mlp_bias
-        q, kv = p.num_attention_heads * p.head_dim, p.num_key_value_heads * p.head_dim
-        attn = h + h * q + 2 * h * kv + q * h
-        params = p.vocab_size * h + h + (0 if p.tie_word_embeddings else p.vocab_size * h)
-        params = params + n_mamba * mamba + n_mlp * mlp + n_attn * attn
+    def of_sizes(self, sizes: dict, counts):
+        """The cost for (possibly fractional, differentiable) axis sizes and kept-layer counts per kind
+        (`counts[..., k]` for kind ``self.kinds[k]``)."""
+        per_kind = {k: counts[..., i] for i, k in enumerate(self.kinds)}
         if self.resource == "params":
-            return params
-        kv_cache = self.batch * self.context * n_attn * p.num_key_value_heads * p.head_dim * 2 * self.bpv
-        state = self.batch * n_mamba * (conv * (p.conv_kernel - 1) * self.bpv + m * p.mamba_head_dim * p.ssm_state_size * 4)
-        return params * self.bpv + kv_cache + state
+            return self.parent.params_of(sizes, per_kind)
+        return self.parent.memory_of(sizes, per_kind, self.context, self.batch, self.bpv)
 
     def expected(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cost of the expected architecture under per-axis probabilities (differentiable, float64)."""
-        def e(axis):
-            return probs[axis].to(torch.float64) @ self.choices[axis].to(probs[axis].device)
-
+        sizes = {a: probs[a].to(torch.float64) @ c.to(probs[a].device) for a, c in self.choices.items()}
         counts = probs["depth"].to(torch.float64) @ self.kind_counts.to(probs["depth"].device)
-        return self.of_sizes(e("hidden"), e("ffn"), e("mamba"), counts[0], counts[1], counts[2])
+        return self.of_sizes(sizes, counts)
 
-    def of_arch(self, arch: Arch) -> int:
-        """The same cost read from an `Arch` (Arch.num_params / Arch.memory_bytes)."""
+    def of_arch(self, arch) -> int:
+        """The same cost read from a sizes object (its num_params / memory_bytes)."""
         if self.resource == "params":
             return arch.num_params()
         return arch.memory_bytes(self.context, self.batch, self.bpv)
@@ -170,8 +155,9 @@ class Router(nn.Module):
     def __init__(self, budgets, space: Space, hidden: int = 256, init_std: float = 0.1):
         super().__init__()
         self.budgets = check_budgets(budgets)
-        self.sizes = {"hidden": space.hidden, "ffn": space.ffn, "mamba": space.mamba_heads, "depth": space.drops}
-        self.routers = nn.ModuleDict({a: AxisRouter(len(self.budgets), len(self.sizes[a]), hidden, init_std) for a in AXES})
+        self.sizes = {**space.choices, "depth": space.drops}
+        self.axes = tuple(self.sizes)
+        self.routers = nn.ModuleDict({a: AxisRouter(len(self.budgets), len(self.sizes[a]), hidden, init_std) for a in self.axes})
         self.hidden, self.init_std = hidden, init_std
 
     def budget_input(self, budget: float) -> torch.Tensor:
@@ -233,13 +219,14 @@ class Router(nn.Module):
         (short runs); this decodes the same distribution under the budget constraint.
         """
         lp = {a: F.log_softmax(lg.double(), -1).cpu() for a, lg in self.logits(budget).items()}
-        shape = [len(lp[a]) for a in AXES]
-        view = lambda t, i: t.view(*[-1 if j == i else 1 for j in range(len(AXES))])  # noqa: E731
-        total = sum(view(lp[a], i) for i, a in enumerate(AXES))
-        ch = cost.choices
-        counts = cost.kind_counts
-        c = cost.of_sizes(view(ch["hidden"], 0), view(ch["ffn"], 1), view(ch["mamba"], 2),
-                          view(counts[:, 0], 3), view(counts[:, 1], 3), view(counts[:, 2], 3))
+        axes = self.axes  # width axes in the space's order, depth last
+        shape = [len(lp[a]) for a in axes]
+        view = lambda t, i: t.view(*[-1 if j == i else 1 for j in range(len(axes))])  # noqa: E731
+        total = sum(view(lp[a], i) for i, a in enumerate(axes))
+        d = len(axes) - 1
+        # every combination at once: sizes broadcast over their own dimension, kind counts over depth's
+        c = cost.of_sizes({a: view(cost.choices[a], i) for i, a in enumerate(axes[:-1])},
+                          cost.kind_counts.view(*[-1 if j == d else 1 for j in range(len(axes))], -1))
         ok = ((c / (budget * cost.full)) - 1).abs() <= band
         if not bool(ok.any()):
             return self.argmax(budget), False
@@ -248,11 +235,10 @@ class Router(nn.Module):
         for n in reversed(shape):
             idx.append(flat % n)
             flat //= n
-        return dict(zip(AXES, reversed(idx))), True
+        return dict(zip(axes, reversed(idx))), True
 
     @classmethod
-    def from_config(cls, config: dict, parent: Arch) -> "Router":
+    def from_config(cls, config: dict, parent) -> "Router":
         s = config["sizes"]
-        space = Space(parent=parent, hidden=tuple(s["hidden"]), ffn=tuple(s["ffn"]),
-                      mamba_heads=tuple(s["mamba"]), drops=tuple(s["depth"]))
+        space = Space(parent=parent, choices={a: tuple(v) for a, v in s.items() if a != "depth"}, drops=tuple(s["depth"]))
         return cls(config["budgets"], space, hidden=config["hidden"], init_std=config["init_std"])

@@ -1,8 +1,9 @@
 """The discrete search space of sub-networks of a parent, and budgets over it.
 
-Used by the prune stage's grid search (and by the router of the search stage for its per-axis choice
-lists): every axis moves in configurable steps, widths stay within `max_width_prune` of the parent,
-depth drops at most `max_depth_prune` of the layers (least important first).
+Used by the prune stage's grid search and by the search stage's router (its per-axis choice lists):
+every width axis of the family moves in configurable steps (per group for grouped axes), widths stay
+within `max_width_prune` of the parent, depth drops at most `max_depth_prune` of the layers (least
+important first). Nothing here knows a family: the axes come from the parent's sizes type.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
-from elastic.arch import Arch, ArchError, human_count
+from elastic.arch import ArchError, human_count
 
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -44,45 +46,80 @@ def axis_choices(full: int, step: int, min_keep: float) -> list[int]:
     return sorted(vals)
 
 
+def check_granularity(granularity: Mapping[str, int], axes) -> dict[str, int]:
+    """`granularity` keys are axis names of any family (a recipe may name axes another family has);
+    keys that are no family's axis are typos: one error naming the known ones."""
+    from elastic.models import all_axis_names
+
+    known = all_axis_names()
+    unknown = set(granularity) - known
+    if unknown:
+        raise ArchError(f"granularity has unknown axes {sorted(unknown)}; axes are {sorted(known)}")
+    return {a.name: int(granularity.get(a.name, 1)) for a in axes}
+
+
 @dataclass(frozen=True)
 class Space:
-    """Per-axis choices for sub-networks of `parent`. `drops` is the number of layers removed."""
+    """Per-axis choices (total units, every width axis of the parent's family, hidden first) for
+    sub-networks of `parent`; `drops` is the number of layers removed."""
 
-    parent: Arch
-    hidden: tuple[int, ...]
-    ffn: tuple[int, ...]
-    mamba_heads: tuple[int, ...]
+    parent: object  # the family's Sizes
+    choices: dict[str, tuple[int, ...]]
     drops: tuple[int, ...]
 
     @classmethod
-    def build(
-        cls,
-        parent: Arch,
-        *,
-        hidden_step: int = 64,
-        ffn_step: int = 64,
-        mamba_heads_per_group_step: int = 1,
-        max_width_prune: float = 0.4,
-        max_depth_prune: float = 0.2,
-        protect_kinds: str = "",
-    ) -> "Space":
+    def build(cls, parent, *, granularity: Mapping[str, int] | None = None, max_width_prune: float = 0.4,
+              max_depth_prune: float = 0.2, protect_kinds: str = "") -> "Space":
+        """`granularity[axis]` is the step in units per group (channels for hidden and FFN; heads per
+        group for grouped head axes)."""
         if not 0 <= max_width_prune < 1 or not 0 <= max_depth_prune < 1:
             raise ArchError("max_width_prune and max_depth_prune must be in [0, 1)")
+        steps = check_granularity(granularity or {}, parent.axes())
         keep = 1 - max_width_prune
-        g = parent.n_groups
-        hpg = parent.mamba_num_heads // g
+        choices = {}
+        for a in parent.axes():
+            full, g = parent.axis_size(a.name), a.groups(parent)
+            present = not a.kinds or any(k in parent.pattern for k in a.kinds)
+            choices[a.name] = tuple(g * v for v in axis_choices(full // g, steps[a.name], keep)) if present else (full,)
         droppable = sum(k not in protect_kinds for k in parent.pattern)
-        max_drop = min(int(math.floor(max_depth_prune * parent.num_layers)), max(droppable - 0, 0))
-        return cls(
-            parent=parent,
-            hidden=tuple(axis_choices(parent.hidden_size, hidden_step, keep)),
-            ffn=tuple(axis_choices(parent.intermediate_size, ffn_step, keep)) if "-" in parent.pattern else (parent.intermediate_size,),
-            mamba_heads=tuple(g * h for h in axis_choices(hpg, mamba_heads_per_group_step, keep)) if "M" in parent.pattern else (parent.mamba_num_heads,),
-            drops=tuple(range(0, max_drop + 1)),
-        )
+        max_drop = min(int(math.floor(max_depth_prune * parent.num_layers)), droppable)
+        return cls(parent=parent, choices=choices, drops=tuple(range(0, max_drop + 1)))
+
+    def with_choices(self, explicit: Mapping[str, list[int]], protect_kinds: str = "") -> "Space":
+        """Explicit per-axis choice lists (``drops`` for depth) replacing the built ones."""
+        names = set(self.choices) | {"drops"}
+        unknown = set(explicit) - names
+        if unknown:
+            raise ArchError(f"unknown axes {sorted(unknown)} for {self.parent.MODEL_TYPE}; use {sorted(names)}")
+        choices = {a: tuple(int(x) for x in explicit.get(a, v)) for a, v in self.choices.items()}
+        drops = tuple(int(x) for x in explicit.get("drops", self.drops))
+        droppable = sum(k not in protect_kinds for k in self.parent.pattern)
+        if drops and max(drops) > droppable:
+            raise ArchError(f"cannot drop {max(drops)} layers: only {droppable} are not protected")
+        return Space(parent=self.parent, choices=choices, drops=drops)
+
+    def validate(self) -> None:
+        """One clear error for every choice list an elastic model cannot hold."""
+        p = self.parent
+        for a in p.axes():
+            vals, full, g = self.choices.get(a.name, ()), p.axis_size(a.name), a.groups(p)
+            if not vals:
+                raise ArchError(f"the {a.name} axis has an empty choice list")
+            if any(v <= 0 or v > full for v in vals):
+                raise ArchError(f"{a.name} choices {list(vals)} must lie in 1..{full} (the parent's size)")
+            if list(vals) != sorted(set(vals)):
+                raise ArchError(f"{a.name} choices {list(vals)} must be strictly increasing")
+            if any(v % g for v in vals):
+                raise ArchError(f"{a.name} choices {list(vals)} are not multiples of {a.groups_field}={g}: "
+                                "every group must keep the same number of units (use a per-group granularity)")
+        if not self.drops or list(self.drops) != sorted(set(self.drops)) or self.drops[0] < 0:
+            raise ArchError(f"depth choices {list(self.drops)} must be a non-empty increasing list of layer counts >= 0")
 
     def size(self) -> int:
-        return len(self.hidden) * len(self.ffn) * len(self.mamba_heads) * len(self.drops)
+        return math.prod(len(v) for v in self.choices.values()) * len(self.drops)
 
     def __iter__(self):
-        return itertools.product(self.hidden, self.ffn, self.mamba_heads, self.drops)
+        """Every (axis sizes dict, layers dropped) of the space."""
+        names = list(self.choices)
+        for combo in itertools.product(*self.choices.values(), self.drops):
+            yield dict(zip(names, combo[:-1])), combo[-1]

@@ -36,3 +36,11 @@ def family_for(model_or_config) -> ModuleType:
 
 # kept for callers of the first registry
 surgery_for = family_for
+
+
+def all_axis_names() -> set[str]:
+    """Every axis name of every registered family (config keys may name any of them)."""
+    names = {"hidden"}
+    for model_type in FAMILIES:
+        names |= {a.name for a in family_for(model_type).Sizes.AXES}
+    return names

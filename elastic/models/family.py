@@ -1,0 +1,599 @@
+"""The family interface: what a model family provides, and the parts every family shares.
+
+A family module (``elastic/models/<family>.py``, registered in ``elastic.models.FAMILIES``) defines:
+
+* ``MODEL_TYPES``   -- the Hugging Face ``model_type`` values it handles;
+* ``Sizes``         -- a frozen dataclass subclassing `Sizes` below (the "Arch" role): the exact
+  parameter count (one closed form, `Sizes.params_of`, also used by the router's differentiable
+  cost), the inference memory, the config export (`to_config`, derived from the kept sizes);
+* ``Elastic``       -- a subclass of `ElasticBase` below: the masked forward over its axes;
+* ``decoder_layers(model)`` / ``set_decoder_layers(model, layers)`` -- the block list (depth);
+* ``width_hooks(model, sizes, add)`` -- forward hooks feeding activation statistics to
+  ``add(key, per_sequence [B, C])``: key ``"hidden"`` and ``"<axis>.<layer>"`` (one score per unit of
+  the axis in that layer, e.g. per FFN neuron, per head);
+* ``slice_model(model, sizes, ranking)`` -- the physical slice, a plain model of the same class whose
+  config is ``sizes.to_config(model.config)``.
+
+Axes. ``hidden`` (the residual stream, one ranking shared by every layer) and ``depth`` (whole layers)
+belong to every family; the others are per-layer axes declared by `Axis`: the layer kinds that carry
+them and, for grouped axes (Mamba heads within their group, query heads within their KV group), the
+field giving the group count. A grouped axis keeps the same number of units in every group, ranked
+within each group; every choice of an axis is a multiple of its group count.
+
+One ranked index set drives both the physical slice and the masked forward: `Ranking` below holds a
+permutation per axis (and per layer), `slice_model` gathers the ranked prefix of each axis, and
+`ElasticBase.from_parent` stores the parent in importance order so a sub-network is a prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from elastic.arch import ArchError, human_count
+
+
+# ---------------------------------------------------------------------------------------------
+# axes
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Axis:
+    """One per-layer width axis of a family.
+
+    `field` is the `Sizes` field holding the kept count (total over groups), `kinds` the layer kinds
+    that carry the axis, `groups_field` the `Sizes` field giving the number of groups (None = one
+    group), `label` the name used in plots and summaries.
+    """
+
+    name: str
+    field: str
+    kinds: str
+    label: str
+    groups_field: str | None = None
+
+    def groups(self, sizes: "Sizes") -> int:
+        return int(getattr(sizes, self.groups_field)) if self.groups_field else 1
+
+
+HIDDEN = Axis("hidden", "hidden_size", "", "hidden size")
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes (the "Arch" role)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sizes:
+    """Base of every family's sizes type. Subclasses are frozen dataclasses that add their own
+    fields (the axis fields and the fixed ones), and define `AXES`, `KINDS`, `FIXED`, `MODEL_TYPE`,
+    `params_of`, `kv_cache_of`, `state_of`, `from_config`, `to_config` and `short`.
+
+    `pattern` has one letter per kept layer (its kind); `layers` are the kept layers' indices in the
+    parent (``0..n-1`` for a network not cut from one).
+    """
+
+    pattern: str
+    layers: tuple[int, ...] = ()
+
+    AXES: ClassVar[tuple[Axis, ...]] = ()  # per-layer width axes (hidden and depth are implicit)
+    KINDS: ClassVar[str] = ""  # the layer-kind letters this family uses
+    FIXED: ClassVar[tuple[str, ...]] = ()  # fields a child must share with its parent
+    MODEL_TYPE: ClassVar[str] = ""
+
+    def __post_init__(self):
+        if not self.layers:
+            object.__setattr__(self, "layers", tuple(range(len(self.pattern))))
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        bad = set(self.pattern) - set(self.KINDS)
+        if bad:
+            raise ArchError(f"layer pattern {self.pattern!r} has unknown layer kinds {sorted(bad)}; "
+                            f"{self.MODEL_TYPE} layers are {list(self.KINDS)}")
+        if not self.pattern:
+            raise ArchError("an architecture needs at least one layer")
+        if len(self.layers) != len(self.pattern):
+            raise ArchError(f"{len(self.layers)} kept layer indices for a pattern of {len(self.pattern)} layers")
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ArchError(f"kept layer indices must be strictly increasing, got {list(self.layers)}")
+        if self.hidden_size <= 0:
+            raise ArchError(f"hidden_size must be positive, got {self.hidden_size}")
+        for ax in self.AXES:
+            if any(k in self.pattern for k in ax.kinds):
+                n, g = self.axis_size(ax.name), ax.groups(self)
+                if n <= 0:
+                    raise ArchError(f"{ax.field} must be positive when its layers are kept, got {n}")
+                if n % g:
+                    raise ArchError(f"{ax.field}={n} is not a multiple of {ax.groups_field}={g}: every group "
+                                    "must keep the same number of units")
+
+    # ------------------------------------------------------------------ family hooks (override)
+    def params_of(self, sizes: Mapping[str, Any], counts: Mapping[str, Any]):
+        """Exact parameter count for axis sizes `sizes` (``hidden`` and every axis name) and `counts`
+        kept layers per kind; works on numbers and (fractional, differentiable) tensors alike."""
+        raise NotImplementedError
+
+    def kv_cache_of(self, sizes: Mapping[str, Any], counts: Mapping[str, Any], bytes_per_value: int):
+        """KV-cache bytes per token."""
+        raise NotImplementedError
+
+    def state_of(self, sizes: Mapping[str, Any], counts: Mapping[str, Any], bytes_per_value: int):
+        """Fixed per-sequence state bytes (recurrent layers), 0 for pure attention models."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Sizes":
+        raise NotImplementedError
+
+    def to_config(self, parent_config: Any):
+        raise NotImplementedError
+
+    def short(self) -> str:
+        widths = ", ".join(f"{a.label} {self.axis_size(a.name)}" for a in (HIDDEN, *self.AXES))
+        kinds = " ".join(f"{self.count(k)}{k}" for k in self.KINDS if self.count(k))
+        return f"{widths}, layers {self.num_layers} ({kinds}), {human_count(self.num_params())} params"
+
+    # ------------------------------------------------------------------ generic
+    @classmethod
+    def axes(cls) -> tuple[Axis, ...]:
+        """Every width axis, hidden first."""
+        return (HIDDEN, *cls.AXES)
+
+    @classmethod
+    def axis(cls, name: str) -> Axis:
+        for a in cls.axes():
+            if a.name == name:
+                return a
+        raise ArchError(f"{cls.MODEL_TYPE} has no axis {name!r}; its axes are {[a.name for a in cls.axes()]}, depth")
+
+    def axis_size(self, name: str) -> int:
+        return int(getattr(self, self.axis(name).field))
+
+    def sizes(self) -> dict[str, int]:
+        return {a.name: self.axis_size(a.name) for a in self.axes()}
+
+    def counts(self) -> dict[str, int]:
+        return {k: self.pattern.count(k) for k in self.KINDS}
+
+    def count(self, kind: str) -> int:
+        return self.pattern.count(kind)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.pattern)
+
+    def carries(self, axis: Axis, layer: int) -> bool:
+        """Whether kept layer `layer` (an index into this network) has units of `axis`."""
+        return self.pattern[layer] in axis.kinds
+
+    def layout(self) -> dict[str, dict[int, tuple[int, int]]]:
+        """Per-layer axes: axis -> layer -> (groups, units per group)."""
+        out = {}
+        for a in self.AXES:
+            g = a.groups(self)
+            out[a.name] = {i: (g, self.axis_size(a.name) // g) for i in range(self.num_layers) if self.carries(a, i)}
+        return out
+
+    def num_params(self) -> int:
+        return int(self.params_of(self.sizes(), self.counts()))
+
+    def embedding_params(self) -> int:
+        """Input embedding plus an untied output head."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return int(self.kv_cache_of(self.sizes(), self.counts(), bytes_per_value))
+
+    def state_bytes(self, bytes_per_value: int = 2) -> int:
+        return int(self.state_of(self.sizes(), self.counts(), bytes_per_value))
+
+    def memory_of(self, sizes, counts, context: int, batch: int = 1, bytes_per_value: int = 2):
+        """Weights + KV cache + recurrent state for `batch` sequences of `context` tokens."""
+        return (self.params_of(sizes, counts) * bytes_per_value
+                + batch * context * self.kv_cache_of(sizes, counts, bytes_per_value)
+                + batch * self.state_of(sizes, counts, bytes_per_value))
+
+    def memory_bytes(self, context: int, batch: int = 1, bytes_per_value: int = 2) -> int:
+        return int(self.memory_of(self.sizes(), self.counts(), context, batch, bytes_per_value))
+
+    def replace(self, **changes) -> "Sizes":
+        return dataclasses.replace(self, **changes)
+
+    def with_sizes(self, sizes: Mapping[str, int | None], layers: tuple[int, ...]) -> "Sizes":
+        """A child of this (parent) network: new axis sizes (None = keep) and the kept parent layers."""
+        unknown = set(sizes) - {a.name for a in self.axes()}
+        if unknown:
+            raise ArchError(f"{self.MODEL_TYPE} has no axes {sorted(unknown)}; its axes are "
+                            f"{[a.name for a in self.axes()]}")
+        changes = {self.axis(k).field: int(v) for k, v in sizes.items() if v is not None}
+        child = dataclasses.replace(self, pattern="".join(self.pattern[i] for i in layers), layers=tuple(layers), **changes)
+        child.check_within(self)
+        return child
+
+    def check_within(self, parent: "Sizes") -> None:
+        """Raise `ArchError` unless this network can be cut out of `parent`."""
+        if type(self) is not type(parent):
+            raise ArchError(f"a {self.MODEL_TYPE} network cannot be cut out of a {parent.MODEL_TYPE} one")
+        for a in self.axes():
+            if self.axis_size(a.name) > parent.axis_size(a.name):
+                raise ArchError(f"{a.field}={self.axis_size(a.name)} exceeds the parent's {parent.axis_size(a.name)}")
+        for name in self.FIXED:
+            if getattr(self, name) != getattr(parent, name):
+                raise ArchError(f"{name} is fixed: {getattr(self, name)} != parent's {getattr(parent, name)}")
+        if self.layers and max(self.layers) >= parent.num_layers:
+            raise ArchError(f"layer index {max(self.layers)} does not exist in a {parent.num_layers}-layer parent")
+        for i, kind in zip(self.layers, self.pattern):
+            if parent.pattern[i] != kind:
+                raise ArchError(f"layer {i} is {parent.pattern[i]!r} in the parent but {kind!r} here")
+
+    def cut(self, ranking: "Ranking | None" = None, *, sizes: Mapping[str, int | None] | None = None,
+            drop_layers: int = 0, layers: tuple[int, ...] | None = None, protect_kinds: str = "") -> "Sizes":
+        """A child of this parent: new axis sizes and either explicit kept `layers` or the `drop_layers`
+        least important ones dropped (by `ranking.depth`, never a layer whose kind is in `protect_kinds`)."""
+        if layers is None:
+            if drop_layers:
+                if ranking is None:
+                    raise ArchError("dropping layers by importance needs a ranking")
+                layers = ranking.layers_after_dropping(drop_layers, self.num_layers, self.protected(protect_kinds))
+            else:
+                layers = tuple(range(self.num_layers))
+        return self.with_sizes(sizes or {}, tuple(layers))
+
+    def protected(self, protect_kinds: str) -> set[int]:
+        return {i for i, k in enumerate(self.pattern) if k in protect_kinds}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        d["model_type"] = self.MODEL_TYPE
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sizes":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "layers" else v) for k, v in d.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# rankings
+# ---------------------------------------------------------------------------------------------
+def _order(x: torch.Tensor) -> torch.Tensor:
+    """Stable descending sort: equal scores keep index order, so rankings are deterministic."""
+    return torch.sort(x.float(), descending=True, stable=True).indices
+
+
+def _is_perm(x: torch.Tensor, n: int) -> bool:
+    return x.numel() == n and torch.equal(torch.sort(x.flatten()).values, torch.arange(n))
+
+
+@dataclass
+class Ranking:
+    """Importance order of every axis of one network (most important first).
+
+    `width[axis][layer]` is a ``[groups, units_per_group]`` tensor of local indices (one group for an
+    ungrouped axis), keyed by the layer index in the model it ranks.
+    """
+
+    hidden: torch.Tensor  # [hidden_size] channel indices
+    width: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    depth: torch.Tensor | None = None  # [num_layers] layer indices, most important first
+
+    @classmethod
+    def identity(cls, sizes: Sizes) -> "Ranking":
+        return cls(
+            hidden=torch.arange(sizes.hidden_size),
+            width={a: {i: torch.arange(n).repeat(g, 1) for i, (g, n) in per.items()} for a, per in sizes.layout().items()},
+            depth=torch.arange(sizes.num_layers),
+        )
+
+    @classmethod
+    def random(cls, sizes: Sizes, generator: torch.Generator) -> "Ranking":
+        """A uniformly random ranking: the baseline that importance must beat."""
+        g = generator
+        return cls(
+            hidden=torch.randperm(sizes.hidden_size, generator=g),
+            width={a: {i: torch.stack([torch.randperm(n, generator=g) for _ in range(gr)]) for i, (gr, n) in per.items()}
+                   for a, per in sizes.layout().items()},
+            depth=torch.randperm(sizes.num_layers, generator=g),
+        )
+
+    @classmethod
+    def from_scores(cls, scores: dict[str, torch.Tensor], sizes: Sizes, depth_metric: str = "depth_mse") -> "Ranking":
+        """Sort importance scores (higher = more important) into a ranking.
+
+        `scores` holds ``hidden`` [H], ``<axis>.<layer>`` [units] for every per-layer axis, and the
+        depth metrics [L]; grouped axes are ranked within each group."""
+        layout = sizes.layout()
+        width: dict[str, dict[int, torch.Tensor]] = {a: {} for a in layout}
+        for key, val in scores.items():
+            axis, _, layer = key.partition(".")
+            if axis in layout and layer.isdigit() and int(layer) in layout[axis]:
+                g, n = layout[axis][int(layer)]
+                width[axis][int(layer)] = torch.stack([_order(row) for row in val.float().reshape(g, n)])
+        if depth_metric not in scores:
+            raise KeyError(f"no {depth_metric!r} scores; have {sorted(k for k in scores if k.startswith('depth'))}")
+        return cls(hidden=_order(scores["hidden"]), width=width, depth=_order(scores[depth_metric]))
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"hidden": self.hidden}
+        for a, per in self.width.items():
+            out.update({f"{a}.{i}": v for i, v in per.items()})
+        if self.depth is not None:
+            out["depth"] = self.depth
+        return {k: v.to(torch.int64).contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Ranking":
+        width: dict[str, dict[int, torch.Tensor]] = {}
+        for k, v in t.items():
+            axis, _, layer = k.partition(".")
+            if layer.isdigit():
+                width.setdefault(axis, {})[int(layer)] = v if v.ndim == 2 else v.unsqueeze(0)
+        return cls(hidden=t["hidden"], width=width, depth=t.get("depth"))
+
+    def validate(self, sizes: Sizes) -> None:
+        """Raise unless this ranking has one permutation per axis (per layer, per group) of `sizes`."""
+        if not _is_perm(self.hidden, sizes.hidden_size):
+            raise ArchError("hidden ranking is not a permutation of the hidden channels")
+        for a, per in sizes.layout().items():
+            for i, (g, n) in per.items():
+                r = self.width.get(a, {}).get(i)
+                if r is None or r.shape != (g, n) or not all(_is_perm(row, n) for row in r):
+                    raise ArchError(f"layer {i}: the {a} ranking must be a per-group permutation [{g}, {n}]")
+        if self.depth is not None and not _is_perm(self.depth, sizes.num_layers):
+            raise ArchError("depth ranking is not a permutation of the layers")
+
+    def hidden_index(self, k: int) -> torch.Tensor:
+        return self.hidden[:k]
+
+    def index(self, axis: str, layer: int, k: int) -> torch.Tensor:
+        """Global indices of the `k` kept units of `axis` in `layer`: the top ``k / groups`` of each group,
+        group by group (units of a group are contiguous)."""
+        local = self.width[axis][layer]
+        g, n = local.shape
+        if k % g:
+            raise ArchError(f"{axis}: {k} units do not split evenly over {g} groups")
+        base = (torch.arange(g) * n).unsqueeze(1)
+        return (base + local[:, : k // g]).flatten()
+
+    def layers_after_dropping(self, n_drop: int, num_layers: int, protect: set[int] | None = None) -> tuple[int, ...]:
+        """Indices (sorted) of the layers kept when the `n_drop` least important droppable ones go."""
+        if self.depth is None:
+            raise ArchError("this ranking has no depth order")
+        protect = protect or set()
+        droppable = [int(i) for i in self.depth.flip(0) if int(i) not in protect]
+        if n_drop > len(droppable):
+            raise ArchError(f"cannot drop {n_drop} layers: only {len(droppable)} may be dropped")
+        dropped = set(droppable[:n_drop])
+        return tuple(i for i in range(num_layers) if i not in dropped)
+
+    def child(self, sizes: Sizes) -> "Ranking":
+        """The ranking of the model ``slice_model(parent, sizes, self)`` returns: width axes are stored in
+        importance order there, so they become the identity; depth keeps the parent's order among the
+        surviving layers, renumbered."""
+        child = Ranking.identity(sizes.replace(layers=()))
+        if self.depth is not None:
+            pos = {old: new for new, old in enumerate(sizes.layers)}
+            child.depth = torch.tensor([pos[int(i)] for i in self.depth if int(i) in pos], dtype=torch.long)
+        return child
+
+
+# ---------------------------------------------------------------------------------------------
+# the elastic (masked) model
+# ---------------------------------------------------------------------------------------------
+def prefix_masks(kept: list[int], full: int) -> torch.Tensor:
+    """``[J, full]``: row j keeps the first ``kept[j]`` units."""
+    return (torch.arange(full)[None, :] < torch.tensor(kept)[:, None]).float()
+
+
+def mixture_scale(x2_cumsum: torch.Tensor, k: torch.Tensor, p: torch.Tensor, masks: torch.Tensor, eps: float):
+    """``sum_j p_j * rsqrt(mean_{c<k_j} x_c^2 + eps) * 1[c < k_j]`` per position: the expected RMS-norm
+    scale of a prefix of ``k_j`` channels under choice probabilities ``p``, ``[..., C]``."""
+    var = x2_cumsum[..., k - 1] / k.to(x2_cumsum.dtype)  # [..., J]
+    coef = torch.rsqrt(var + eps) * p.to(var.dtype)
+    return coef @ masks.to(coef.dtype)
+
+
+class ElasticBase(nn.Module):
+    """A model whose axes are importance-ordered, masked to a (soft) architecture of a `Space`.
+
+    Generic: per-axis probabilities over the space's choices, the depth gates, activation
+    checkpointing under the captured masks, hard architectures, extraction. A family subclass sets
+    ``family`` (its module) and implements `_patch_axes` (its mixers' masked forwards); the hidden
+    axis is masked in the family's RMS norms with `masked_rmsnorm_forward` and depth in the blocks
+    with `gated_block_forward`, both installed by `_patch_axes` through `patch_norm` / `patch_block`.
+
+    With ``probs = None`` on an axis the model is the plain parent on that axis.
+    """
+
+    family: Any = None  # the family module (Sizes, slice_model, decoder_layers, ...)
+
+    def __init__(self, model, space, depth_order: torch.Tensor, protect_kinds: str = ""):
+        super().__init__()
+        space.validate()
+        sizes = self.family.Sizes.from_config(model.config)
+        if sizes.replace(layers=()) != space.parent.replace(layers=()):
+            raise ArchError("the space's parent is not the architecture of the model")
+        self.model, self.space, self.arch, self.protect_kinds = model, space, sizes, protect_kinds
+        self.axes = tuple(space.choices) + ("depth",)
+        self.ranking = Ranking.identity(sizes.replace(layers=()))
+        self.ranking.depth = torch.as_tensor(depth_order, dtype=torch.long)
+        self.protect = sizes.protected(protect_kinds)
+        self.register_buffer("hidden_k", torch.tensor(space.choices["hidden"]), persistent=False)
+        self.register_buffer("hidden_masks", prefix_masks(list(space.choices["hidden"]), sizes.hidden_size), persistent=False)
+        keep = torch.zeros(len(space.drops), sizes.num_layers)
+        self.kept_layers = []
+        for j, d in enumerate(space.drops):
+            kept = self.ranking.layers_after_dropping(d, sizes.num_layers, self.protect)
+            self.kept_layers.append(kept)
+            keep[j, list(kept)] = 1.0
+        self.register_buffer("depth_keep", keep, persistent=False)
+        self._state: dict[str, torch.Tensor | None] = {}
+        # While a block runs (and while its activations are recomputed in backward) the patched forwards
+        # read this captured state instead of `_state`: see `gated_block_forward`.
+        self._override: dict | None = None
+        self.checkpointing = False
+        self._patch_axes()
+
+    @classmethod
+    def from_parent(cls, parent_model, ranking: Ranking, space, protect_kinds: str = ""):
+        """Reorder `parent_model` by `ranking` (a copy; the parent is untouched) and make it elastic."""
+        parent = cls.family.Sizes.from_config(parent_model.config)
+        ordered = cls.family.slice_model(parent_model, parent, ranking)
+        return cls(ordered, space, ranking.child(parent).depth, protect_kinds)
+
+    # ------------------------------------------------------------------ patching helpers
+    def state(self) -> dict:
+        """The masks in force now (read by the patched forwards at call time)."""
+        return self._override if self._override is not None else self._state
+
+    def _patch_axes(self) -> None:
+        raise NotImplementedError
+
+    def patch(self, module: nn.Module, fn, *args) -> None:
+        """Replace the forward of this module *instance* by ``fn(module, original_forward, *args, ...)``."""
+        module.forward = functools.partial(fn, module, module.__class__.forward, *args)
+
+    def patch_norm(self, norm: nn.Module) -> None:
+        """The hidden axis: a residual-stream RMS norm normalises over the kept prefix only."""
+        self.patch(norm, masked_rmsnorm_forward, self.state, lambda: self.hidden_k, lambda: self.hidden_masks)
+
+    def patch_block(self, block: nn.Module, index: int) -> None:
+        """Depth (and activation checkpointing under the block's captured masks)."""
+        self.patch(block, gated_block_forward, self.state, index, self)
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward, under the masks the block ran with.
+
+        transformers' own checkpointing would recompute a block after the search has reset the masks,
+        i.e. train the wrong sub-network's gradients; here every block captures its state and
+        re-installs it for the recompute (tested: equal gradients with and without)."""
+        self.checkpointing = bool(enabled)
+
+    @contextlib.contextmanager
+    def _using(self, state: dict):
+        prev, self._override = self._override, state
+        try:
+            yield
+        finally:
+            self._override = prev
+
+    def unpatch(self):
+        """Remove the patched forwards and return the plain HF model (importance-ordered weights)."""
+        for m in self.model.modules():
+            m.__dict__.pop("forward", None)
+        return self.model
+
+    # ------------------------------------------------------------------ masks
+    def choices(self, axis: str) -> tuple[int, ...]:
+        return self.space.drops if axis == "depth" else self.space.choices[axis]
+
+    def set_probs(self, **probs) -> None:
+        """Per-axis probabilities over the choices (one-hot = hard); a missing axis = the full axis."""
+        unknown = set(probs) - set(self.axes)
+        if unknown:
+            raise ValueError(f"unknown axes {sorted(unknown)}; this model's axes are {list(self.axes)}")
+        for name, p in probs.items():
+            if p is not None and p.shape != (len(self.choices(name)),):
+                raise ValueError(f"{name} probabilities have shape {tuple(p.shape)}, expected ({len(self.choices(name))},)")
+        state = {a: p for a, p in probs.items() if a != "depth"}
+        depth = probs.get("depth")
+        state["gates"] = None if depth is None else depth.to(self.depth_keep.dtype) @ self.depth_keep
+        self._state = state
+
+    def set_full(self) -> None:
+        self._state = {}
+
+    def one_hot(self, axis: str, index: int) -> torch.Tensor:
+        return F.one_hot(torch.tensor(index), len(self.choices(axis))).float().to(self.hidden_masks.device)
+
+    def choice_indices(self, arch: Sizes) -> dict[str, int]:
+        """The choice index of each axis for an architecture of this space (ArchError if not in it)."""
+        out = {}
+        for axis, vals in self.space.choices.items():
+            val = arch.axis_size(axis)
+            if val not in vals:
+                raise ArchError(f"{axis}={val} is not a choice of the search space {list(vals)}")
+            out[axis] = vals.index(val)
+        if tuple(arch.layers) not in self.kept_layers:
+            raise ArchError(f"kept layers {list(arch.layers)} are not 'drop the k least important' of this space")
+        out["depth"] = self.kept_layers.index(tuple(arch.layers))
+        return out
+
+    def set_arch(self, arch: Sizes) -> None:
+        """A hard mask: exactly the function of ``slice_model(model, arch)``."""
+        self.set_probs(**{a: self.one_hot(a, i) for a, i in self.choice_indices(arch).items()})
+
+    def arch_from_indices(self, idx: Mapping[str, int]) -> Sizes:
+        sizes = {a: self.space.choices[a][idx[a]] for a in self.space.choices}
+        return self.arch.cut(self.ranking, sizes=sizes, layers=self.kept_layers[idx["depth"]])
+
+    def extract(self, arch: Sizes):
+        """The sub-network `arch` as a plain model of the parent's class (a prefix slice of every axis)."""
+        self.choice_indices(arch)  # only architectures of the space
+        return self.family.slice_model(self.model, arch, self.ranking)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        kwargs.setdefault("use_cache", False)
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+def masked_rmsnorm_forward(norm, orig, st, hk, hm, hidden_states):
+    """An RMS norm (``weight``, ``variance_epsilon``) over the kept prefix of the hidden channels: choice
+    j keeps ``k_j`` channels and divides by their own RMS; the soft norm is the expectation over
+    choices, from one cumulative sum of ``x^2``. Channels past the prefix come out zero, so every reader
+    of the residual stream (they all read it through such a norm) sees the sub-network's channels only."""
+    p = st().get("hidden")
+    if p is None:
+        return orig(norm, hidden_states)
+    dtype = hidden_states.dtype
+    x = hidden_states.float()
+    scale = mixture_scale(x.pow(2).cumsum(-1), hk(), p, hm(), norm.variance_epsilon)
+    return (norm.weight.float() * x * scale).to(dtype)
+
+
+def masked_units(x: torch.Tensor, p: torch.Tensor, masks: torch.Tensor, groups: int) -> torch.Tensor:
+    """Multiply the last dim of `x` (``groups`` contiguous groups of equal width) by the expected prefix
+    mask ``sum_j p_j masks[j]`` of each group (exact for a hard mask: dropped units contribute nothing)."""
+    m = p.to(x.dtype) @ masks.to(x.dtype)  # [width per group]
+    *lead, last = x.shape
+    return (x.view(*lead, groups, last // groups) * m).view(*lead, last)
+
+
+def gated_block_forward(block, orig, st, index, elastic, hidden_states, *args, **kwargs):
+    """Depth: layer ``l`` is kept with probability ``g_l`` and its output is ``x + g_l * (block(x) - x)``;
+    a layer with ``g_l == 0`` and no gradient is skipped. The block captures the masks it runs with so
+    a recompute in backward (activation checkpointing) sees the same sub-network."""
+    state = st()
+    # transformers wraps the class forward for its own checkpointing; run the plain one, we checkpoint here
+    inner = getattr(orig, "__wrapped__", orig)
+
+    def run(h):
+        with elastic._using(state):
+            return inner(block, h, *args, **kwargs)
+
+    def call(h):
+        if elastic.checkpointing and block.training and torch.is_grad_enabled():
+            return checkpoint(run, h, use_reentrant=False)
+        return run(h)
+
+    gates = state.get("gates")
+    if gates is None:
+        return call(hidden_states)
+    g = gates[index]
+    if not g.requires_grad:
+        if float(g) == 0.0:
+            return hidden_states  # a dropped layer: its input passes through the residual
+        if float(g) == 1.0:
+            return call(hidden_states)
+    out = call(hidden_states)
+    return hidden_states + g.to(out.dtype) * (out - hidden_states)
