@@ -1,13 +1,10 @@
 """Activation-based importance of every elastic axis (Minitron / Minitron-SSM), on calibration data.
 
 Width scores aggregate an activation's magnitude as "mean over the sequence, L2 over the batch",
-the combination Minitron found to rank best:
-
-* hidden channels -- the outputs of every RMSNorm that feeds a mixer, plus ``norm_f``, summed;
-* FFN neurons     -- the MLP's hidden activation (the input of ``down_proj``), per MLP layer;
-* Mamba heads     -- the mixer's per-head activation entering ``out_proj`` (after the gated
-  group norm), L2 over ``head_dim``, per Mamba layer; heads are later ranked *within their group*;
-* attention heads -- the per-head input of ``o_proj`` (recorded for reports; not pruned by default).
+the combination Minitron found to rank best. Which activation scores which axis is the family's
+knowledge (its ``width_hooks``): the residual stream after every norm for ``hidden``, the input of
+an MLP's down projection per neuron, per head the activation entering a mixer's output projection
+(grouped heads are later ranked within their group).
 
 Depth scores skip one layer at a time (the residual carries its input through) and measure how the
 output moves: the normalised MSE of the logits against the full model, and the rise in LM loss.
@@ -22,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from elastic.losses import hidden_states, next_token_labels
-from elastic.models.nemotron_h import arch_of
+from elastic.models import family_for
+from elastic.models.family import Ranking
 
 
 class _SeqMeanBatchL2:
@@ -56,38 +54,11 @@ def _logit_sums(head: nn.Module, h_ref: torch.Tensor, h: torch.Tensor, labels: t
 
 @torch.no_grad()
 def width_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Scores for hidden channels, FFN neurons, Mamba heads and attention heads (higher = more important)."""
-    arch = arch_of(model)
+    """Scores of the hidden channels and of every per-layer unit the family's hooks report (higher =
+    more important)."""
+    family = family_for(model)
     acc = _SeqMeanBatchL2()
-    hooks = []
-
-    def mean_abs(x: torch.Tensor) -> torch.Tensor:  # [B, S, C] -> [B, C]
-        return x.abs().float().mean(1)
-
-    def on_norm(_m, _inp, out):
-        acc.add("hidden", mean_abs(out))
-
-    def on_ffn(layer):
-        return lambda _m, inp: acc.add(f"ffn.{layer}", mean_abs(inp[0]))
-
-    def on_heads(prefix, layer, n_heads):
-        def hook(_m, inp):
-            x = inp[0]
-            per_head = x.float().unflatten(-1, (n_heads, -1)).norm(dim=-1)  # [B, S, heads]
-            acc.add(f"{prefix}.{layer}", per_head.mean(1))
-
-        return hook
-
-    model_layers = model.model.layers
-    for i, (block, kind) in enumerate(zip(model_layers, arch.pattern)):
-        hooks.append(block.norm.register_forward_hook(on_norm))
-        if kind == "-":
-            hooks.append(block.mixer.down_proj.register_forward_pre_hook(on_ffn(i)))
-        elif kind == "M":
-            hooks.append(block.mixer.out_proj.register_forward_pre_hook(on_heads("mamba", i, arch.mamba_num_heads)))
-        elif kind == "*":
-            hooks.append(block.mixer.o_proj.register_forward_pre_hook(on_heads("attn", i, arch.num_attention_heads)))
-    hooks.append(model.model.norm_f.register_forward_hook(on_norm))
+    hooks = family.width_hooks(model, family.Sizes.from_config(model.config), acc.add)
     device = next(model.parameters()).device
     try:
         for ids in tqdm(list(batches), desc="importance: width", disable=not progress, unit="batch"):
@@ -107,7 +78,8 @@ def depth_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = Tru
     Only final hidden states are kept per forward; logits are compared `chunk_size` tokens at a time,
     so a 9B at 4 x 4096 tokens holds two ``[B, S, hidden]`` tensors and one ``[chunk, vocab]`` pair
     instead of two fp32 ``[B, S, 131072]`` logits (32 GiB)."""
-    layers_ = model.model.layers
+    family = family_for(model)
+    layers_ = family.decoder_layers(model)
     n = len(layers_)
     mse = torch.zeros(n, dtype=torch.float64)
     dloss = torch.zeros(n, dtype=torch.float64)
@@ -124,11 +96,11 @@ def depth_scores(model, batches: Iterable[torch.Tensor], *, progress: bool = Tru
             bar.update()
             for i in range(n):
                 # Bypassing a block == its residual alone; swapping the list is cheaper than running it.
-                model.model.layers = nn.ModuleList([b for j, b in enumerate(layers_) if j != i])
+                family.set_decoder_layers(model, nn.ModuleList([b for j, b in enumerate(layers_) if j != i]))
                 try:
                     skipped = hidden_states(model, ids)
                 finally:
-                    model.model.layers = layers_
+                    family.set_decoder_layers(model, layers_)
                 diff, _, ce, _ = _logit_sums(head, full, skipped, labels, chunk_size)
                 mse[i] += diff / denom
                 dloss[i] += (ce - base) / count
@@ -157,16 +129,16 @@ def versus_random(model, ranking, make, batches, seeds) -> dict:
     Used by the benchmark and the test that importance beats random.
     """
     from elastic.inputs import heldout_loss
-    from elastic.models.nemotron_h import Ranking, slice_model
 
-    parent = arch_of(model)
+    family = family_for(model)
+    parent = family.Sizes.from_config(model.config)
     arch = make(ranking)
     out = {"arch": arch.to_dict(), "params": arch.num_params(), "parent_params": parent.num_params()}
-    out["importance"] = heldout_loss(slice_model(model, arch, ranking), batches)
+    out["importance"] = heldout_loss(family.slice_model(model, arch, ranking), batches)
     rand = []
     for s in seeds:
         r = Ranking.random(parent, torch.Generator().manual_seed(int(s)))
-        rand.append(heldout_loss(slice_model(model, make(r), r), batches))
+        rand.append(heldout_loss(family.slice_model(model, make(r), r), batches))
     out["random"] = rand
     out["random_mean"] = sum(rand) / len(rand)
     return out

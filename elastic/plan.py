@@ -47,7 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from elastic.arch import Arch, ArchError, human_count
+from elastic.arch import ArchError, human_count, sizes_from_config
+from elastic.models.family import Sizes as Arch  # any family's sizes type
 
 GiB = 2**30
 FP32, BF16 = 4, 2
@@ -106,17 +107,17 @@ def student_arch(cfg, parent: Arch) -> tuple[Arch, str]:
     """The distillation student: ``prune.arch`` (explicit sizes, identity layer ranking), ``prune.target``
     or else ``budget`` (the largest grid architecture within the budget: a plan cannot know the
     importance ranking, so dropped layers are the last droppable ones)."""
-    from elastic.models.nemotron_h import Ranking, make_arch
+    from omegaconf import OmegaConf
+
+    from elastic.models.family import Ranking
     from elastic.search_space import Space, parse_budget
+    from elastic.stages.prune import arch_from_sizes
 
     c = cfg.prune
     sizes = _get(cfg, "prune.arch")
     if sizes:
-        layers = tuple(sizes["layers"]) if sizes.get("layers") is not None else None
-        arch = make_arch(parent, Ranking.identity(parent), hidden_size=sizes.get("hidden_size"),
-                         intermediate_size=sizes.get("intermediate_size"), mamba_num_heads=sizes.get("mamba_num_heads"),
-                         drop_layers=int(sizes.get("drop_layers") or 0), layers=layers,
-                         protect_kinds=str(_get(cfg, "prune.protect_kinds", "")))
+        sizes = OmegaConf.to_container(sizes, resolve=True) if OmegaConf.is_config(sizes) else dict(sizes)
+        arch = arch_from_sizes(parent, Ranking.identity(parent), sizes, str(_get(cfg, "prune.protect_kinds", "")))
         return arch, "prune.arch"
     target = _get(cfg, "prune.target")
     src, grid = "prune.target", c
@@ -133,8 +134,7 @@ def student_arch(cfg, parent: Arch) -> tuple[Arch, str]:
     n = parse_budget(target, parent.num_params())
     g = grid.granularity
     protect = str(grid.get("protect_kinds", "*"))
-    space = Space.build(parent, hidden_step=int(g.hidden), ffn_step=int(g.ffn),
-                        mamba_heads_per_group_step=int(g.mamba_heads_per_group),
+    space = Space.build(parent, granularity=OmegaConf.to_container(g, resolve=True) if OmegaConf.is_config(g) else dict(g),
                         max_width_prune=float(grid.max_width_prune), max_depth_prune=float(grid.max_depth_prune),
                         protect_kinds=protect)
     best = _largest_within(parent, space, protect, n)
@@ -144,35 +144,28 @@ def student_arch(cfg, parent: Arch) -> tuple[Arch, str]:
 
 
 def _largest_within(parent: Arch, space, protect: str, n: int) -> Arch | None:
-    """The grid architecture with the most parameters <= n. A block's count depends on one or two axes
-    only, so `Arch.layer_params` is asked once per (hidden, axis) pair and the grid is summed from those."""
+    """The grid architecture with the most parameters <= n: the family's closed form evaluated on the
+    whole width grid at once (float64 is exact for these integers), one depth choice at a time."""
+    import torch
+
     droppable = [i for i, k in enumerate(parent.pattern) if k not in protect]
-    kept = {d: tuple(i for i in range(parent.num_layers) if i not in set(droppable[len(droppable) - d:] if d else ()))
-            for d in space.drops}
-    counts = {d: {k: sum(parent.pattern[i] == k for i in ks) for k in "M-*"} for d, ks in kept.items()}
-
-    def arch(h, f, m, pattern="M-*"):
-        return parent.replace(hidden_size=h, intermediate_size=f, mamba_num_heads=m, pattern=pattern, layers=())
-
+    axes = list(space.choices)
+    grid = torch.meshgrid(*[torch.tensor(space.choices[a], dtype=torch.float64) for a in axes], indexing="ij")
     best = None
-    for h in space.hidden:
-        root = arch(h, space.ffn[0], space.mamba_heads[0])
-        root_params = root.num_params() - sum(root.layer_params(k) for k in "M-*")
-        attn = root.layer_params("*")
-        mamba = {m: arch(h, space.ffn[0], m).layer_params("M") for m in space.mamba_heads}
-        mlp = {f: arch(h, f, space.mamba_heads[0]).layer_params("-") for f in space.ffn}
-        for d, c in counts.items():
-            for m, pm in mamba.items():
-                for f, pf in mlp.items():
-                    p = root_params + c["*"] * attn + c["M"] * pm + c["-"] * pf
-                    if p <= n and (best is None or p > best[0]):
-                        best = (p, h, f, m, d)
+    for d in space.drops:
+        dropped = set(droppable[len(droppable) - d:]) if d else set()
+        kept = tuple(i for i in range(parent.num_layers) if i not in dropped)
+        counts = {k: sum(parent.pattern[i] == k for i in kept) for k in parent.KINDS}
+        p = parent.params_of(dict(zip(axes, grid)), counts)
+        p = torch.where(p <= n, p, torch.tensor(-1.0, dtype=torch.float64))
+        flat = int(p.argmax())
+        if float(p.flatten()[flat]) >= 0 and (best is None or float(p.flatten()[flat]) > best[0]):
+            idx = torch.unravel_index(torch.tensor(flat), p.shape)
+            best = (float(p.flatten()[flat]), {a: space.choices[a][int(i)] for a, i in zip(axes, idx)}, kept)
     if best is None:
         return None
-    p, h, f, m, d = best
-    a = parent.replace(hidden_size=h, intermediate_size=f, mamba_num_heads=m, layers=kept[d],
-                       pattern="".join(parent.pattern[i] for i in kept[d]))
-    assert a.num_params() == p
+    a = parent.with_sizes(best[1], best[2])
+    assert a.num_params() == int(best[0])
     return a
 
 
@@ -591,7 +584,7 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
           path: str | None = None) -> list[StagePlan]:
     n, mem, reserve = _machine(cfg, world_size, gpu_memory_bytes)
     pcfg = parent_config(cfg)
-    parent = Arch.from_config(pcfg)
+    parent = sizes_from_config(pcfg)
     chunk = int(pcfg.get("chunk_size") or pcfg.get("mamba_chunk_size") or 128)  # transformers' default: 128
     path = path or mamba_path(cfg)
     peak, mfu = float(_get(cfg, "plan.peak_tflops", 989)), float(_get(cfg, "plan.mfu", 0.35))
@@ -725,7 +718,7 @@ def plan_all(cfg, *, world_size=None, gpu_memory_bytes=None) -> dict[str, Any]:
     """Every row (importance, search, distill phases) and the recipe's headline numbers, as plain data."""
     n, mem, reserve = _machine(cfg, world_size, gpu_memory_bytes)
     pcfg = parent_config(cfg)
-    parent = Arch.from_config(pcfg)
+    parent = sizes_from_config(pcfg)
     student, src = student_arch(cfg, parent)
     rows = []
     for stage in ("importance", "search", "distill"):

@@ -226,7 +226,7 @@ class Router(nn.Module):
         d = len(axes) - 1
         # every combination at once: sizes broadcast over their own dimension, kind counts over depth's
         c = cost.of_sizes({a: view(cost.choices[a], i) for i, a in enumerate(axes[:-1])},
-                          cost.kind_counts.view(*[-1 if j == d else 1 for j in range(len(axes))], -1))
+                          cost.kind_counts.view(*[shape[d] if j == d else 1 for j in range(len(axes))], -1))
         ok = ((c / (budget * cost.full)) - 1).abs() <= band
         if not bool(ok.any()):
             return self.argmax(budget), False

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from elastic.arch import Arch, ArchError
+from elastic.arch import ArchError
+from elastic.models.nemotron_h import Arch
 
 DATA = Path(__file__).parent / "data"
 NANO_9B = json.loads((DATA / "nemotron-nano-9b-v2.config.json").read_text())

@@ -26,7 +26,7 @@ def test_every_recipe_composes(recipe):
 def test_real_recipe_targets_the_4b_budget():
     import json
 
-    from elastic.arch import Arch
+    from elastic.models.nemotron_h import Arch
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["recipe=nemotron_9b_to_4b", "parent.path=/x", "data.files=/y"])

@@ -5,7 +5,7 @@ import torch
 
 from elastic.arch import ArchError
 from elastic.models.nemotron_h import Ranking, arch_of, make_arch, slice_model
-from elastic.models.nemotron_h_elastic import ElasticNemotronH, space_sizes
+from elastic.models.nemotron_h_elastic import ElasticNemotronH
 from elastic.router import Router
 from elastic.search_space import Space
 from tiny import tiny_model, tokens
@@ -18,12 +18,12 @@ def setup():
     model = tiny_model(PATTERN)
     arch = arch_of(model)
     ranking = Ranking.random(arch, torch.Generator().manual_seed(0))
-    space = Space.build(arch, hidden_step=8, ffn_step=16, max_width_prune=0.5, max_depth_prune=0.5, protect_kinds="*")
+    space = Space.build(arch, granularity={"hidden": 8, "ffn": 16}, max_width_prune=0.5, max_depth_prune=0.5, protect_kinds="*")
     return model, arch, ranking, space, ElasticNemotronH.from_parent(model, ranking, space, "*")
 
 
 def random_indices(space, g):
-    return {a: int(torch.randint(len(space_sizes(space, a)), (1,), generator=g)) for a in ("hidden", "ffn", "mamba", "depth")}
+    return {a: int(torch.randint(len(space.drops if a == "depth" else space.choices[a]), (1,), generator=g)) for a in ("hidden", "ffn", "mamba", "depth")}
 
 
 def test_full_is_parent(setup):
@@ -96,9 +96,9 @@ def test_soft_masks_approach_hard_as_tau_goes_to_zero(setup):
 def test_bad_spaces(setup):
     model, arch, _, space, _ = setup
     with pytest.raises(ArchError, match="n_groups"):
-        ElasticNemotronH(slice_model(model, arch), Space(arch, space.hidden, space.ffn, (3, 8), space.drops), torch.arange(arch.num_layers))
+        ElasticNemotronH(slice_model(model, arch), Space(arch, space.choices | {"mamba": (3, 8)}, space.drops), torch.arange(arch.num_layers))
     with pytest.raises(ArchError, match="empty"):
-        ElasticNemotronH(slice_model(model, arch), Space(arch, (), space.ffn, space.mamba_heads, space.drops), torch.arange(arch.num_layers))
+        ElasticNemotronH(slice_model(model, arch), Space(arch, space.choices | {"hidden": ()}, space.drops), torch.arange(arch.num_layers))
 
 
 def test_checkpointed_gradients_equal_plain_ones_under_soft_masks():

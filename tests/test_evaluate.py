@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from elastic import toy
-from elastic.arch import Arch
+from elastic.models.nemotron_h import Arch
 from elastic.evaluation import cost, lmeval, passkey, quality
 from elastic.evaluation.models import EvaluateError, discover
 from elastic.inputs import heldout_loss

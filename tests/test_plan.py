@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from elastic.arch import Arch
+from elastic.models.nemotron_h import Arch
 from elastic.plan import (GiB, PlanError, Shape, check_stage, check_tau_schedule, choose_strategy, choose_teacher,
                           plan_all, plan_rows, plan_training, tau_at_router_end)
 from elastic.run import CONF_DIR

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from elastic.arch import ArchError
 from elastic.models.nemotron_h import Ranking, arch_of
-from elastic.models.nemotron_h_elastic import ElasticNemotronH, space_sizes
+from elastic.models.nemotron_h_elastic import ElasticNemotronH
 from elastic.router import Cost, Router, Schedule, budget_loss, check_budgets
 from elastic.search_space import Space
 from tiny import tiny_model
@@ -18,7 +18,7 @@ from tiny import tiny_model
 def el():
     model = tiny_model("M-*M-M-")
     arch = arch_of(model)
-    space = Space.build(arch, hidden_step=16, ffn_step=32, max_width_prune=0.5, max_depth_prune=0.5, protect_kinds="*")
+    space = Space.build(arch, granularity={"hidden": 16, "ffn": 32}, max_width_prune=0.5, max_depth_prune=0.5, protect_kinds="*")
     return ElasticNemotronH.from_parent(model, Ranking.random(arch, torch.Generator().manual_seed(0)), space, "*")
 
 
@@ -26,9 +26,9 @@ def el():
 def test_cost_matches_arch_at_one_hot(el, resource):
     cost = Cost(el.space, el.kept_layers, resource, context=1000, batch=3)
     axes = ("hidden", "ffn", "mamba", "depth")
-    for combo in itertools.product(*(range(len(space_sizes(el.space, a))) for a in axes)):
+    for combo in itertools.product(*(range(len(el.choices(a))) for a in axes)):
         idx = dict(zip(axes, combo))
-        probs = {a: F.one_hot(torch.tensor(i), len(space_sizes(el.space, a))).double() for a, i in idx.items()}
+        probs = {a: F.one_hot(torch.tensor(i), len(el.choices(a))).double() for a, i in idx.items()}
         arch = el.arch_from_indices(idx)
         want = arch.num_params() if resource == "params" else arch.memory_bytes(1000, 3)
         assert float(cost.expected(probs)) == want == cost.of_arch(arch)
@@ -37,7 +37,7 @@ def test_cost_matches_arch_at_one_hot(el, resource):
 
 def test_cost_is_differentiable(el):
     cost = Cost(el.space, el.kept_layers, "params")
-    logits = {a: torch.zeros(len(space_sizes(el.space, a)), requires_grad=True) for a in ("hidden", "ffn", "mamba", "depth")}
+    logits = {a: torch.zeros(len(el.choices(a)), requires_grad=True) for a in ("hidden", "ffn", "mamba", "depth")}
     c = cost.expected({a: l.softmax(-1) for a, l in logits.items()})
     c.backward()
     assert all(l.grad.abs().sum() > 0 for l in logits.values())

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from elastic.arch import Arch, ArchError
+from elastic.arch import ArchError
+from elastic.models.nemotron_h import Arch
 from elastic.data import DataError
 from elastic.models.nemotron_h import arch_of
 from elastic.models.nemotron_h_elastic import ElasticNemotronH
@@ -119,7 +120,7 @@ def test_streamed_mixture_search_resumes_exactly(search_run, toy_parent, tmp_pat
     ("search.budgets=[0.5,1.5]", r"\(0, 1\]"),
     ("search.budgets=[]", "empty"),
     ("search.choices.hidden=[]", "empty"),
-    ("search.choices.mamba_heads=[3,16]", "n_groups"),
+    ("search.choices.mamba=[3,16]", "n_groups"),
 ])
 def test_bad_search_input(search_run, toy_parent, override, match):
     with pytest.raises(ArchError, match=match):

@@ -7,8 +7,9 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from elastic.arch import Arch, ArchError
-from elastic.models import surgery_for
+from elastic.arch import ArchError
+from elastic.models.nemotron_h import Arch
+from elastic.models import family_for
 from elastic.models.nemotron_h import Ranking, arch_of, make_arch, slice_model
 from tiny import tiny_model, tokens
 
@@ -52,7 +53,7 @@ def test_sliced_sizes_follow_the_arch():
 def test_mamba_heads_are_kept_per_group():
     parent = arch_of(tiny_model())
     ranking = Ranking.random(parent, torch.Generator().manual_seed(0))
-    heads = ranking.mamba_heads(0, 4, parent.n_groups)
+    heads = ranking.index("mamba", 0, 4)
     per_group = parent.mamba_num_heads // parent.n_groups
     assert [int(h) // per_group for h in heads] == [0, 0, 1, 1]
 
@@ -107,13 +108,13 @@ def test_ranking_round_trip_and_validation():
     ranking = Ranking.random(parent, torch.Generator().manual_seed(0))
     again = Ranking.from_tensors(ranking.to_tensors())
     again.validate(parent)
-    assert torch.equal(again.hidden, ranking.hidden) and again.mamba.keys() == ranking.mamba.keys()
+    assert torch.equal(again.hidden, ranking.hidden) and again.width["mamba"].keys() == ranking.width["mamba"].keys()
     broken = Ranking.from_tensors(ranking.to_tensors() | {"hidden": torch.zeros(parent.hidden_size, dtype=torch.long)})
     with pytest.raises(ArchError, match="permutation"):
         broken.validate(parent)
 
 
 def test_registry_rejects_other_models():
-    assert surgery_for(tiny_model()).MODEL_TYPE == "nemotron_h"
+    assert "nemotron_h" in family_for(tiny_model()).MODEL_TYPES
     with pytest.raises(ValueError, match="not supported"):
-        surgery_for({"model_type": "llama"})
+        family_for({"model_type": "gpt2"})

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from elastic.arch import Arch
+from elastic.models.family import Sizes as Arch  # any family's sizes type
 
 
 def weight_bytes(folder: Path) -> int:
@@ -47,7 +47,7 @@ def static_cost(arch: Arch, folder: Path | None = None, bytes_per_value: int = 2
         "params": total,
         "non_embedding_params": total - embedding_params(arch),
         "kv_bytes_per_token": arch.kv_cache_bytes_per_token(bytes_per_value),
-        "mamba_state_bytes": arch.mamba_state_bytes(bytes_per_value),
+        "mamba_state_bytes": arch.state_bytes(bytes_per_value),
         "bf16_weight_bytes": total * bytes_per_value,
         "layers": arch.pattern,
     }

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from elastic.arch import Arch
+from elastic.arch import sizes_from_config
+from elastic.models.family import Sizes as Arch  # any family's sizes type
 
 # Stage folders that hold exported models, in pipeline order.
 MODEL_STAGES = ("prune", "distill", "quantize")
@@ -50,7 +51,7 @@ class ModelRef:
         return is_modelopt_fp8(self.path)
 
     def arch(self) -> Arch:
-        return Arch.from_config(self.config)
+        return sizes_from_config(self.config)
 
 
 def is_model_dir(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""NemotronH surgery: the four elastic axes, rankings and the physical slice.
+"""The NemotronH family (hybrid Mamba-2 / MLP / attention, transformers' `NemotronHForCausalLM`).
 
 Axes (all ordered by importance, so every sub-network keeps a *prefix* of each ranked axis and the
 family is nested):
@@ -7,10 +7,13 @@ family is nested):
   block's pre-norm, every mixer's input/output projection, ``norm_f`` and ``lm_head``).
 * ``ffn``     -- MLP neurons, one ranking per MLP layer (the kept count is the same in every layer:
   stock HF NemotronH holds a single ``intermediate_size``).
-* ``mamba``   -- Mamba-2 heads, ranked *within each group* (a ``[n_groups, heads_per_group]`` tensor
-  of local indices per Mamba layer) so every group keeps the same count; B and C, shared by a group's
-  heads, are never cut; ``head_dim`` is kept.
+* ``mamba``   -- Mamba-2 heads, ranked *within each group* (``[n_groups, heads_per_group]`` local
+  indices per Mamba layer) so every group keeps the same count; B and C, shared by a group's heads,
+  are never cut; ``head_dim`` is kept.
 * ``depth``   -- whole layers, ranked from most to least important; a depth budget drops the tail.
+
+Layer kinds use the single-letter pattern of NVIDIA's configs: ``M`` Mamba-2, ``-`` MLP, ``*``
+attention (``E`` MoE is recognised but not supported by the surgery yet).
 
 `slice_model` gathers the ranked prefix of each axis, so the child's channels are stored in
 importance order: its own ranking is the identity on every width axis (`Ranking.child`), which is
@@ -26,209 +29,257 @@ group are contiguous.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from elastic.arch import Arch, ArchError
+from elastic.arch import ArchError
+from elastic.models.family import Axis, Ranking, Sizes as _Sizes
 
-MODEL_TYPE = "nemotron_h"
-AXES = ("hidden", "ffn", "mamba", "depth")
+MODEL_TYPES = ("nemotron_h",)
+
+# HF `layers_block_type` names <-> NVIDIA pattern letters.
+LAYER_TYPE_TO_CHAR = {"linear_attention": "M", "mlp": "-", "full_attention": "*", "moe": "E"}
+CHAR_TO_LAYER_TYPE = {v: k for k, v in LAYER_TYPE_TO_CHAR.items()}
+
+
+def pattern_to_types(pattern: str) -> tuple[str, ...]:
+    bad = set(pattern) - set(CHAR_TO_LAYER_TYPE)
+    if bad:
+        raise ArchError(f"layer pattern {pattern!r} has unknown layer kinds {sorted(bad)}; use M, -, *, E")
+    return tuple(CHAR_TO_LAYER_TYPE[c] for c in pattern)
+
+
+def types_to_pattern(types: Iterable[str]) -> str:
+    return "".join(LAYER_TYPE_TO_CHAR[t] for t in types)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sizes(_Sizes):
+    """Sizes of a NemotronH network. Field names follow transformers' `NemotronHConfig`, so `to_config`
+    is a plain field copy; `pattern` is the kept layers' kinds, e.g. ``"M-M*-"``."""
+
+    hidden_size: int
+    intermediate_size: int
+    mamba_num_heads: int
+    # fixed fields (never pruned by this project)
+    vocab_size: int = 131072
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    mamba_head_dim: int = 80
+    n_groups: int = 8
+    ssm_state_size: int = 128
+    conv_kernel: int = 4
+    tie_word_embeddings: bool = False
+    use_bias: bool = False  # Mamba in_proj/out_proj bias
+    use_conv_bias: bool = True
+    mlp_bias: bool = False
+    attention_bias: bool = False  # transformers' NemotronH ignores it (q/k/v/o never have a bias)
+
+    AXES = (
+        Axis("ffn", "intermediate_size", "-", "FFN size"),
+        Axis("mamba", "mamba_num_heads", "M", "Mamba heads", groups_field="n_groups"),
+    )
+    KINDS = "M-*E"
+    FIXED = ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "mamba_head_dim", "n_groups",
+             "ssm_state_size", "conv_kernel", "tie_word_embeddings", "use_bias", "use_conv_bias", "mlp_bias",
+             "attention_bias")
+    MODEL_TYPE = "nemotron_h"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("vocab_size", "mamba_head_dim", "n_groups", "ssm_state_size", "conv_kernel"):
+            if getattr(self, name) <= 0:
+                raise ArchError(f"{name} must be positive, got {getattr(self, name)}")
+        if "*" in self.pattern:
+            if self.num_attention_heads <= 0 or self.num_key_value_heads <= 0:
+                raise ArchError("attention layers need positive num_attention_heads and num_key_value_heads")
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ArchError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                                f"num_key_value_heads={self.num_key_value_heads} (GQA)")
+        if "E" in self.pattern:
+            raise ArchError("MoE layers ('E') are not supported yet")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        return pattern_to_types(self.pattern)
+
+    @property
+    def mamba_intermediate(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.mamba_intermediate + 2 * self.n_groups * self.ssm_state_size
+
+    # ------------------------------------------------------------------ the one closed form
+    def _block_params(self, kind: str, h, f, m):
+        """Parameters of one block of `kind`, its pre-norm included, for hidden `h`, FFN `f`, Mamba heads `m`."""
+        n = h  # the block's RMSNorm
+        if kind == "M":
+            i = m * self.mamba_head_dim
+            conv = i + 2 * self.n_groups * self.ssm_state_size
+            n = n + h * (i + conv + m) + (i + conv + m) * self.use_bias  # in_proj [z|xBC|dt]
+            n = n + conv * self.conv_kernel + conv * self.use_conv_bias  # depthwise conv1d
+            n = n + 3 * m + i  # dt_bias, A_log, D; gated RMSNorm weight
+            n = n + i * h + h * self.use_bias  # out_proj
+        elif kind == "-":
+            n = n + 2 * h * f + (f + h) * self.mlp_bias
+        elif kind == "*":
+            q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+            n = n + h * q + 2 * h * kv + q * h
+        else:
+            raise ArchError(f"unsupported layer kind {kind!r}")
+        return n
+
+    def layer_params(self, kind: str) -> int:
+        """Exact parameter count of one block of the given kind, its pre-norm included."""
+        return int(self._block_params(kind, self.hidden_size, self.intermediate_size, self.mamba_num_heads))
+
+    def params_of(self, sizes, counts):
+        h = sizes["hidden"]
+        n = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h  # embeddings (+ lm_head) + norm_f
+        for kind in "M-*":
+            c = counts.get(kind, 0)
+            if not isinstance(c, torch.Tensor) and c == 0:
+                continue
+            n = n + c * self._block_params(kind, h, sizes.get("ffn", self.intermediate_size),
+                                           sizes.get("mamba", self.mamba_num_heads))
+        return n
+
+    def kv_cache_of(self, sizes, counts, bytes_per_value):
+        """K and V of every attention layer for one token."""
+        return counts.get("*", 0) * self.num_key_value_heads * self.head_dim * 2 * bytes_per_value
+
+    def state_of(self, sizes, counts, bytes_per_value, state_bytes_per_value: int = 4):
+        """Fixed per-sequence state of all Mamba layers: conv state + SSM state (fp32 in HF)."""
+        m = sizes.get("mamba", self.mamba_num_heads)
+        conv = m * self.mamba_head_dim + 2 * self.n_groups * self.ssm_state_size
+        per_layer = (conv * (self.conv_kernel - 1) * bytes_per_value
+                     + m * self.mamba_head_dim * self.ssm_state_size * state_bytes_per_value)
+        return counts.get("M", 0) * per_layer
+
+    def mamba_state_bytes(self, bytes_per_value: int = 2) -> int:
+        return self.state_bytes(bytes_per_value)
+
+    # ------------------------------------------------------------------ conversions
+    @classmethod
+    def from_config(cls, config: Any) -> "Sizes":
+        """Read the sizes of a `NemotronHConfig` (or a dict / JSON config with the same keys)."""
+        c = config if isinstance(config, dict) else config.to_dict() | {"layers_block_type": config.layers_block_type}
+        if c.get("model_type", "nemotron_h") != "nemotron_h":
+            raise ArchError(f"expected a NemotronH config (model_type 'nemotron_h'), got {c.get('model_type')!r}")
+        if c.get("layers_block_type"):
+            pattern = types_to_pattern(c["layers_block_type"])
+        elif c.get("hybrid_override_pattern"):
+            pattern = c["hybrid_override_pattern"]
+        else:
+            raise ArchError("config has neither layers_block_type nor hybrid_override_pattern")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        kw = {k: c.get(k, defaults.get(k)) for k in cls.FIXED}
+        if c.get("head_dim") is None:
+            kw["head_dim"] = c["hidden_size"] // c["num_attention_heads"]
+        return cls(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+                   mamba_num_heads=c["mamba_num_heads"], pattern=pattern, **kw)
+
+    def to_config(self, parent_config: Any):
+        """A `NemotronHConfig` equal to `parent_config` except for these sizes and layers."""
+        from transformers import NemotronHConfig
+
+        if isinstance(parent_config, dict):
+            parent_config = NemotronHConfig(**parent_config)
+        d = parent_config.to_dict()
+        # Both spellings of the layout: `layers_block_type` wins over the pattern in the constructor,
+        # and a stale `num_hidden_layers` is one of the traps peers fell into.
+        for stale in ("hybrid_override_pattern", "num_hidden_layers", "layer_types"):
+            d.pop(stale, None)
+        d.update(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 mamba_num_heads=self.mamba_num_heads, layers_block_type=list(self.layer_types))
+        for k in self.FIXED:
+            d[k] = getattr(self, k)
+        cfg = NemotronHConfig(**d)
+        if not cfg.architectures:
+            cfg.architectures = ["NemotronHForCausalLM"]
+        return cfg
+
+    def short(self) -> str:
+        """One-line human summary, e.g. ``hidden 3136, ffn 12544, mamba heads 96, layers 42 (...), 3.97B params``."""
+        from elastic.arch import human_count
+
+        return (f"hidden {self.hidden_size}, ffn {self.intermediate_size}, mamba heads {self.mamba_num_heads}, "
+                f"layers {self.num_layers} ({self.count('M')}M {self.count('-')}- {self.count('*')}*), "
+                f"{human_count(self.num_params())} params")
+
+
+Arch = Sizes  # the name this type had before families existed (tests, scripts)
+
+
+def arch_of(model) -> Sizes:
+    """The sizes of a loaded NemotronH model (read from its config)."""
+    return Sizes.from_config(model.config)
+
+
+def make_arch(parent: Sizes, ranking: Ranking | None = None, *, hidden_size: int | None = None,
+              intermediate_size: int | None = None, mamba_num_heads: int | None = None, drop_layers: int = 0,
+              layers: tuple[int, ...] | None = None, protect_kinds: str = "") -> Sizes:
+    """`Sizes.cut` with NemotronH's config field names."""
+    return parent.cut(ranking, sizes={"hidden": hidden_size, "ffn": intermediate_size, "mamba": mamba_num_heads},
+                      drop_layers=drop_layers, layers=layers, protect_kinds=protect_kinds)
 
 
 # ---------------------------------------------------------------------------------------------
-# rankings
+# the model
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Ranking:
-    """Importance order of every axis of one NemotronH (most important first).
-
-    `ffn` and `mamba` are keyed by the layer index *in the model they rank*.
-    """
-
-    hidden: torch.Tensor  # [hidden_size] channel indices
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [intermediate_size]
-    mamba: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n_groups, heads_per_group] local indices
-    depth: torch.Tensor | None = None  # [num_layers] layer indices, most important first
-
-    # ----------------------------------------------------------------- construction
-    @classmethod
-    def identity(cls, arch: Arch) -> "Ranking":
-        hpg = arch.mamba_num_heads // arch.n_groups
-        return cls(
-            hidden=torch.arange(arch.hidden_size),
-            ffn={i: torch.arange(arch.intermediate_size) for i, k in enumerate(arch.pattern) if k == "-"},
-            mamba={i: torch.arange(hpg).repeat(arch.n_groups, 1) for i, k in enumerate(arch.pattern) if k == "M"},
-            depth=torch.arange(arch.num_layers),
-        )
-
-    @classmethod
-    def random(cls, arch: Arch, generator: torch.Generator) -> "Ranking":
-        """A uniformly random ranking: the baseline that importance must beat."""
-        hpg = arch.mamba_num_heads // arch.n_groups
-        g = generator
-        return cls(
-            hidden=torch.randperm(arch.hidden_size, generator=g),
-            ffn={i: torch.randperm(arch.intermediate_size, generator=g) for i, k in enumerate(arch.pattern) if k == "-"},
-            mamba={
-                i: torch.stack([torch.randperm(hpg, generator=g) for _ in range(arch.n_groups)])
-                for i, k in enumerate(arch.pattern)
-                if k == "M"
-            },
-            depth=torch.randperm(arch.num_layers, generator=g),
-        )
-
-    @classmethod
-    def from_scores(cls, scores: dict[str, torch.Tensor], arch: Arch, depth_metric: str = "depth_mse") -> "Ranking":
-        """Sort importance scores (higher = more important) into a ranking.
-
-        `scores` holds ``hidden`` [H], ``ffn.<layer>`` [F], ``mamba.<layer>`` [num_heads] and the depth
-        metrics ``depth_mse`` / ``depth_loss`` [L]. Ties break by index so the order is deterministic.
-        """
-        def order(x: torch.Tensor) -> torch.Tensor:
-            # stable descending sort: equal scores keep index order
-            return torch.sort(x.float(), descending=True, stable=True).indices
-
-        ffn, mamba = {}, {}
-        for key, val in scores.items():
-            if key.startswith("ffn."):
-                ffn[int(key.split(".")[1])] = order(val)
-            elif key.startswith("mamba."):
-                per_group = val.float().view(arch.n_groups, -1)
-                mamba[int(key.split(".")[1])] = torch.stack([order(row) for row in per_group])
-        if depth_metric not in scores:
-            raise KeyError(f"no {depth_metric!r} scores; have {sorted(k for k in scores if k.startswith('depth'))}")
-        return cls(hidden=order(scores["hidden"]), ffn=ffn, mamba=mamba, depth=order(scores[depth_metric]))
-
-    # ----------------------------------------------------------------- (de)serialisation
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"hidden": self.hidden}
-        out.update({f"ffn.{i}": v for i, v in self.ffn.items()})
-        out.update({f"mamba.{i}": v for i, v in self.mamba.items()})
-        if self.depth is not None:
-            out["depth"] = self.depth
-        return {k: v.to(torch.int64).contiguous() for k, v in out.items()}
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Ranking":
-        return cls(
-            hidden=t["hidden"],
-            ffn={int(k.split(".")[1]): v for k, v in t.items() if k.startswith("ffn.")},
-            mamba={int(k.split(".")[1]): v for k, v in t.items() if k.startswith("mamba.")},
-            depth=t.get("depth"),
-        )
-
-    # ----------------------------------------------------------------- index sets
-    def validate(self, arch: Arch) -> None:
-        """Raise unless this ranking has one permutation per axis of `arch`."""
-        def is_perm(x: torch.Tensor, n: int) -> bool:
-            return x.numel() == n and torch.equal(torch.sort(x.flatten()).values, torch.arange(n))
-
-        if not is_perm(self.hidden, arch.hidden_size):
-            raise ArchError("hidden ranking is not a permutation of the hidden channels")
-        hpg = arch.mamba_num_heads // arch.n_groups
-        for i, kind in enumerate(arch.pattern):
-            if kind == "-" and not is_perm(self.ffn.get(i, torch.empty(0)), arch.intermediate_size):
-                raise ArchError(f"layer {i}: ffn ranking missing or not a permutation")
-            if kind == "M":
-                m = self.mamba.get(i)
-                if m is None or m.shape != (arch.n_groups, hpg) or not all(is_perm(r, hpg) for r in m):
-                    raise ArchError(f"layer {i}: mamba ranking must be a per-group permutation [{arch.n_groups}, {hpg}]")
-        if self.depth is not None and not is_perm(self.depth, arch.num_layers):
-            raise ArchError("depth ranking is not a permutation of the layers")
-
-    def hidden_index(self, k: int) -> torch.Tensor:
-        return self.hidden[:k]
-
-    def ffn_index(self, layer: int, k: int) -> torch.Tensor:
-        return self.ffn[layer][:k]
-
-    def mamba_heads(self, layer: int, heads: int, n_groups: int) -> torch.Tensor:
-        """Global indices of the kept heads: the top `heads // n_groups` of each group, group by group."""
-        local = self.mamba[layer]
-        hpg = local.shape[1]
-        keep = heads // n_groups
-        base = (torch.arange(n_groups) * hpg).unsqueeze(1)
-        return (base + local[:, :keep]).flatten()
-
-    def layers_after_dropping(self, n_drop: int, num_layers: int, protect: set[int] | None = None) -> tuple[int, ...]:
-        """Indices (sorted) of the layers kept when the `n_drop` least important droppable ones go."""
-        if self.depth is None:
-            raise ArchError("this ranking has no depth order")
-        protect = protect or set()
-        droppable = [int(i) for i in self.depth.flip(0) if int(i) not in protect]
-        if n_drop > len(droppable):
-            raise ArchError(f"cannot drop {n_drop} layers: only {len(droppable)} may be dropped")
-        dropped = set(droppable[:n_drop])
-        return tuple(i for i in range(num_layers) if i not in dropped)
-
-    def child(self, arch: Arch) -> "Ranking":
-        """The ranking of the model `slice_model(parent, arch, self)` returns.
-
-        Width axes are stored in importance order there, so they become the identity; depth keeps
-        the parent's order among the surviving layers, renumbered.
-        """
-        child = Ranking.identity(dataclasses.replace(arch, layers=()))
-        if self.depth is not None:
-            pos = {old: new for new, old in enumerate(arch.layers)}
-            child.depth = torch.tensor([pos[int(i)] for i in self.depth if int(i) in pos], dtype=torch.long)
-        return child
-
-
-# ---------------------------------------------------------------------------------------------
-# architecture <-> model
-# ---------------------------------------------------------------------------------------------
-def arch_of(model) -> Arch:
-    """The `Arch` of a loaded NemotronH model (read from its config)."""
-    return Arch.from_config(model.config)
-
-
-def layers(model) -> nn.ModuleList:
+def decoder_layers(model) -> nn.ModuleList:
     return model.model.layers
 
 
-def block_kind(block) -> str:
-    from elastic.arch import LAYER_TYPE_TO_CHAR
-
-    return LAYER_TYPE_TO_CHAR[block.block_type]
+def set_decoder_layers(model, layers: nn.ModuleList) -> None:
+    model.model.layers = layers
 
 
-def make_arch(
-    parent: Arch,
-    ranking: Ranking | None = None,
-    *,
-    hidden_size: int | None = None,
-    intermediate_size: int | None = None,
-    mamba_num_heads: int | None = None,
-    drop_layers: int = 0,
-    layers: tuple[int, ...] | None = None,
-    protect_kinds: str = "",
-) -> Arch:
-    """A child `Arch` of `parent`: new widths, and either explicit kept `layers` or the `drop_layers`
-    least important ones dropped (by `ranking.depth`, never a layer whose kind is in `protect_kinds`)."""
-    if layers is None:
-        if drop_layers:
-            if ranking is None:
-                raise ArchError("dropping layers by importance needs a ranking")
-            protect = {i for i, k in enumerate(parent.pattern) if k in protect_kinds}
-            layers = ranking.layers_after_dropping(drop_layers, parent.num_layers, protect)
-        else:
-            layers = tuple(range(parent.num_layers))
-    child = dataclasses.replace(
-        parent,
-        hidden_size=parent.hidden_size if hidden_size is None else int(hidden_size),
-        intermediate_size=parent.intermediate_size if intermediate_size is None else int(intermediate_size),
-        mamba_num_heads=parent.mamba_num_heads if mamba_num_heads is None else int(mamba_num_heads),
-        pattern="".join(parent.pattern[i] for i in layers),
-        layers=tuple(layers),
-    )
-    child.check_within(parent)
-    return child
+def width_hooks(model, sizes: Sizes, add) -> list:
+    """Activation statistics for importance (`add(key, [B, C])`, mean |a| over the sequence):
+
+    * ``hidden`` -- the outputs of every RMSNorm that feeds a mixer, plus ``norm_f``;
+    * ``ffn.<l>`` -- the MLP's hidden activation (the input of ``down_proj``);
+    * ``mamba.<l>`` -- per head, the L2 over ``head_dim`` of the activation entering ``out_proj``
+      (after the gated group norm); heads are later ranked within their group;
+    * ``attn.<l>`` -- per head, the input of ``o_proj`` (recorded for reports; not pruned).
+    """
+    def mean_abs(x: torch.Tensor) -> torch.Tensor:  # [B, S, C] -> [B, C]
+        return x.abs().float().mean(1)
+
+    def on_norm(_m, _inp, out):
+        add("hidden", mean_abs(out))
+
+    def on_units(key):
+        return lambda _m, inp: add(key, mean_abs(inp[0]))
+
+    def on_heads(key, n_heads):
+        def hook(_m, inp):
+            add(key, inp[0].float().unflatten(-1, (n_heads, -1)).norm(dim=-1).mean(1))  # [B, heads]
+        return hook
+
+    hooks = []
+    for i, (block, kind) in enumerate(zip(decoder_layers(model), sizes.pattern)):
+        hooks.append(block.norm.register_forward_hook(on_norm))
+        if kind == "-":
+            hooks.append(block.mixer.down_proj.register_forward_pre_hook(on_units(f"ffn.{i}")))
+        elif kind == "M":
+            hooks.append(block.mixer.out_proj.register_forward_pre_hook(on_heads(f"mamba.{i}", sizes.mamba_num_heads)))
+        elif kind == "*":
+            hooks.append(block.mixer.o_proj.register_forward_pre_hook(on_heads(f"attn.{i}", sizes.num_attention_heads)))
+    hooks.append(model.model.norm_f.register_forward_hook(on_norm))
+    return hooks
 
 
 @torch.no_grad()
-def slice_model(model, arch: Arch, ranking: Ranking | None = None):
+def slice_model(model, arch: Sizes, ranking: Ranking | None = None):
     """Cut `arch` out of `model`: a new, plain `NemotronHForCausalLM` holding the ranked prefixes.
 
     The config of the result is `arch.to_config(model.config)`, i.e. derived from the kept sizes, and
@@ -237,7 +288,7 @@ def slice_model(model, arch: Arch, ranking: Ranking | None = None):
     """
     from transformers import NemotronHForCausalLM
 
-    parent = arch_of(model)
+    parent = Sizes.from_config(model.config)
     arch.check_within(parent)
     ranking = ranking if ranking is not None else Ranking.identity(parent)
     ranking.validate(parent)
@@ -261,7 +312,7 @@ def slice_model(model, arch: Arch, ranking: Ranking | None = None):
         put(q + "norm.weight", src[p + "norm.weight"][hk])
         if kind == "M":
             I_old = parent.mamba_intermediate
-            heads = ranking.mamba_heads(old_i, arch.mamba_num_heads, G)
+            heads = ranking.index("mamba", old_i, arch.mamba_num_heads)
             ch = (heads.unsqueeze(1) * hd + torch.arange(hd)).flatten()  # head channels inside one I-sized block
             bc = torch.arange(2 * I_old, 2 * I_old + 2 * G * N)
             # in_proj rows [z | x | B | C | dt]; conv channels [x | B | C]
@@ -282,7 +333,7 @@ def slice_model(model, arch: Arch, ranking: Ranking | None = None):
             if m + "out_proj.bias" in src:
                 put(n + "out_proj.bias", src[m + "out_proj.bias"][hk])
         elif kind == "-":
-            f = ranking.ffn_index(old_i, arch.intermediate_size)
+            f = ranking.index("ffn", old_i, arch.intermediate_size)
             m, n = p + "mixer.", q + "mixer."
             put(n + "up_proj.weight", src[m + "up_proj.weight"][f][:, hk])
             put(n + "down_proj.weight", src[m + "down_proj.weight"][hk][:, f])
@@ -294,7 +345,7 @@ def slice_model(model, arch: Arch, ranking: Ranking | None = None):
             for proj in ("q_proj", "k_proj", "v_proj"):
                 put(n + f"{proj}.weight", src[m + f"{proj}.weight"][:, hk])
             put(n + "o_proj.weight", src[m + "o_proj.weight"][hk])
-        else:  # pragma: no cover - Arch rejects other kinds
+        else:  # pragma: no cover - Sizes rejects other kinds
             raise ArchError(f"cannot slice layer kind {kind!r}")
 
     cfg = arch.to_config(model.config)
@@ -314,3 +365,7 @@ def slice_model(model, arch: Arch, ranking: Ranking | None = None):
     child.to(next(model.parameters()).dtype)
     child.train(model.training)
     return child
+
+
+# the masked wrapper lives in its own module (it imports this one)
+from elastic.models.nemotron_h_elastic import ElasticNemotronH as Elastic  # noqa: E402

@@ -15,7 +15,8 @@ import time
 
 from elastic.importance import compute_scores
 from elastic.inputs import token_batches
-from elastic.models.nemotron_h import Ranking, arch_of
+from elastic.arch import sizes_from_config
+from elastic.models.family import Ranking
 from elastic.parent import load_model, load_tokenizer, resolve_device, resolve_parent_path
 from elastic.rundir import RunDir
 
@@ -27,7 +28,7 @@ def run(cfg, run: RunDir) -> dict:
     parent_path = resolve_parent_path(cfg)
     tok = load_tokenizer(parent_path)
     model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))
-    arch = arch_of(model)
+    arch = sizes_from_config(model)
     batches = token_batches(cfg, tok, "calib", num_sequences=c.num_sequences, batch_size=c.batch_size, seq_len=c.seq_len)
     t0 = time.time()
     scores = compute_scores(model, batches, depth=c.depth, chunk_size=int(c.get("logits_chunk_size") or 1024))

@@ -31,9 +31,10 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from elastic.arch import Arch, ArchError, human_count
+from elastic.arch import ArchError, human_count, sizes_from_config, sizes_from_dict
 from elastic.inputs import heldout_loss, token_batches
-from elastic.models.nemotron_h import Ranking, arch_of, make_arch, slice_model
+from elastic.models import family_for
+from elastic.models.family import Ranking, Sizes
 from elastic.parent import load_model, load_tokenizer, resolve_device, resolve_parent_path
 from elastic.rundir import RunDir, write_json
 from elastic.search_space import Space, parse_budget
@@ -41,7 +42,7 @@ from elastic.search_space import Space, parse_budget
 STAGE = "prune"
 
 
-def get_ranking(kind: str, run: RunDir, arch: Arch, seed: int) -> Ranking:
+def get_ranking(kind: str, run: RunDir, arch: Sizes, seed: int) -> Ranking:
     if kind == "importance":
         from elastic.stages.importance import load_ranking
 
@@ -56,45 +57,38 @@ def get_ranking(kind: str, run: RunDir, arch: Arch, seed: int) -> Ranking:
     return ranking
 
 
-def arch_from_sizes(parent: Arch, ranking: Ranking, sizes: dict[str, Any], protect_kinds: str) -> Arch:
-    """An explicit `prune.arch` mapping -> a validated child `Arch`."""
-    known = {"hidden_size", "intermediate_size", "mamba_num_heads", "drop_layers", "layers"}
+def arch_from_sizes(parent: Sizes, ranking: Ranking, sizes: dict[str, Any], protect_kinds: str) -> Sizes:
+    """An explicit `prune.arch` mapping (the family's config field names, plus ``drop_layers`` or
+    ``layers``) -> a validated child."""
+    fields = {a.field: a.name for a in parent.axes()}
+    known = set(fields) | {"drop_layers", "layers"}
     unknown = set(sizes) - known
     if unknown:
-        raise ArchError(f"prune.arch has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        raise ArchError(f"prune.arch has unknown keys {sorted(unknown)}; known for {parent.MODEL_TYPE}: {sorted(known)}")
     if "drop_layers" in sizes and "layers" in sizes:
         raise ArchError("give prune.arch.drop_layers or prune.arch.layers, not both")
     layers = tuple(int(i) for i in sizes["layers"]) if sizes.get("layers") is not None else None
-    return make_arch(
-        parent,
-        ranking,
-        hidden_size=sizes.get("hidden_size"),
-        intermediate_size=sizes.get("intermediate_size"),
-        mamba_num_heads=sizes.get("mamba_num_heads"),
-        drop_layers=int(sizes.get("drop_layers") or 0),
-        layers=layers,
-        protect_kinds=protect_kinds,
-    )
+    return parent.cut(ranking, sizes={fields[k]: v for k, v in sizes.items() if k in fields},
+                      drop_layers=int(sizes.get("drop_layers") or 0), layers=layers, protect_kinds=protect_kinds)
 
 
-def grid_candidates(parent: Arch, ranking: Ranking, target: int, c: Any) -> list[Arch]:
-    """Every architecture of the grid whose size is within the budget band, most parameters first."""
+def build_space(parent: Sizes, c: Any) -> Space:
+    """The grid of `prune.granularity` / width and depth limits."""
     g = c.granularity
-    space = Space.build(
-        parent,
-        hidden_step=int(g.hidden),
-        ffn_step=int(g.ffn),
-        mamba_heads_per_group_step=int(g.mamba_heads_per_group),
-        max_width_prune=float(c.max_width_prune),
-        max_depth_prune=float(c.max_depth_prune),
-        protect_kinds=c.protect_kinds,
-    )
-    protect = {i for i, k in enumerate(parent.pattern) if k in c.protect_kinds}
+    return Space.build(parent, granularity=OmegaConf.to_container(g, resolve=True) if OmegaConf.is_config(g) else dict(g),
+                       max_width_prune=float(c.max_width_prune), max_depth_prune=float(c.max_depth_prune),
+                       protect_kinds=c.protect_kinds)
+
+
+def grid_candidates(parent: Sizes, ranking: Ranking, target: int, c: Any) -> list[Sizes]:
+    """Every architecture of the grid whose size is within the budget band, most parameters first."""
+    space = build_space(parent, c)
+    protect = parent.protected(c.protect_kinds)
     kept = {d: ranking.layers_after_dropping(d, parent.num_layers, protect) for d in space.drops}
     lo = (1 - float(c.tolerance)) * target
     out, smallest, largest = [], None, None
-    for h, f, m, d in space:
-        a = parent.replace(hidden_size=h, intermediate_size=f, mamba_num_heads=m, layers=kept[d], pattern="".join(parent.pattern[i] for i in kept[d]))
+    for sizes, d in space:
+        a = parent.with_sizes(sizes, kept[d])
         n = a.num_params()
         smallest = n if smallest is None else min(smallest, n)
         largest = n if largest is None else max(largest, n)
@@ -110,7 +104,7 @@ def grid_candidates(parent: Arch, ranking: Ranking, target: int, c: Any) -> list
     return out
 
 
-def save_pruned(run: RunDir, name: str, child, tok, arch: Arch, ranking: Ranking, record: dict, *, parent: Arch,
+def save_pruned(run: RunDir, name: str, child, tok, arch: Sizes, ranking: Ranking, record: dict, *, parent: Sizes,
                 config, inputs: dict, overwrite: bool):
     """Write ``prune/<name>/`` (weights, config, tokenizer) atomically with its sidecar, and beside it
     ``<name>.arch.json``, ``<name>.candidates.json`` and the child's ``<name>.ranking.safetensors``;
@@ -130,8 +124,9 @@ def save_pruned(run: RunDir, name: str, child, tok, arch: Arch, ranking: Ranking
     return out
 
 
-def default_name(arch: Arch) -> str:
-    return f"h{arch.hidden_size}-f{arch.intermediate_size}-m{arch.mamba_num_heads}-L{arch.num_layers}"
+def default_name(arch: Sizes) -> str:
+    """e.g. ``hidden3136-ffn12544-mamba96-L42``: every width axis, then the layer count."""
+    return "-".join(f"{a.name}{arch.axis_size(a.name)}" for a in arch.axes()) + f"-L{arch.num_layers}"
 
 
 def run(cfg, run: RunDir) -> dict:
@@ -148,7 +143,8 @@ def run(cfg, run: RunDir) -> dict:
     parent_path = resolve_parent_path(cfg)
     tok = load_tokenizer(parent_path)
     model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))
-    parent = arch_of(model)
+    parent = sizes_from_config(model)
+    slice_model = family_for(model).slice_model
     ranking = get_ranking(c.ranking, run, parent, cfg.seed)
 
     record: dict[str, Any] = {"parent": str(parent_path), "parent_params": parent.num_params(), "ranking": c.ranking}
@@ -220,13 +216,14 @@ def extract_budgets(cfg, run: RunDir) -> dict:
     model = load_model(ckpt, cfg.parent.dtype, resolve_device(cfg.device))
     tok = load_tokenizer(ckpt)
     ranking = Ranking.from_tensors(load_file(str(run.beside(ckpt, "ranking.safetensors"))))
-    parent = arch_of(model)
+    parent = sizes_from_config(model)
+    slice_model = family_for(model).slice_model
     router = None
     out = {}
     for b in budgets:
         match = [k for k in trained if abs(k - b) < 1e-9]
         if match:
-            arch = Arch.from_dict(trained[match[0]]["arch"])
+            arch = sizes_from_dict(trained[match[0]]["arch"])
             rule = "search/archs.json"
         else:  # an untrained budget: interpolate the router's one-hot inputs
             if router is None:
@@ -237,12 +234,13 @@ def extract_budgets(cfg, run: RunDir) -> dict:
                 router.load_state_dict(load_file(str(run.beside(ckpt, "router.safetensors"))))
             from elastic.router import Cost
 
-            cost = Cost(router_space(router, parent), [ranking.layers_after_dropping(d, parent.num_layers, {i for i, k in enumerate(parent.pattern) if k in rcfg["protect_kinds"]}) for d in router.sizes["depth"]],
+            protect = parent.protected(rcfg["protect_kinds"])
+            cost = Cost(router_space(router, parent), [ranking.layers_after_dropping(d, parent.num_layers, protect) for d in router.sizes["depth"]],
                         rcfg["resource"], context=rcfg["context"], batch=rcfg["memory_batch"])
             idx, _ = router.constrained_argmax(b, cost, rcfg["band"])
             size = {a: router.sizes[a][i] for a, i in idx.items()}
-            arch = make_arch(parent, ranking, hidden_size=size["hidden"], intermediate_size=size["ffn"],
-                             mamba_num_heads=size["mamba"], drop_layers=size["depth"], protect_kinds=rcfg["protect_kinds"])
+            arch = parent.cut(ranking, sizes={a: v for a, v in size.items() if a != "depth"}, drop_layers=size["depth"],
+                              protect_kinds=rcfg["protect_kinds"])
             rule = "router argmax (interpolated budget input)"
         arch.check_within(parent)
         child = slice_model(model, arch, ranking)
@@ -256,6 +254,6 @@ def extract_budgets(cfg, run: RunDir) -> dict:
     return {"extracted": out}
 
 
-def router_space(router, parent: Arch) -> Space:
+def router_space(router, parent: Sizes) -> Space:
     z = router.sizes
-    return Space(parent=parent, hidden=tuple(z["hidden"]), ffn=tuple(z["ffn"]), mamba_heads=tuple(z["mamba"]), drops=tuple(z["depth"]))
+    return Space(parent=parent, choices={a: tuple(v) for a, v in z.items() if a != "depth"}, drops=tuple(z["depth"]))

@@ -4,7 +4,7 @@
     python -m elastic.run stage=search 'search.budgets=[0.5,0.7,1.0]' search.steps=90    # the toy default, ~45 s on 2 CPU cores
     python -m elastic.run stage=prune budget=all run_dir=RUN             # then cut every budget out, zero-shot
 
-Setup: the parent is reordered by the importance ranking (`ElasticNemotronH.from_parent`), so every
+Setup: the parent is reordered by the importance ranking (its family's `Elastic.from_parent`), so every
 sub-network is a prefix of each axis; a `Router` maps each budget to a distribution over every
 axis's choices (`Space`, the same choice grid as the prune stage). Each micro-batch of an optimizer
 step on each process (its random decisions are a function of ``(seed, step, micro-batch, process)``
@@ -30,7 +30,7 @@ only, so a resumed run with the same process count makes the same ones):
 
 Outputs: ``search/elastic/`` (plain HF checkpoint of the importance-ordered, trained weights) and beside
 it ``search/elastic.ranking.safetensors``, ``elastic.router.safetensors``, ``elastic.router.json``; ``search/archs.json`` (per budget
-the router's argmax `Arch`, ``params``, ``parent_params``, the cost when the resource is memory, the
+the router's argmax architecture, ``params``, ``parent_params``, the cost when the resource is memory, the
 held-out loss of the hard-masked model), ``search/widths.png`` (chosen sizes per budget over
 training) and ``search/logs/`` (tensorboard / wandb offline / metrics.jsonl).
 """
@@ -45,9 +45,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from elastic.arch import Arch, ArchError
-from elastic.models.nemotron_h import arch_of
-from elastic.models.nemotron_h_elastic import AXES, ElasticNemotronH
+from elastic.arch import ArchError, sizes_from_config, sizes_from_dict
+from elastic.models import family_for
+from elastic.models.family import ElasticBase
 from elastic.router import Cost, Router, Schedule, budget_loss, check_budgets
 from elastic.rundir import RunDir, write_json
 from elastic.search_space import Space
@@ -66,19 +66,17 @@ def build_space(parent, c) -> Space:
     """The per-axis choices from `search.granularity` / limits, or explicit `search.choices` lists."""
     g = c.granularity
     space = Space.build(
-        parent,
-        hidden_step=int(g.hidden), ffn_step=int(g.ffn), mamba_heads_per_group_step=int(g.mamba_heads_per_group),
+        parent, granularity=OmegaConf.to_container(g, resolve=True) if OmegaConf.is_config(g) else dict(g),
         max_width_prune=float(c.max_width_prune), max_depth_prune=float(c.max_depth_prune), protect_kinds=c.protect_kinds,
     )
+    from elastic.models import all_axis_names
+
     explicit = {k: v for k, v in (c.get("choices") or {}).items() if v is not None}
+    unknown = set(explicit) - all_axis_names() - {"drops"}
+    if unknown:
+        raise ArchError(f"search.choices has unknown axes {sorted(unknown)}; use {sorted(space.choices)} or drops")
     if explicit:
-        unknown = set(explicit) - {"hidden", "ffn", "mamba_heads", "drops"}
-        if unknown:
-            raise ArchError(f"search.choices has unknown axes {sorted(unknown)}; use hidden, ffn, mamba_heads, drops")
-        space = Space(parent=parent, **{k: tuple(int(x) for x in explicit.get(k, getattr(space, k))) for k in ("hidden", "ffn", "mamba_heads", "drops")})
-        droppable = sum(k not in c.protect_kinds for k in parent.pattern)
-        if space.drops and max(space.drops) > droppable:
-            raise ArchError(f"cannot drop {max(space.drops)} layers: only {droppable} are not protected")
+        space = space.with_choices(explicit, c.protect_kinds)
     return space
 
 
@@ -111,7 +109,7 @@ class SearchModel(nn.Module):
     budgets and one step blends W times as many draws (one process: slot = micro, as before).
     """
 
-    def __init__(self, elastic: ElasticNemotronH, router: Router, cost: Cost, schedule: Schedule, c, seed: int):
+    def __init__(self, elastic: ElasticBase, router: Router, cost: Cost, schedule: Schedule, c, seed: int):
         super().__init__()
         self.elastic, self.router, self.cost, self.schedule = elastic, router, cost, schedule
         self.seed = int(seed)
@@ -207,10 +205,10 @@ class SearchOutput(NamedTuple):
 
 
 def make_search_model(parent_model, ranking, c, seed: int) -> SearchModel:
-    parent = arch_of(parent_model)
+    parent = sizes_from_config(parent_model)
     budgets = check_budgets(c.budgets)
     space = build_space(parent, c)
-    elastic = ElasticNemotronH.from_parent(parent_model, ranking, space, c.protect_kinds)
+    elastic = family_for(parent_model).Elastic.from_parent(parent_model, ranking, space, c.protect_kinds)
     cost = Cost(space, elastic.kept_layers, c.resource, context=int(c.context), batch=int(c.memory_batch))
     r = c.router
     with torch.random.fork_rng(devices=[]):  # the router's init depends on the seed only, not on what ran before
@@ -300,16 +298,17 @@ def train_batches(cfg, tok, batch_size: int, micro_batch_size: int, seq_len: int
                        batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size)
 
 
-def plot_choices(history: list[dict], budgets, path) -> None:
-    """Chosen size per axis per budget over training (the in-band decode that extraction would take)."""
+def plot_choices(history: list[dict], budgets, path, labels: dict[str, str]) -> None:
+    """Chosen size per axis per budget over training (the in-band decode that extraction would take);
+    `labels` maps each axis (depth included) to its plot title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(AXES), figsize=(4 * len(AXES), 3.2))
-    labels = {"hidden": "hidden size", "ffn": "FFN size", "mamba": "Mamba heads", "depth": "layers dropped"}
-    for ax, axis in zip(axes, AXES):
+    names = list(labels)
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
+    for ax, axis in zip(axes, names):
         for b in budgets:
             key = f"choice/{budget_name(b)}/{axis}"
             pts = [(h["step"], h[key]) for h in history if key in h]
@@ -341,7 +340,6 @@ def validate_config(c) -> None:
 def run(cfg, run: RunDir) -> dict:
     from elastic import tracking
     from elastic.inputs import heldout_loss, stream_spec, token_batches
-    from elastic.models.nemotron_h import slice_model
     from elastic.parallel import resolve_strategy, resolve_teacher_mode, shard_frozen
     from elastic.parent import checkpoint_dtype, load_model, load_tokenizer, resolve_parent_path, save_checkpoint
     from elastic.stages.importance import load_ranking
@@ -369,7 +367,7 @@ def run(cfg, run: RunDir) -> dict:
                             rank=acc.process_index, world_size=acc.num_processes)
 
     teacher = load_model(parent_path, cfg.parent.dtype, "cpu").requires_grad_(False)
-    parent = arch_of(teacher)
+    parent = sizes_from_config(teacher)
     ranking.validate(parent)
     student_src = load_model(parent_path, "float32", "cpu")
     sm = make_search_model(student_src, ranking, c, int(cfg.seed))
@@ -422,7 +420,7 @@ def run(cfg, run: RunDir) -> dict:
         archs_parent = heldout_loss(teacher, held)  # every process: a sharded teacher needs them all
         if acc.is_main_process:
             for b, rec in archs.items():
-                child = slice_model(elastic_model, Arch.from_dict(rec["arch"]), sm.elastic.ranking)
+                child = family_for(elastic_model).slice_model(elastic_model, sizes_from_dict(rec["arch"]), sm.elastic.ranking)
                 rec["heldout_loss"] = heldout_loss(child, held)
                 del child
 
@@ -435,7 +433,8 @@ def run(cfg, run: RunDir) -> dict:
         }
         run.save_json("search/archs.json", doc, **meta)
         run.save_json("search/history.json", result.history, **meta)
-        plot_choices(result.history, sm.router.budgets, run.path("search/widths.png"))
+        labels = {a.name: a.label for a in parent.axes()} | {"depth": "layers dropped"}
+        plot_choices(result.history, sm.router.budgets, run.path("search/widths.png"), labels)
         clear_checkpoints(run.path("search/checkpoints"))
     acc.wait_for_everyone()
     acc.end_training()  # last: it also tears down the process group the barrier above needs
