@@ -32,7 +32,7 @@ def main() -> None:
     from memtrace import trace_distill, trace_search
     from test_plan import _config, _one_replica
 
-    from elastic.arch import Arch
+    from elastic.models.nemotron_h import Arch
     from elastic.plan import GiB, Shape
     from elastic.run import CONF_DIR
 

@@ -101,7 +101,7 @@ def main() -> None:
     hb = token_batches(cfg, tok, "heldout", num_sequences=args.heldout, batch_size=16, seq_len=args.seq_len)
     parent_loss = heldout_loss(teacher, hb)
 
-    from elastic.arch import Arch
+    from elastic.models.nemotron_h import Arch
 
     budgets = sorted(float(b) for b in doc["budgets"])
     pruned = [b for b in budgets if b < 1.0]

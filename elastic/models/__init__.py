@@ -34,10 +34,6 @@ def family_for(model_or_config) -> ModuleType:
     return importlib.import_module(FAMILIES[model_type])
 
 
-# kept for callers of the first registry
-surgery_for = family_for
-
-
 def all_axis_names() -> set[str]:
     """Every axis name of every registered family (config keys may name any of them)."""
     names = {"hidden"}
