@@ -1,4 +1,4 @@
-"""The Llama family (Llama, Qwen2, Mistral) on tiny random models: exact sizes, slicing, masking, export."""
+"""The Llama family (Llama, Qwen2, Qwen3, Mistral) on tiny random models: exact sizes, slicing, masking, export."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from elastic.arch import ArchError
 from elastic.models import family_for
@@ -28,6 +28,8 @@ MODELS = {
     # sliding-window layers from layer 2 on: the exported layer_types must follow the kept layers
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=False, use_sliding_window=True, sliding_window=4,
                                                   max_window_layers=2)),
+    # q_norm / k_norm over head_dim, biases on q/k/v/o
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(head_dim=8, tie_word_embeddings=True, attention_bias=True)),
     "mistral": (MistralForCausalLM, MistralConfig, dict(head_dim=8, tie_word_embeddings=True, sliding_window=None)),
 }
 

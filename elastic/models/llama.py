@@ -1,4 +1,4 @@
-"""The Llama family: transformers' `LlamaForCausalLM` and the decoders sharing its layout (Qwen2, Mistral).
+"""The Llama family: transformers' `LlamaForCausalLM` and the decoders sharing its layout (Qwen2, Qwen3, Mistral).
 
 Every layer is one kind, ``L``: pre-norm attention then pre-norm gated MLP, ``x + attn(norm1(x))``,
 ``x + down(act(gate(norm2(x))) * up(norm2(x)))``. Axes, all ordered by importance so a sub-network
@@ -18,8 +18,10 @@ GQA layout (transformers' ``repeat_kv``): KV head ``g`` serves query heads ``g *
 layout `Ranking.index` assumes for grouped axes.
 
 Which projections carry a bias differs by model type (Llama: ``attention_bias`` on q/k/v/o and
-``mlp_bias``; Qwen2: always on q/k/v, never on o or the MLP; Mistral: none); each type has its own
-`Sizes` subclass, so the exported config and ``model_type`` stay the parent's.
+``mlp_bias``; Qwen2: always on q/k/v, never on o or the MLP; Qwen3: ``attention_bias`` on q/k/v/o;
+Mistral: none), and Qwen3 adds per-head RMS norms of q and k over ``head_dim`` (``q_norm``, ``k_norm``:
+untouched by any axis). Each type has its own `Sizes` subclass, so the exported config and
+``model_type`` stay the parent's.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import nn
 from elastic.arch import ArchError
 from elastic.models.family import Axis, ElasticBase, Ranking, Sizes as _Sizes, masked_units, prefix_masks
 
-MODEL_TYPES = ("llama", "qwen2", "mistral")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +46,8 @@ MODEL_TYPES = ("llama", "qwen2", "mistral")
 @dataclass(frozen=True, kw_only=True)
 class Sizes(_Sizes):
     """Sizes of a Llama-layout network. Field names follow the HF configs (`to_config` copies them);
-    `pattern` is ``"L" * num_layers``. The three bias flags say which projections have a bias."""
+    `pattern` is ``"L" * num_layers``. The bias flags say which projections have a bias; `qk_norm`
+    whether q and k get a per-head RMS norm (Qwen3)."""
 
     hidden_size: int
     intermediate_size: int
@@ -57,13 +60,15 @@ class Sizes(_Sizes):
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
 
     AXES = (
         Axis("ffn", "intermediate_size", "L", "FFN size"),
         Axis("heads", "num_attention_heads", "L", "attention heads", groups_field="num_key_value_heads"),
     )
     KINDS = "L"
-    FIXED = ("vocab_size", "num_key_value_heads", "head_dim", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias")
+    FIXED = ("vocab_size", "num_key_value_heads", "head_dim", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias",
+             "qk_norm")
     MODEL_TYPE = "llama"
 
     # transformers (5.x) `LlamaConfig` refuses hidden_size % num_attention_heads != 0 even with an explicit
@@ -88,10 +93,10 @@ class Sizes(_Sizes):
         return sizes["hidden"] % sizes.get("heads", self.num_attention_heads) == 0
 
     @staticmethod
-    def _biases(c: dict) -> dict[str, bool]:
-        """Which projections of this model type carry a bias, from its config dict."""
+    def _layout(c: dict) -> dict[str, bool]:
+        """Which projections of this model type carry a bias (and whether q/k are normed), from its config."""
         att = bool(c.get("attention_bias", False))
-        return {"qkv_bias": att, "o_bias": att, "mlp_bias": bool(c.get("mlp_bias", False))}
+        return {"qkv_bias": att, "o_bias": att, "mlp_bias": bool(c.get("mlp_bias", False)), "qk_norm": False}
 
     # ------------------------------------------------------------------ the one closed form
     def params_of(self, sizes, counts):
@@ -100,7 +105,7 @@ class Sizes(_Sizes):
         f = sizes.get("ffn", self.intermediate_size)
         q = sizes.get("heads", self.num_attention_heads) * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
-        layer = 2 * h  # input_layernorm, post_attention_layernorm
+        layer = 2 * h + 2 * self.head_dim * self.qk_norm  # input_layernorm, post_attention_layernorm (q_norm, k_norm)
         layer = layer + h * q + q * self.qkv_bias  # q_proj
         layer = layer + 2 * (h * kv + kv * self.qkv_bias)  # k_proj, v_proj
         layer = layer + q * h + h * self.o_bias  # o_proj
@@ -134,7 +139,7 @@ class Sizes(_Sizes):
             num_key_value_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            **kind._biases(c),
+            **kind._layout(c),
         )
 
     @classmethod
@@ -176,8 +181,20 @@ class Qwen2Sizes(Sizes):
     HIDDEN_DIVISIBLE_BY_HEADS = False
 
     @staticmethod
-    def _biases(c: dict) -> dict[str, bool]:
-        return {"qkv_bias": True, "o_bias": False, "mlp_bias": False}  # fixed by Qwen2's modules, not its config
+    def _layout(c: dict) -> dict[str, bool]:
+        # fixed by Qwen2's modules, not its config
+        return {"qkv_bias": True, "o_bias": False, "mlp_bias": False, "qk_norm": False}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Qwen3Sizes(Sizes):
+    MODEL_TYPE = "qwen3"
+    HIDDEN_DIVISIBLE_BY_HEADS = False
+
+    @staticmethod
+    def _layout(c: dict) -> dict[str, bool]:
+        att = bool(c.get("attention_bias", False))
+        return {"qkv_bias": att, "o_bias": att, "mlp_bias": False, "qk_norm": True}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,12 +203,13 @@ class MistralSizes(Sizes):
     HIDDEN_DIVISIBLE_BY_HEADS = False
 
     @staticmethod
-    def _biases(c: dict) -> dict[str, bool]:
-        return {"qkv_bias": False, "o_bias": False, "mlp_bias": False}
+    def _layout(c: dict) -> dict[str, bool]:
+        return {"qkv_bias": False, "o_bias": False, "mlp_bias": False, "qk_norm": False}
 
 
-_BY_TYPE = {k.MODEL_TYPE: k for k in (Sizes, Qwen2Sizes, MistralSizes)}
-_CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+_BY_TYPE = {k.MODEL_TYPE: k for k in (Sizes, Qwen2Sizes, Qwen3Sizes, MistralSizes)}
+_CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "mistral": "MistralForCausalLM"}
 
 
 def arch_of(model) -> Sizes:
@@ -290,6 +308,9 @@ def slice_model(model, sizes: Sizes, ranking: Ranking | None = None):
         put(q + "self_attn.k_proj", p + "self_attn.k_proj", cols=hk)
         put(q + "self_attn.v_proj", p + "self_attn.v_proj", cols=hk)
         put(q + "self_attn.o_proj", p + "self_attn.o_proj", rows=hk, cols=ch)
+        if sizes.qk_norm:  # per-head norms over head_dim, shared by all heads: kept whole
+            put(q + "self_attn.q_norm", p + "self_attn.q_norm")
+            put(q + "self_attn.k_norm", p + "self_attn.k_norm")
         f = ranking.index("ffn", old_i, sizes.intermediate_size)
         put(q + "mlp.gate_proj", p + "mlp.gate_proj", rows=f, cols=hk)
         put(q + "mlp.up_proj", p + "mlp.up_proj", rows=f, cols=hk)
