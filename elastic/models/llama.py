@@ -72,8 +72,8 @@ class Sizes(_Sizes):
     MODEL_TYPE = "llama"
 
     # transformers (5.x) `LlamaConfig` refuses hidden_size % num_attention_heads != 0 even with an explicit
-    # head_dim, at construction and at `from_pretrained`: such a child could not be loaded. Qwen2 and
-    # Mistral configs have no such rule.
+    # head_dim, at construction and at `from_pretrained`: such a child could not be loaded. Qwen2, Qwen3
+    # and Mistral configs have no such rule.
     HIDDEN_DIVISIBLE_BY_HEADS: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -123,7 +123,7 @@ class Sizes(_Sizes):
     # ------------------------------------------------------------------ conversions
     @classmethod
     def from_config(cls, config: Any) -> "Sizes":
-        """The sizes of a Llama / Qwen2 / Mistral config (object or dict); the subclass follows its model_type."""
+        """The sizes of a Llama / Qwen2 / Qwen3 / Mistral config (object or dict); the subclass follows its model_type."""
         c = config if isinstance(config, dict) else config.to_dict()
         model_type = c.get("model_type")
         if model_type not in _BY_TYPE:
@@ -213,6 +213,7 @@ _CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3":
 
 
 def arch_of(model) -> Sizes:
+    """The sizes of a loaded model of this family (read from its config)."""
     return Sizes.from_config(model.config)
 
 
