@@ -16,6 +16,7 @@ from types import ModuleType
 # model_type -> the module implementing the family (imported on first use)
 FAMILIES: dict[str, str] = {
     "nemotron_h": "elastic.models.nemotron_h",
+    **{t: "elastic.models.llama" for t in ("llama", "qwen2", "qwen3", "mistral")},
 }
 SUPPORTED = frozenset(FAMILIES)
 
