@@ -1,4 +1,4 @@
-"""Finding and loading the parent model (and any NemotronH checkpoint) with clear errors."""
+"""Finding and loading the parent model (and any checkpoint of a supported family) with clear errors."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def check_checkpoint(path: str | Path) -> Path:
         raise ModelError(f"{cfg_file} is not valid JSON: {e}") from None
     if model_type not in SUPPORTED:
         raise ModelError(
-            f"{p} holds a {model_type!r} model; elastic supports {sorted(SUPPORTED)} (e.g. nvidia/NVIDIA-Nemotron-Nano-9B-v2)"
+            f"{p} holds a {model_type!r} model; elastic supports the model types {sorted(SUPPORTED)}"
         )
     return p.resolve()
 
@@ -53,7 +53,7 @@ def resolve_parent_path(cfg: Any) -> Path:
     if cfg.parent.path:
         return check_checkpoint(cfg.parent.path)
     if "toy" not in cfg or cfg.toy is None:
-        raise ModelError("parent.path is not set; point it at a local NemotronH checkpoint or use recipe=toy")
+        raise ModelError("parent.path is not set; point it at a local Hugging Face checkpoint (a supported family) or use recipe=toy")
     import hashlib
 
     from omegaconf import OmegaConf

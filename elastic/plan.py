@@ -156,8 +156,9 @@ def _largest_within(parent: Arch, space, protect: str, n: int) -> Arch | None:
         dropped = set(droppable[len(droppable) - d:]) if d else set()
         kept = tuple(i for i in range(parent.num_layers) if i not in dropped)
         counts = {k: sum(parent.pattern[i] == k for i in kept) for k in parent.KINDS}
-        p = parent.params_of(dict(zip(axes, grid)), counts)
-        p = torch.where(p <= n, p, torch.tensor(-1.0, dtype=torch.float64))
+        sizes = dict(zip(axes, grid))
+        p = parent.params_of(sizes, counts)
+        p = torch.where((p <= n) & torch.as_tensor(parent.allows(sizes)), p, torch.tensor(-1.0, dtype=torch.float64))
         flat = int(p.argmax())
         if float(p.flatten()[flat]) >= 0 and (best is None or float(p.flatten()[flat]) > best[0]):
             idx = torch.unravel_index(torch.tensor(flat), p.shape)

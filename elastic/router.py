@@ -213,7 +213,8 @@ class Router(nn.Module):
     @torch.no_grad()
     def constrained_argmax(self, budget: float, cost: "Cost", band: float = 0.05) -> tuple[dict[str, int], bool]:
         """The most probable architecture (sum of per-axis log-probabilities) whose cost is within the
-        band of the budget; falls back to the plain argmax (second value False) when none is.
+        band of the budget; falls back to the most probable one (second value False) when none is.
+        Either way only combinations the model class accepts (`Sizes.allows`) are chosen.
 
         The plain per-axis argmax can leave the band when the router's distribution is still spread
         (short runs); this decodes the same distribution under the budget constraint.
@@ -225,17 +226,21 @@ class Router(nn.Module):
         total = sum(view(lp[a], i) for i, a in enumerate(axes))
         d = len(axes) - 1
         # every combination at once: sizes broadcast over their own dimension, kind counts over depth's
-        c = cost.of_sizes({a: view(cost.choices[a], i) for i, a in enumerate(axes[:-1])},
-                          cost.kind_counts.view(*[shape[d] if j == d else 1 for j in range(len(axes))], -1))
-        ok = ((c / (budget * cost.full)) - 1).abs() <= band
-        if not bool(ok.any()):
-            return self.argmax(budget), False
-        flat = int(torch.where(ok.expand(shape), total.expand(shape), torch.tensor(-math.inf, dtype=total.dtype)).argmax())
+        sizes = {a: view(cost.choices[a], i) for i, a in enumerate(axes[:-1])}
+        c = cost.of_sizes(sizes, cost.kind_counts.view(*[shape[d] if j == d else 1 for j in range(len(axes))], -1))
+        allowed = torch.as_tensor(cost.parent.allows(sizes)).expand(shape)
+        ok = ((((c / (budget * cost.full)) - 1).abs() <= band).expand(shape)) & allowed
+        in_band = bool(ok.any())
+        if not in_band:
+            if bool(allowed.all()):
+                return self.argmax(budget), False
+            ok = allowed
+        flat = int(torch.where(ok, total.expand(shape), torch.tensor(-math.inf, dtype=total.dtype)).argmax())
         idx = []
         for n in reversed(shape):
             idx.append(flat % n)
             flat //= n
-        return dict(zip(axes, reversed(idx))), True
+        return dict(zip(axes, reversed(idx))), in_band
 
     @classmethod
     def from_config(cls, config: dict, parent) -> "Router":

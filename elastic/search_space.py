@@ -119,7 +119,9 @@ class Space:
         return math.prod(len(v) for v in self.choices.values()) * len(self.drops)
 
     def __iter__(self):
-        """Every (axis sizes dict, layers dropped) of the space."""
+        """Every (axis sizes dict, layers dropped) of the space whose sizes the model class accepts."""
         names = list(self.choices)
         for combo in itertools.product(*self.choices.values(), self.drops):
-            yield dict(zip(names, combo[:-1])), combo[-1]
+            sizes = dict(zip(names, combo[:-1]))
+            if self.parent.allows(sizes):
+                yield sizes, combo[-1]

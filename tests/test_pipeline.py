@@ -136,10 +136,10 @@ def test_bad_prune_input(pruned_run, toy_parent, tmp_path, overrides, error, mat
 
 
 def test_bad_model_and_data(toy_parent, tmp_path):
-    not_nemo = tmp_path / "llama"
+    not_nemo = tmp_path / "gpt2"
     not_nemo.mkdir()
-    (not_nemo / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ModelError, match="'llama'"):
+    (not_nemo / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelError, match="'gpt2'"):
         pipeline(make_cfg(not_nemo, tmp_path / "r1", "stage=importance"))
     with pytest.raises(ModelError, match="no config.json"):
         pipeline(make_cfg(tmp_path / "nowhere", tmp_path / "r2", "stage=importance"))

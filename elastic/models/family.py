@@ -2,7 +2,9 @@
 
 A family module (``elastic/models/<family>.py``, registered in ``elastic.models.FAMILIES``) defines:
 
-* ``MODEL_TYPES``   -- the Hugging Face ``model_type`` values it handles;
+* ``MODEL_TYPES``   -- the Hugging Face ``model_type`` values it handles (`Sizes.MODEL_TYPE` is one
+  value, so a family covering several model types has one `Sizes` subclass per type and its
+  ``Sizes.from_config`` / ``from_dict`` pick the subclass);
 * ``Sizes``         -- a frozen dataclass subclassing `Sizes` below (the "Arch" role): the exact
   parameter count (one closed form, `Sizes.params_of`, also used by the router's differentiable
   cost), the inference memory, the config export (`to_config`, derived from the kept sizes);
@@ -126,6 +128,12 @@ class Sizes:
     def state_of(self, sizes: Mapping[str, Any], counts: Mapping[str, Any], bytes_per_value: int):
         """Fixed per-sequence state bytes (recurrent layers), 0 for pure attention models."""
         raise NotImplementedError
+
+    def allows(self, sizes: Mapping[str, Any]):
+        """Whether axis sizes `sizes` give a config the model class accepts (ints, or broadcast tensors
+        elementwise). Some classes refuse combinations the index math could cut (e.g. a hidden size not
+        divisible by the head count); grids and the router's decode skip those."""
+        return True
 
     @classmethod
     def from_config(cls, config: Any) -> "Sizes":
