@@ -185,6 +185,8 @@ def _check_fp8(folder: Path, qcfg, headers: dict[str, tuple[str, list[int]]]) ->
         problems.append(f"the KV cache is quantized ({kv_algo}) but no k_scale / v_scale tensor is stored")
 
     modules = module_names(dtypes)
+    if json.loads((folder / "config.json").read_text()).get("tie_word_embeddings"):
+        modules |= {"lm_head"}  # a tied head is a module with no tensor of its own in the files
     for where, entries in (("config.json quantization_config.ignore", ignore), ("hf_quant_config.json exclude_modules", exclude)):
         for e in entries:
             if not names_a_module(e, modules):

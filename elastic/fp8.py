@@ -208,6 +208,8 @@ def repair(folder: str | Path, to_hub: Callable[[str], str] | None = None) -> li
 
     config_file, hq_file = folder / "config.json", folder / "hf_quant_config.json"
     config = json.loads(config_file.read_text())
+    if config.get("tie_word_embeddings"):
+        modules = set(modules) | {"lm_head"}  # a tied head is a module with no tensor of its own in the files
     q = config.get("quantization_config")
     if not isinstance(q, dict) or not hq_file.exists():
         raise QuantizeError(f"modelopt's export in {folder} has no quantization_config in config.json or no "

@@ -72,6 +72,6 @@ def test_evaluate_reports_the_llama_family(llama_run, llama_parent):
                             "evaluate.batch_size=8", "evaluate.task_limit=8", "evaluate.passkey.lengths=[48]",
                             "evaluate.passkey.depths=[0.5]", "evaluate.passkey.trials=2", "evaluate.cost.lengths=[32]",
                             "evaluate.cost.decode_tokens=2", "evaluate.cost.curve_points=2", "tracking.backends=[]"))
-    report = RunDir(run_dir).path("report/report.md").read_text()
+    report = RunDir(run_dir).path("evaluate/report/report.md").read_text()
     assert out["evaluate"]["failed"] == [] and out["evaluate"]["models"] >= 5, out  # parent, 2 budgets, distilled, FP8
     assert "budget-0.6" in report and "budget-0.8" in report

@@ -230,13 +230,16 @@ def chosen_archs(sm: SearchModel, budgets=None) -> dict[float, dict]:
         idx, constrained = sm.router.constrained_argmax(b, sm.cost, sm.band)
         arch = sm.elastic.arch_from_indices(idx)
         cost = sm.cost.of_arch(arch)
-        raw_arch = sm.elastic.arch_from_indices(raw)
+        # the plain per-axis argmax, costed from its sizes: it may be a combination the model class refuses
+        raw_sizes = {a: sm.router.sizes[a][i] for a, i in raw.items() if a != "depth"}
+        raw_counts = sm.cost.kind_counts[raw["depth"]]
+        raw_params = int(sm.elastic.arch.params_of(raw_sizes, dict(zip(sm.cost.kinds, raw_counts.tolist()))))
         rec = {
             "arch": arch.to_dict(), "summary": arch.short(), "params": arch.num_params(), "parent_params": parent_params,
             "ratio": cost / (b * sm.cost.full), "choices": {a: sm.router.sizes[a][i] for a, i in idx.items()},
-            "rule": "most probable architecture within the band" if constrained else "per-axis argmax (nothing in the band)",
-            "argmax": {"choices": {a: sm.router.sizes[a][i] for a, i in raw.items()}, "params": raw_arch.num_params(),
-                       "ratio": sm.cost.of_arch(raw_arch) / (b * sm.cost.full)},
+            "rule": "most probable architecture within the band" if constrained else "most probable architecture (nothing in the band)",
+            "argmax": {"choices": {a: sm.router.sizes[a][i] for a, i in raw.items()}, "params": raw_params,
+                       "ratio": float(sm.cost.of_sizes(raw_sizes, raw_counts)) / (b * sm.cost.full)},
         }
         rec["within_band"] = abs(rec["ratio"] - 1) <= sm.band
         if sm.cost.resource == "memory":
