@@ -314,3 +314,8 @@ def slice_model(model, arch: Arch, ranking: Ranking | None = None):
     child.to(next(model.parameters()).dtype)
     child.train(model.training)
     return child
+
+# family facts the core reaches through `family_for` (optional attributes; see elastic.models)
+from elastic.models import nemotron_h_export as export_facts  # noqa: E402  (hub names, llama.cpp config)
+from elastic.models import nemotron_h_kernels as kernels  # noqa: E402  (which Mamba-2 scan runs)
+from elastic.models import nemotron_h_plan as plan_model  # noqa: E402  (training memory / FLOP model)
