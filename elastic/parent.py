@@ -1,4 +1,4 @@
-"""Finding and loading the parent model (and any NemotronH checkpoint) with clear errors."""
+"""Finding and loading the parent model (and any checkpoint of a supported family) with clear errors."""
 
 from __future__ import annotations
 
@@ -52,8 +52,11 @@ def resolve_parent_path(cfg: Any) -> Path:
     """The parent checkpoint of this run: `parent.path`, or the cached toy parent (built on first use)."""
     if cfg.parent.path:
         return check_checkpoint(cfg.parent.path)
+    from elastic.models import SUPPORTED
+
     if "toy" not in cfg or cfg.toy is None:
-        raise ModelError("parent.path is not set; point it at a local NemotronH checkpoint or use recipe=toy")
+        raise ModelError("parent.path is not set; point it at a local checkpoint of a supported model type "
+                         f"({', '.join(sorted(SUPPORTED))}) or use recipe=toy")
     import hashlib
 
     from omegaconf import OmegaConf

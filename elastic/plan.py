@@ -1,9 +1,16 @@
 """`stage=plan` and the pre-flight check: per-GPU memory, tokens, FLOPs and GPU-hours of every stage, from the config alone.
 
-Nothing is loaded: the parent's `config.json` gives an `Arch` (`parent.path` may be a folder holding
-only that file), the student of each stage is derived from the config (search: the parent itself,
-masked; distill: ``prune.arch``, ``prune.target`` or the searched ``budget``), and every parameter
-count comes from `Arch.num_params` / `Arch.layer_params`.
+Nothing is loaded: the parent's `config.json` gives its family's sizes (`parent.path` may be a folder
+holding only that file), the student of each stage is derived from the config (search: the parent
+itself, masked; distill: ``prune.arch``, ``prune.target`` or the searched ``budget``), and every
+parameter count comes from the sizes' ``num_params`` / ``layer_params``.
+
+This module models the training step for any family; what one block keeps and needs comes from the
+family's memory model, reached through the registry (``elastic.models.<family>.plan_model``; NemotronH:
+``elastic/models/nemotron_h_plan.py``): bytes saved per token per layer kind, the sequence mixer's
+transient workspace on each kernel path, one block's transient, the matmul parameters and the mixer's
+FLOPs, and the grid's largest architecture within a budget. A family without one gets a clear error
+from ``stage=plan`` and an unchecked pre-flight.
 
 The training step modelled (what ``stages/search.py`` and ``stages/distill.py`` run):
 
@@ -11,22 +18,23 @@ The training step modelled (what ``stages/search.py`` and ``stages/distill.py`` 
   process): every GPU holds fp32 weights + fp32 gradients + AdamW's two fp32 moments, DDP's
   gradient buckets (about one more copy of the fp32 gradients) and, while the forward runs under
   autocast, a bf16 copy of every matmul weight (autocast's weight cache). ``fsdp`` (torch FSDP2
-  ``fully_shard`` on every ``NemotronHBlock`` and the root; ``MixedPrecisionPolicy(param_dtype=bf16,
+  ``fully_shard`` on every decoder block and the root; ``MixedPrecisionPolicy(param_dtype=bf16,
   reduce_dtype=fp32)``, ``reshard_after_forward=True``): weights, gradients and moments / N, plus the
   all-gathered bf16 weights of two blocks (current + prefetch) and of the root group (embeddings,
-  ``norm_f``, ``lm_head``), and one block's unsharded gradient (bf16 + its fp32 copy for the reduce).
+  the final norm, the LM head), and one block's unsharded gradient (bf16 + its fp32 copy for the reduce).
 * the frozen teacher in bf16: replicated (2 bytes x P per GPU) or FSDP2-sharded (2 P / N + two
   gathered blocks + its root group).
-* activations: what autograd keeps for the backward, per layer kind, read off transformers'
-  NemotronH modules (``_saved_per_token``); with activation checkpointing only each block's input is
-  kept and one block is recomputed at a time. Under autocast with fp32 weights the residual stream
-  is fp32 (``NemotronHBlock`` casts its input to the norm weight's dtype); under FSDP's bf16 params it
-  is bf16.
+* activations: what autograd keeps for the backward, per layer kind (the family's
+  ``saved_per_token``, read off transformers' modules); with activation checkpointing only each
+  block's input is kept and one block is recomputed at a time. Under autocast with fp32 weights the
+  residual stream is fp32 (NemotronH's block casts its input to the norm weight's dtype); under FSDP's
+  bf16 params it is bf16.
 * the KD loss: final hidden states of student and teacher, logits ``loss_chunk_size`` tokens at a
   time (``losses.chunked_kd_loss``): about 7 (forward) to 9.5 (backward) fp32 ``chunk x vocab`` tensors at once.
-* the Mamba-2 scan's workspace: the fused kernel (mamba-ssm: chunk states only) or transformers'
-  pure-torch ``mamba2_chunk_scan``, whose segment sums ``[B, heads, S/Q, Q, Q]`` in fp32 (``Q`` =
-  ``config.chunk_size``) grow with the context (``_scan_workspace``).
+* the sequence mixer's workspace on the kernel path that runs (``plan.mamba_path``; the family's
+  ``workspace``; term ``mamba_scan``): NemotronH's fused Mamba-2 kernel (mamba-ssm: chunk states only)
+  or transformers' pure-torch ``mamba2_chunk_scan``, whose segment sums ``[B, heads, S/Q, Q, Q]`` in
+  fp32 grow with the context.
 
 Peak per GPU = the largest of the step's moments (`StagePlan.phases`): the teacher's forward, the
 student's forward (bf16 weight copies + activations + one layer's workspace), the loss's forward and
@@ -104,10 +112,10 @@ def plan_model(config: dict):
 
 
 def plan_model_of(sizes):
-    """The plan model whose sizes type `sizes` is (its `model_type` when it carries one)."""
+    """The plan model whose sizes type `sizes` is (by the model type it carries, when it carries one)."""
     from elastic.models import FAMILIES, family_for
 
-    model_type = getattr(sizes, "model_type", None)
+    model_type = getattr(sizes, "MODEL_TYPE", None) or getattr(sizes, "model_type", None)
     if model_type is not None:
         return plan_model({"model_type": model_type})
     for name in FAMILIES:
@@ -443,7 +451,8 @@ def _fits_replica(cfg, stage: str, world_size: int, gpu_memory_bytes: float, pat
 
 
 def choose_strategy(cfg, stage: str, world_size: int, gpu_memory_bytes: float, mamba_path: str | None = None) -> str:
-    """``parallel.strategy``, or for ``auto``: ddp when a full replica fits on every GPU, else fsdp."""
+    """``parallel.strategy``, or for ``auto``: ddp when a full replica fits on every GPU, else fsdp (ddp for
+    a family without a memory model: nothing tells that a replica does not fit)."""
     s = str(_get(cfg, "parallel.strategy", "auto"))
     if s not in ("auto", "ddp", "fsdp"):
         raise PlanError(f"parallel.strategy must be auto, ddp or fsdp, got {s!r}")
@@ -451,13 +460,17 @@ def choose_strategy(cfg, stage: str, world_size: int, gpu_memory_bytes: float, m
         return s
     if world_size <= 1:
         return "ddp"
-    return "ddp" if _fits_replica(cfg, stage, world_size, gpu_memory_bytes, mamba_path) else "fsdp"
+    try:
+        return "ddp" if _fits_replica(cfg, stage, world_size, gpu_memory_bytes, mamba_path) else "fsdp"
+    except NoMemoryModel:
+        return "ddp"
 
 
 def choose_teacher(cfg, stage: str, world_size: int, gpu_memory_bytes: float, strategy: str | None = None,
                    mamba_path: str | None = None) -> str:
     """``parallel.teacher``, or for ``auto``: replicate when the replicated bf16 teacher fits next to the
-    student's share, else shard (only under fsdp; ddp always replicates)."""
+    student's share, else shard (only under fsdp; ddp always replicates; replicate for a family without a
+    memory model)."""
     s = str(_get(cfg, "parallel.teacher", "auto"))
     if s not in ("auto", "replicate", "shard"):
         raise PlanError(f"parallel.teacher must be auto, replicate or shard, got {s!r}")
@@ -466,8 +479,11 @@ def choose_teacher(cfg, stage: str, world_size: int, gpu_memory_bytes: float, st
         return "replicate"
     if s != "auto":
         return s
-    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="fsdp", teacher="replicate",
-                 path=mamba_path)
+    try:
+        rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="fsdp",
+                     teacher="replicate", path=mamba_path)
+    except NoMemoryModel:
+        return "replicate"
     return "replicate" if all(r.fits for r in rows) else "shard"
 
 

@@ -1,7 +1,8 @@
 """What a model costs to hold and to run.
 
 Static figures come from `Arch` (the one source of truth for sizes): parameters, KV cache per token
-(attention layers only), the fixed Mamba state per sequence. Weight bytes are read from the
+(attention layers only), the fixed state of the recurrent layers per sequence (NemotronH's Mamba
+state; key ``mamba_state_bytes``). Weight bytes are read from the
 safetensors headers of the folder, so an FP8 export counts its 1-byte weights as stored.
 
 Measured figures: prefill tokens/s (one forward of the context), decode tokens/s (greedy steps with
@@ -40,6 +41,12 @@ def embedding_params(arch: Arch) -> int:
     return arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
 
 
+def _state_bytes(arch: Arch, bytes_per_value: int) -> int:
+    """Fixed per-sequence state of the recurrent layers (0 without any); the key keeps its first name."""
+    state = getattr(arch, "state_bytes", None) or arch.mamba_state_bytes  # the sizes types' newer name first
+    return state(bytes_per_value)
+
+
 def static_cost(arch: Arch, folder: Path | None = None, bytes_per_value: int = 2) -> dict:
     """Sizes of one model; memory figures in `bytes_per_value` (2 = bf16) except the stored weights."""
     total = arch.num_params()
@@ -47,7 +54,7 @@ def static_cost(arch: Arch, folder: Path | None = None, bytes_per_value: int = 2
         "params": total,
         "non_embedding_params": total - embedding_params(arch),
         "kv_bytes_per_token": arch.kv_cache_bytes_per_token(bytes_per_value),
-        "mamba_state_bytes": arch.mamba_state_bytes(bytes_per_value),
+        "mamba_state_bytes": _state_bytes(arch, bytes_per_value),
         "bf16_weight_bytes": total * bytes_per_value,
         "layers": arch.pattern,
     }

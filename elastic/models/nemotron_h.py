@@ -319,3 +319,4 @@ def slice_model(model, arch: Arch, ranking: Ranking | None = None):
 from elastic.models import nemotron_h_export as export_facts  # noqa: E402  (hub names, llama.cpp config)
 from elastic.models import nemotron_h_kernels as kernels  # noqa: E402  (which Mamba-2 scan runs)
 from elastic.models import nemotron_h_plan as plan_model  # noqa: E402  (training memory / FLOP model)
+Sizes = Arch  # the sizes type core code reaches as family_for(config).Sizes (until the family defines its own)
