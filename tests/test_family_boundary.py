@@ -49,7 +49,7 @@ def _docstring_lines(tree: ast.AST) -> set[int]:
     return lines
 
 
-def family_names(path: Path) -> list[str]:
+def family_names(path: Path, root: Path = ROOT) -> list[str]:
     """``file:line: name`` for each family-specific name in `path`'s code and string literals."""
     src = path.read_text()
     prose = _docstring_lines(ast.parse(src))
@@ -59,7 +59,7 @@ def family_names(path: Path) -> list[str]:
             continue
         for i, line in enumerate(tok.string.splitlines() or [""]):
             for m in FORBIDDEN.finditer(ALLOWED.sub(" ", line)):
-                hits.append(f"{path.relative_to(ROOT)}:{tok.start[0] + i}: {m.group(0)}")
+                hits.append(f"{path.relative_to(root)}:{tok.start[0] + i}: {m.group(0)}")
     return sorted(set(hits), key=lambda h: (int(h.split(":")[1]), h))
 
 
@@ -73,12 +73,7 @@ def test_the_search_finds_what_it_must_and_only_that(tmp_path):
                  "z = 'llama-quantize and llama.cpp'\n"
                  "mamba_path = 'kernel'\n"
                  "w = NemotronHConfig\n")
-    global ROOT
-    root, ROOT = ROOT, tmp_path
-    try:
-        hits = family_names(f)
-    finally:
-        ROOT = root
+    hits = family_names(f, root=tmp_path)
     assert [h.split(": ")[1] for h in hits] == ["backbone", "nemotron_h", "num_key_value_heads", "NemotronHConfig"]
     assert [int(h.split(":")[1]) for h in hits] == [2, 3, 4, 8]
 
@@ -88,3 +83,75 @@ def test_core_module_names_no_family(path):
     hits = family_names(path)
     assert not hits, ("family-specific names outside elastic/models/ (reach them through "
                       "elastic.models.family_for):\n" + "\n".join(hits))
+
+
+# ------------------------------------------------------------------------------------------------ a family without facts
+
+
+@pytest.fixture
+def bare_family(monkeypatch):
+    """A registered family that declares none of the optional facts (no plan_model, export_facts, kernels)."""
+    import sys
+    import types
+
+    from elastic import models
+
+    monkeypatch.setitem(sys.modules, "bare_family", types.ModuleType("bare_family"))
+    monkeypatch.setitem(models.FAMILIES, "bare", "bare_family")
+    return "bare"
+
+
+def _plan_cfg(tmp_path, config: dict):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from elastic.run import CONF_DIR
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "config.json").write_text(json.dumps(config))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=["recipe=nemotron_9b_to_4b", f"parent.path={parent}", "plan.mamba_path=kernel"])
+
+
+def test_a_family_without_a_memory_model_is_refused_by_the_plan_and_left_unchecked_by_the_choices(tmp_path, bare_family):
+    from elastic.plan import GiB, NoMemoryModel, PlanError, choose_strategy, choose_teacher, plan_all
+
+    cfg = _plan_cfg(tmp_path, {"model_type": bare_family, "hidden_size": 64})
+    with pytest.raises(NoMemoryModel, match="no memory model for model_type 'bare'") as e:
+        plan_all(cfg)
+    assert isinstance(e.value, PlanError) and isinstance(e.value, ValueError)  # one error line from elastic.run
+    # with nothing to size against, auto keeps a full replica and a replicated teacher
+    assert choose_strategy(cfg, "distill", 8, 80 * GiB) == "ddp"
+    assert choose_teacher(cfg, "distill", 8, 80 * GiB, strategy="fsdp") == "replicate"
+
+
+def test_the_export_facts_apply_only_to_the_family_that_declares_them(tmp_path, bare_family):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from elastic import kernels
+    from elastic.export_check import check
+    from elastic.gguf import hub_style_config
+
+    kinds = {"layers_block_type": ["mamba", "mlp"], "num_experts_per_tok": 2}
+    assert hub_style_config({"model_type": bare_family, **kinds}) == {"model_type": bare_family, **kinds}
+    assert hub_style_config({"model_type": "nemotron_h", **kinds})["hybrid_override_pattern"] == "M-"
+    assert kernels.describe({"model_type": bare_family}) is None
+    assert kernels.describe({"model_type": "nemotron_h"}, "kernel").startswith("Mamba-2 scan")
+
+    def problems(model_type):
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+        save_file({"model.layers.0.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+        return [p for p in check(folder) if "in-memory names" in p]
+
+    # NemotronH's hub prefix is backbone.: transformers' in-memory model. names are flagged; a family
+    # without export facts keeps its names as loaded
+    flagged = problems("nemotron_h")
+    assert len(flagged) == 1 and "'backbone.'" in flagged[0], flagged
+    assert problems(bare_family) == []
