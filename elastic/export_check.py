@@ -25,6 +25,8 @@ import re
 import sys
 from pathlib import Path
 
+from elastic.models import family_attr
+
 # What a Hugging Face / vLLM / TensorRT-LLM loader reads from a checkpoint folder. Weights are
 # `model.safetensors`, or the shards that `model.safetensors.index.json` lists; any other file in
 # the folder is stray. The one definition the checker and the tests share.
@@ -38,7 +40,8 @@ LOADER_FILES = CONFIG_FILES | TOKENIZER_FILES | {WEIGHTS_FILE, WEIGHTS_INDEX}
 
 FP8_DTYPES = ("F8_E4M3",)  # safetensors' name of torch.float8_e4m3fn
 SCALES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")  # what modelopt's FP8 export adds to a module
-EMBEDDING = re.compile(r"(^|\.)(embeddings?|embed_tokens|wte)$")
+# an input embedding, by the names transformers' families give it (embeddings, embed_tokens, embed_in, wte)
+EMBEDDING = re.compile(r"(^|\.)(embed\w*|wte)$")
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -128,11 +131,12 @@ def check(folder: str | Path) -> list[str]:
         return problems + [f"no weights ({WEIGHTS_FILE} or {WEIGHTS_INDEX})"]
     headers = tensor_headers(folder)
     dtypes = {k: d for k, (d, _) in headers.items()}
-    if config.get("model_type") == "nemotron_h":
-        memory = sorted(k for k in dtypes if k.startswith("model."))
-        if memory:  # transformers renames backbone. -> model. on load; engines read the hub's names
+    facts = family_attr(config, "export_facts")
+    if facts is not None and facts.HUB_PREFIX != facts.MEMORY_PREFIX:
+        memory = sorted(k for k in dtypes if k.startswith(facts.MEMORY_PREFIX))
+        if memory:  # transformers renames the hub's prefix on load; engines read the hub's names
             problems.append(f"{len(memory)} tensors use transformers' in-memory names instead of the hub's "
-                            f"(e.g. {memory[0]!r}; the hub's prefix is 'backbone.')")
+                            f"(e.g. {memory[0]!r}; the hub's prefix is {facts.HUB_PREFIX!r})")
 
     qcfg = config.get("quantization_config")
     hf_quant_file = folder / "hf_quant_config.json"

@@ -12,14 +12,13 @@ without editing llama.cpp's files:
   GPT-2's byte-level split it maps to llama.cpp's ``gpt-2`` type, which the child process gives the
   converter only when the converter's own lookup fails. After conversion :func:`check_tokenizer`
   proves the mapping by tokenizing test texts in transformers and in llama.cpp.
-- transformers 5.x writes every NemotronH config with its MoE defaults (``num_experts_per_tok``, ...)
-  and a ``layers_block_type`` list; the converter takes any config with ``num_experts_per_tok`` for
-  ``nemotron_h_moe`` and llama.cpp then fails to load a dense model. :func:`hub_style_config` writes
-  the config the way NVIDIA's released checkpoints do (``hybrid_override_pattern``,
-  ``num_hidden_layers``, no MoE keys for a dense model), which transformers reads to the same model.
-  The converter reads configs through ``AutoConfig``, which puts the MoE defaults back (transformers
-  5.24), so the child process hands it the hub-style config.json as written, as the converter's own
-  fallback for unreadable configs does.
+- A family whose transformers config differs from what the converter expects says so in its export
+  facts (`elastic.models.<family>.export_facts`): :func:`hub_style_config` hands the config to the
+  family's ``llama_cpp_config`` (NemotronH: the hub's ``hybrid_override_pattern`` and no MoE keys for
+  a dense model, see ``elastic/models/nemotron_h_export.py``), and when the family sets
+  ``GGUF_CONFIG_AS_WRITTEN`` the child process hands the converter that config.json as written
+  instead of its ``AutoConfig`` view, as the converter's own fallback for unreadable configs does.
+  Families without such facts (e.g. Llama, which the converter knows natively) go through unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from elastic.models import family_attr
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the llama-cpp-python release scripts/install_gguf.sh builds (vendors llama.cpp)
 
 # Types the converter writes losslessly from the checkpoint; every other type is made from that
@@ -48,13 +49,6 @@ QUANTS = {
     "q4_1": "MOSTLY_Q4_1", "q3_k_l": "MOSTLY_Q3_K_L", "q3_k_m": "MOSTLY_Q3_K_M", "q3_k_s": "MOSTLY_Q3_K_S",
     "q2_k": "MOSTLY_Q2_K",
 }
-
-# NemotronH layer kinds as transformers 5.x lists them -> the hub's hybrid_override_pattern characters.
-_PATTERN_CHARS = {"linear_attention": "M", "mamba": "M", "mlp": "-", "full_attention": "*", "attention": "*", "moe": "E"}
-# Keys transformers 5.x fills into every NemotronH config: they describe MoE layers (and their
-# multi-token-prediction head), which a dense model does not have.
-_MOE_KEY = re.compile(r"^(n_routed_experts|n_shared_experts|num_experts_per_tok|moe_.*|routed_scaling_factor|"
-                      r"n_group|topk_group|norm_topk_prob|num_nextn_predict_layers|output_router_logits|mtp_.*)$")
 
 # Texts for the tokenizer checks: whitespace runs, tabs and newlines, contractions, digit runs,
 # punctuation runs, accents, Cyrillic, CJK, emoji and zero-width joiners -- where pre-tokenizers differ.
@@ -77,32 +71,16 @@ class GGUFError(ValueError):
 
 
 def hub_style_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A NemotronH config dict written the way NVIDIA's hub checkpoints are.
-
-    ``layers_block_type`` becomes the ``hybrid_override_pattern`` string (``M`` Mamba-2, ``-`` MLP,
-    ``*`` attention, ``E`` MoE) plus ``num_hidden_layers``, and a model without MoE layers loses the MoE
-    keys transformers 5.x fills in. Other model types are returned unchanged. transformers builds the
-    same model from either form (tests/test_gguf.py compares logits).
-    """
-    if config.get("model_type") != "nemotron_h":
+    """The config dict as llama.cpp's converter expects it: the family's ``llama_cpp_config`` when its
+    export facts have one (NemotronH: written the way NVIDIA's hub checkpoints are), else unchanged.
+    transformers builds the same model from either form (tests/test_gguf.py compares logits)."""
+    rewrite = getattr(family_attr(config, "export_facts"), "llama_cpp_config", None)
+    if rewrite is None:
         return dict(config)
-    out = dict(config)
-    kinds = out.pop("layers_block_type", None)
-    if kinds is None:
-        pattern = out.get("hybrid_override_pattern")
-        if not isinstance(pattern, str):
-            raise GGUFError("the NemotronH config has neither layers_block_type nor a hybrid_override_pattern string")
-    else:
-        unknown = sorted({k for k in kinds if k not in _PATTERN_CHARS})
-        if unknown:
-            raise GGUFError(f"layers_block_type holds layer kinds llama.cpp's NemotronH has no equivalent for: {unknown} "
-                            f"(known: {sorted(_PATTERN_CHARS)})")
-        pattern = "".join(_PATTERN_CHARS[k] for k in kinds)
-    out["hybrid_override_pattern"] = pattern
-    out["num_hidden_layers"] = len(pattern)
-    if "E" not in pattern:
-        out = {k: v for k, v in out.items() if not _MOE_KEY.match(k)}
-    return out
+    try:
+        return rewrite(config)
+    except ValueError as e:  # layer kinds llama.cpp has no name for
+        raise GGUFError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -267,8 +245,10 @@ def convert(checkpoint: str | Path, out: Path, outtype: str, *, pre: str | None,
     """Run llama.cpp's converter on `checkpoint` -> `out` (type `outtype`); `pre` is the pre-tokenizer type
     the converter falls back to when its own table does not know the tokenizer."""
     src = stage_source(checkpoint, workdir / "source")
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    as_written = bool(getattr(family_attr(config, "export_facts"), "GGUF_CONFIG_AS_WRITTEN", False))
     cmd = [sys.executable, "-m", "elastic.gguf", "convert", str(llama_cpp_dir()), pre or "",
-           str(src), "--outfile", str(out), "--outtype", outtype, "--model-name", name or Path(checkpoint).name]
+           "as-written" if as_written else "autoconfig", str(src), "--outfile", str(out), "--outtype", outtype, "--model-name", name or Path(checkpoint).name]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out.is_file():
@@ -289,10 +269,11 @@ def _converter_main(argv: Sequence[str]) -> None:
     - `get_vocab_base_pre` raises NotImplementedError for a BPE tokenizer missing from its hash table;
       when the parent verified the tokenizer's pre-tokenization (`pretokenizer_type`), that type is
       returned instead. Known tokenizers still get the converter's own answer.
-    - `load_hparams` returns a NemotronH config.json as written (the hub-style one `stage_source` made)
-      instead of transformers' AutoConfig view of it, which adds MoE keys to every NemotronH.
+    - `load_hparams` returns config.json as written (the hub-style one `stage_source` made) instead of
+      transformers' AutoConfig view of it when `mode` is ``as-written`` (the family's export facts ask
+      for it: AutoConfig would add back what `hub_style_config` removed).
     """
-    llama_dir, pre, *args = argv
+    llama_dir, pre, mode, *args = argv
     sys.path.insert(0, llama_dir)
     sys.argv = [str(Path(llama_dir) / "convert_hf_to_gguf.py"), *args]
     import convert_hf_to_gguf  # noqa: F401  (puts llama.cpp's gguf-py on sys.path first)
@@ -312,14 +293,14 @@ def _converter_main(argv: Sequence[str]) -> None:
     load_hparams = base.ModelBase.load_hparams
 
     def load_hparams_as_written(dir_model: Path, is_mistral_format: bool):
-        # The converter reads configs through transformers' AutoConfig, which refills the MoE defaults
-        # that hub_style_config removed (and llama.cpp would take the model for nemotron_h_moe); its
-        # own fallback reads config.json as written, which is what a NemotronH needs here.
-        raw = json.loads((Path(dir_model) / "config.json").read_text())
-        return raw if raw.get("model_type") == "nemotron_h" else load_hparams(dir_model, is_mistral_format)
+        # The converter reads configs through transformers' AutoConfig, which may refill what
+        # hub_style_config removed (NemotronH: the MoE defaults, and llama.cpp would take the model for
+        # its MoE variant); its own fallback reads config.json as written, which is what is needed here.
+        return json.loads((Path(dir_model) / "config.json").read_text())
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-    base.ModelBase.load_hparams = staticmethod(load_hparams_as_written)
+    if mode == "as-written":
+        base.ModelBase.load_hparams = staticmethod(load_hparams_as_written)
     convert_hf_to_gguf.main()
 
 
@@ -526,7 +507,7 @@ def _main(argv: Sequence[str]) -> None:
     if argv[:1] == ["convert"]:
         _converter_main(argv[1:])
     else:
-        sys.exit("usage: python -m elastic.gguf convert LLAMA_CPP_DIR PRE MODEL_DIR [converter args]  (used by export_gguf)")
+        sys.exit("usage: python -m elastic.gguf convert LLAMA_CPP_DIR PRE as-written|autoconfig MODEL_DIR [converter args]  (used by export_gguf)")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,27 @@
-"""Which Mamba-2 scan transformers' NemotronH will run: the fused kernels, or its pure-torch reference.
+"""Which fused kernels a model family will run here, as one log line for the training stages.
 
-transformers picks, per function, the Hub kernels when a model is loaded with ``use_kernels=True`` (not
-used here), else the ``mamba_ssm`` / ``causal_conv1d`` packages when they import, else a pure-torch path
-whose chunked scan materialises ``[batch, heads, seq/chunk, chunk, chunk]`` fp32 tensors several times a
-layer: fine on CPU for the toy, out of memory at long context on a GPU. The training stages log which
-path runs, and the plan (`elastic.plan`) sizes the scan's workspace for it and refuses what does not fit.
+A family that has a fast kernel path and a slow reference path (NemotronH: mamba-ssm's fused Mamba-2
+scan, or transformers' pure-torch scan that is out of memory at long context on a GPU) declares
+``kernels`` in its module (`elastic.models.<family>`): ``path()`` says which runs in this environment,
+``describe(path)`` says it in words with the install command. The plan (`elastic.plan`) sizes the
+workspace for that path; a family without ``kernels`` has one path and nothing to log.
 """
 
 from __future__ import annotations
 
-import importlib
 
-KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
-INSTALL_HINT = "pip install --no-build-isolation mamba-ssm causal-conv1d   # CUDA toolkit + matching torch needed to build"
+def path(model_or_config) -> str | None:
+    """``kernel`` or ``torch`` for a family with a kernel choice, else None."""
+    from elastic.models import family_attr
 
-
-def mamba_path() -> str:
-    """``kernel`` when both kernel packages import in this environment, else ``torch``."""
-    for pkg in KERNEL_PACKAGES:
-        try:
-            importlib.import_module(pkg)
-        except Exception:  # ImportError, or a CUDA extension that fails to load: transformers falls back too
-            return "torch"
-    return "kernel"
+    facts = family_attr(model_or_config, "kernels")
+    return facts.path() if facts is not None else None
 
 
-def describe(path: str | None = None) -> str:
-    """One log line saying which scan runs and, for the torch path, how to get the kernels."""
-    path = path or mamba_path()
-    if path == "kernel":
-        return "Mamba-2 scan: fused kernels (mamba-ssm, causal-conv1d)"
-    return f"Mamba-2 scan: transformers' pure-torch path (slow, memory hungry at long context); for the kernels: {INSTALL_HINT}"
+def describe(model_or_config, path_: str | None = None) -> str | None:
+    """One log line saying which path runs (and, on the slow one, how to get the kernels); None for a
+    family without a kernel choice."""
+    from elastic.models import family_attr
+
+    facts = family_attr(model_or_config, "kernels")
+    return facts.describe(path_) if facts is not None else None

@@ -52,8 +52,11 @@ def resolve_parent_path(cfg: Any) -> Path:
     """The parent checkpoint of this run: `parent.path`, or the cached toy parent (built on first use)."""
     if cfg.parent.path:
         return check_checkpoint(cfg.parent.path)
+    from elastic.models import SUPPORTED
+
     if "toy" not in cfg or cfg.toy is None:
-        raise ModelError("parent.path is not set; point it at a local Hugging Face checkpoint (a supported family) or use recipe=toy")
+        raise ModelError("parent.path is not set; point it at a local checkpoint of a supported model type "
+                         f"({', '.join(sorted(SUPPORTED))}) or use recipe=toy")
     import hashlib
 
     from omegaconf import OmegaConf

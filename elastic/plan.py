@@ -1,9 +1,16 @@
 """`stage=plan` and the pre-flight check: per-GPU memory, tokens, FLOPs and GPU-hours of every stage, from the config alone.
 
-Nothing is loaded: the parent's `config.json` gives an `Arch` (`parent.path` may be a folder holding
-only that file), the student of each stage is derived from the config (search: the parent itself,
-masked; distill: ``prune.arch``, ``prune.target`` or the searched ``budget``), and every parameter
-count comes from `Arch.num_params` / `Arch.layer_params`.
+Nothing is loaded: the parent's `config.json` gives its family's sizes (`parent.path` may be a folder
+holding only that file), the student of each stage is derived from the config (search: the parent
+itself, masked; distill: ``prune.arch``, ``prune.target`` or the searched ``budget``), and every
+parameter count comes from the sizes' ``num_params`` / ``layer_params``.
+
+This module models the training step for any family; what one block keeps and needs comes from the
+family's memory model, reached through the registry (``elastic.models.<family>.plan_model``; NemotronH:
+``elastic/models/nemotron_h_plan.py``): bytes saved per token per layer kind, the sequence mixer's
+transient workspace on each kernel path, one block's transient, the matmul parameters and the mixer's
+FLOPs, and the grid's largest architecture within a budget. A family without one gets a clear error
+from ``stage=plan`` and an unchecked pre-flight.
 
 The training step modelled (what ``stages/search.py`` and ``stages/distill.py`` run):
 
@@ -11,22 +18,23 @@ The training step modelled (what ``stages/search.py`` and ``stages/distill.py`` 
   process): every GPU holds fp32 weights + fp32 gradients + AdamW's two fp32 moments, DDP's
   gradient buckets (about one more copy of the fp32 gradients) and, while the forward runs under
   autocast, a bf16 copy of every matmul weight (autocast's weight cache). ``fsdp`` (torch FSDP2
-  ``fully_shard`` on every ``NemotronHBlock`` and the root; ``MixedPrecisionPolicy(param_dtype=bf16,
+  ``fully_shard`` on every decoder block and the root; ``MixedPrecisionPolicy(param_dtype=bf16,
   reduce_dtype=fp32)``, ``reshard_after_forward=True``): weights, gradients and moments / N, plus the
   all-gathered bf16 weights of two blocks (current + prefetch) and of the root group (embeddings,
-  ``norm_f``, ``lm_head``), and one block's unsharded gradient (bf16 + its fp32 copy for the reduce).
+  the final norm, the LM head), and one block's unsharded gradient (bf16 + its fp32 copy for the reduce).
 * the frozen teacher in bf16: replicated (2 bytes x P per GPU) or FSDP2-sharded (2 P / N + two
   gathered blocks + its root group).
-* activations: what autograd keeps for the backward, per layer kind, read off transformers'
-  NemotronH modules (``_saved_per_token``); with activation checkpointing only each block's input is
-  kept and one block is recomputed at a time. Under autocast with fp32 weights the residual stream
-  is fp32 (``NemotronHBlock`` casts its input to the norm weight's dtype); under FSDP's bf16 params it
-  is bf16.
+* activations: what autograd keeps for the backward, per layer kind (the family's
+  ``saved_per_token``, read off transformers' modules); with activation checkpointing only each
+  block's input is kept and one block is recomputed at a time. Under autocast with fp32 weights the
+  residual stream is fp32 (NemotronH's block casts its input to the norm weight's dtype); under FSDP's
+  bf16 params it is bf16.
 * the KD loss: final hidden states of student and teacher, logits ``loss_chunk_size`` tokens at a
   time (``losses.chunked_kd_loss``): about 7 (forward) to 9.5 (backward) fp32 ``chunk x vocab`` tensors at once.
-* the Mamba-2 scan's workspace: the fused kernel (mamba-ssm: chunk states only) or transformers'
-  pure-torch ``mamba2_chunk_scan``, whose segment sums ``[B, heads, S/Q, Q, Q]`` in fp32 (``Q`` =
-  ``config.chunk_size``) grow with the context (``_scan_workspace``).
+* the sequence mixer's workspace on the kernel path that runs (``plan.mamba_path``; the family's
+  ``workspace``; term ``mamba_scan``): NemotronH's fused Mamba-2 kernel (mamba-ssm: chunk states only)
+  or transformers' pure-torch ``mamba2_chunk_scan``, whose segment sums ``[B, heads, S/Q, Q, Q]`` in
+  fp32 grow with the context.
 
 Peak per GPU = the largest of the step's moments (`StagePlan.phases`): the teacher's forward, the
 student's forward (bf16 weight copies + activations + one layer's workspace), the loss's forward and
@@ -47,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from elastic.arch import ArchError, human_count, sizes_from_config
+from elastic.arch import ArchError, human_count
 from elastic.models.family import Sizes as Arch  # any family's sizes type
 
 GiB = 2**30
@@ -56,6 +64,10 @@ FP32, BF16 = 4, 2
 
 class PlanError(ValueError):
     """A stage that does not fit: names the overflowing term and the config key to change."""
+
+
+class NoMemoryModel(PlanError):
+    """The parent's family declares no memory model (`plan_model`): nothing can be planned or checked."""
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -88,15 +100,45 @@ def _dtype_bytes(name: str) -> int:
     return {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}.get(str(name), 4)
 
 
+def plan_model(config: dict):
+    """The memory/FLOP model of the parent's family (`elastic.models.<family>.plan_model`); a clear
+    error for a family that has none yet."""
+    from elastic.models import family_for, model_type_of
+
+    model = getattr(family_for(config), "plan_model", None)
+    if model is None:
+        raise NoMemoryModel(f"stage=plan has no memory model for model_type {model_type_of(config)!r} yet "
+                            "(the pre-flight memory check is skipped for it)")
+    return model
+
+
+def plan_model_of(sizes):
+    """The plan model whose sizes type `sizes` is (by the model type it carries, when it carries one)."""
+    from elastic.models import FAMILIES, family_for
+
+    model_type = getattr(sizes, "MODEL_TYPE", None) or getattr(sizes, "model_type", None)
+    if model_type is not None:
+        return plan_model({"model_type": model_type})
+    for name in FAMILIES:
+        model = getattr(family_for(name), "plan_model", None)
+        if model is not None and isinstance(sizes, model.SIZES):
+            return model
+    raise NoMemoryModel(f"stage=plan has no memory model for {type(sizes).__name__} sizes yet")
+
+
+def _install_command(model) -> str:
+    """The plan model's command that installs the family's fused kernels ("" when it has none)."""
+    return getattr(getattr(model, "kernels", None), "INSTALL_HINT", "").split("#")[0].strip()
+
+
 def mamba_path(cfg) -> str:
-    """``plan.mamba_path``; ``auto`` = kernel when mamba-ssm imports here, else torch."""
+    """``plan.mamba_path`` (the sequence-mixer path the training stages run: fused kernel or torch);
+    ``auto`` = what the family's kernel detection finds here."""
     p = str(_get(cfg, "plan.mamba_path", "auto"))
     if p not in ("auto", "kernel", "torch"):
         raise PlanError(f"plan.mamba_path must be auto, kernel or torch, got {p!r}")
     if p == "auto":
-        from elastic.kernels import mamba_path as detected  # the same detection the training stages log
-
-        p = detected()
+        p = plan_model(parent_config(cfg)).detected_path()  # the same detection the training stages log
     return p
 
 
@@ -185,97 +227,6 @@ class Shape:
         return self.batch * self.seq
 
 
-def _mamba_dims(a: Arch) -> tuple[int, int, int, int, int]:
-    i = a.mamba_intermediate
-    return i, a.conv_dim, a.mamba_num_heads, a.ssm_state_size, a.mamba_head_dim
-
-
-def _saved_per_token(a: Arch, kind: str, *, residual: int, path: str, elastic: bool, chunk: int) -> float:
-    """Bytes autograd keeps per token for one block of `kind` in a bf16-autocast training forward.
-
-    Read off transformers' NemotronH (5.x) modules under autocast (matmuls and einsums in bf16, each
-    casting its inputs; element-wise ops in their input dtype):
-
-    * block RMSNorm: fp32 residual (fp32 weights): its input and normalised output (fp32), and one bf16
-      copy of the output per linear that reads it (autocast casts per op: 1 for Mamba / MLP, 3 for
-      q/k/v); bf16 residual (FSDP bf16 weights): an fp32 copy, the normalised output and the bf16 output.
-    * MLP: relu(up) and its square (bf16). Attention: q, k, v, the output and o_proj's input (bf16),
-      sdpa's log-sum-exp (flash / memory-efficient kernels: no S x S matrix).
-    * Mamba, torch path (``mamba2_chunk_scan``): the conv's bf16 input and output; x in fp32 and x * dt;
-      bf16 copies of x, B, C, B * decay and the chunk states for the einsums; one fp32 B or C repeated to
-      every head; ``L = exp(segsum)`` fp32 ``[H, Q]`` per token and the bf16 ``G = C.B`` and ``M = G * L``;
-      the gated RMSNorm's five fp32 tensors and out_proj's bf16 input.
-    * Mamba, fused kernel (mamba-ssm ``mamba_split_conv1d_scan_combined``): ``in_proj``'s output
-      ``[z|xBC|dt]`` and the scan output (bf16); the kernel recomputes the rest in backward. The elastic
-      model (search) cannot use the fused kernel (its gated norm is masked): transformers' unfused path
-      with mamba-ssm's chunk scan keeps ``[z|xBC|dt]``, the conv output, the scan output and the torch
-      gated norm.
-    * elastic masks (search): each masked RMSNorm keeps its scale (fp32), the depth gate keeps
-      ``block(x) - x`` (fp32), the MLP keeps its masked activation, the gated norm its scale.
-    """
-    h = a.hidden_size
-    readers = 3 if kind == "*" else 1
-    norm = (FP32 * h * 2 + BF16 * h * readers) if residual == FP32 else (FP32 * h * 2 + BF16 * h)
-    if elastic:
-        norm += FP32 * h * 2
-    if kind == "-":
-        f = a.intermediate_size
-        return norm + BF16 * f * 2 + (BF16 * f if elastic else 0)
-    if kind == "*":
-        q = a.num_attention_heads * a.head_dim
-        kv = a.num_key_value_heads * a.head_dim
-        return norm + BF16 * (2 * q + 2 * kv) + FP32 * a.num_attention_heads
-    if kind == "M":
-        i, cd, nh, n, p = _mamba_dims(a)
-        zxbcdt = BF16 * (i + cd + nh)
-        small = FP32 * nh * 4
-        if path == "kernel" and not elastic:
-            return norm + zxbcdt + BF16 * i + small
-        gated = FP32 * i * 5 + BF16 * i + (FP32 * i if elastic else 0)
-        if path == "kernel":
-            return norm + zxbcdt + BF16 * cd + BF16 * i + gated + small
-        # conv input: autocast's bf16 copy (fp32 weights), or the [z|xBC|dt] view itself (bf16 weights)
-        conv = (BF16 * cd if residual == FP32 else zxbcdt) + BF16 * cd
-        hn = nh * n
-        scan = (FP32 * i * 2 + BF16 * i * 3 + FP32 * hn + BF16 * hn * 4 + BF16 * nh * p * n / chunk * 2.5
-                + FP32 * nh * chunk + BF16 * nh * chunk * 2)
-        return norm + conv + scan + gated + small
-    raise ArchError(f"unsupported layer kind {kind!r}")
-
-
-def _scan_unit(a: Arch, chunk: int) -> int:
-    """Bytes per token of one fp32 ``[H, S/Q, Q, Q]`` segment-sum-shaped tensor (torch path)."""
-    return FP32 * a.mamba_num_heads * chunk
-
-
-def _scan_workspace(a: Arch, shape: Shape, chunk: int, path: str, backward: bool) -> float:
-    """Transient bytes of one Mamba layer's scan beyond what it keeps (one layer runs at a time).
-
-    torch path: ``segment_sum`` holds two fp32 ``[B, H, S/Q, Q, Q]`` tensors at once (masked copy and
-    cumsum) next to the fp32 B/C repeated to every head; its backward the gradients of ``L`` (fp32) and
-    of ``G`` / ``M`` (bf16), about 1.5 such tensors. kernel path: the fp32 chunk states
-    ``[B, S/Q, H, P, N]`` (in and out) and the per-chunk dt / dA cumsums; in backward also the gradient of
-    ``[z|xBC|dt]``.
-    """
-    if "M" not in a.pattern:
-        return 0.0
-    t = shape.tokens
-    i, cd, nh, n, p = _mamba_dims(a)
-    if path == "torch":
-        unit = _scan_unit(a, chunk)
-        return t * (1.5 * unit if backward else 2 * unit + FP32 * nh * n)
-    return t * (FP32 * nh * p * n / chunk * (3 if backward else 1) + FP32 * nh * 4 + (BF16 * (i + cd + nh) if backward else 0))
-
-
-def _layer_transient(a: Arch, kind: str, shape: Shape, backward: bool) -> float:
-    """The largest non-scan transient of one block: its output (fp32 residual) and widest intermediate;
-    in backward their gradients as well."""
-    t = shape.tokens
-    width = {"-": a.intermediate_size, "M": a.mamba_intermediate + a.conv_dim + a.mamba_num_heads,
-             "*": (a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim}[kind]
-    return t * (FP32 * a.hidden_size * 2 + BF16 * width * (3 if backward else 1))
-
-
 @dataclass
 class Term:
     name: str
@@ -318,6 +269,7 @@ class StagePlan:
     keys: dict = field(default_factory=dict)  # term name -> the config change that shrinks it (None: none here)
     activations_other_bytes: float | None = None  # activations with the other checkpointing setting
     notes: list[str] = field(default_factory=list)
+    install_hint: str = ""  # the family's command that installs its fused kernels ("" when it has none)
 
     @property
     def peak_bytes(self) -> float:
@@ -340,6 +292,7 @@ class StagePlan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("install_hint")
         d["terms"] = {t.name: {"bytes": int(t.bytes), "gib": round(t.gib, 2), "note": t.note} for t in self.terms}
         d["phases"] = {k: round(v / GiB, 2) for k, v in self.phases.items()}
         d.update(peak_bytes=int(self.peak_bytes), peak_gib=round(self.peak_bytes / GiB, 2), peak_phase=self.peak_phase,
@@ -356,39 +309,24 @@ class StagePlan:
         msg = (f"{self.row}: {big.name} {big.gib:.1f} GiB overflow {self.gpu_memory_bytes / GiB:.0f} GiB per GPU "
                f"(peak {self.peak_bytes / GiB:.1f} GiB > {self.budget_bytes / GiB:.1f} GiB usable after plan.reserve_gib; "
                f"{self.strategy}, {self.world_size} GPU(s), Mamba {self.mamba_path} path) -- {key}")
-        if self.mamba_path == "torch" and "mamba-ssm" not in key:
-            from elastic.kernels import INSTALL_HINT
-
-            msg += f" [the fused Mamba kernels need far less: {INSTALL_HINT.split('#')[0].strip()}]"
+        hint = self.install_hint if self.mamba_path == "torch" else ""
+        if hint and hint not in key:
+            msg += f" [the fused kernels need far less: {hint}]"
         return msg
 
 
 # ------------------------------------------------------------------------------------------------ the step model
 
 
-def _matmul_params(a: Arch) -> int:
-    """Parameters used in matrix products per token (every weight but the embedding lookup and vectors)."""
-    return a.num_params() - a.vocab_size * a.hidden_size - a.hidden_size * (1 + a.num_layers)
-
-
-def _mixer_flops_per_token(a: Arch, seq: int, chunk: int) -> float:
-    """Forward FLOPs per token beyond the weight matmuls: causal attention (q.k and p.v over half the
-    context on average) and the Mamba-2 SSD scan (intra-chunk C.B and M.x, chunk states in and out)."""
-    attn = a.count("*") * 2 * 2 * a.num_attention_heads * a.head_dim * (seq / 2)
-    i, cd, nh, n, p = _mamba_dims(a)
-    scan = a.count("M") * (2 * nh * chunk * n + 2 * nh * chunk * p + 4 * nh * p * n)
-    return attn + scan
-
-
-def _train_flops_per_token(student: Arch, teacher: Arch | None, seq: int, chunk: int, t_chunk: int,
+def _train_flops_per_token(model, student: Arch, teacher: Arch | None, seq: int, chunk: int, t_chunk: int,
                            checkpointing: bool) -> float:
     """Student forward + backward (2x forward) + the recomputed forward under checkpointing, and the
-    chunked loss's recomputed logits; teacher forward (logits included)."""
-    fwd = 2 * _matmul_params(student) + _mixer_flops_per_token(student, seq, chunk)
+    chunked loss's recomputed logits; teacher forward (logits included). `model`: the family's plan model."""
+    fwd = 2 * model.matmul_params(student) + model.mixer_flops_per_token(student, seq, chunk)
     logits = 2 * student.vocab_size * student.hidden_size
     total = 3 * fwd + logits + (fwd - logits if checkpointing else 0)
     if teacher is not None:
-        total += 2 * _matmul_params(teacher) + _mixer_flops_per_token(teacher, seq, t_chunk)
+        total += 2 * model.matmul_params(teacher) + model.mixer_flops_per_token(teacher, seq, t_chunk)
     return total
 
 
@@ -400,10 +338,12 @@ def _root_params(a: Arch) -> int:
     return a.num_params() - sum(a.layer_params(k) for k in a.pattern)
 
 
-def _activations(a: Arch, shape: Shape, *, residual: int, path: str, elastic: bool, chunk: int, checkpointing: bool) -> float:
+def _activations(model, a: Arch, shape: Shape, *, residual: int, path: str, elastic: bool, chunk: int,
+                 checkpointing: bool) -> float:
     t = shape.tokens
-    per_layer = {k: _saved_per_token(a, k, residual=residual, path=path, elastic=elastic, chunk=chunk) for k in set(a.pattern)}
-    final = FP32 * a.hidden_size * 2 + BF16 * a.hidden_size  # norm_f's input and output, the loss's bf16 hidden
+    per_layer = {k: model.saved_per_token(a, k, residual=residual, path=path, elastic=elastic, chunk=chunk)
+                 for k in set(a.pattern)}
+    final = FP32 * a.hidden_size * 2 + BF16 * a.hidden_size  # the final norm's input and output, the loss's bf16 hidden
     if not checkpointing:
         return t * (sum(per_layer[k] for k in a.pattern) + final)
     # each block's input is kept; one block's activations are rebuilt at a time in backward
@@ -423,8 +363,11 @@ def _loss_bytes(a: Arch, teacher: Arch | None, shape: Shape, loss_chunk: int, ba
 def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, shape: Shape, batch_size: int,
                   steps: int, world_size: int, gpu_memory_bytes: float, reserve_bytes: float, strategy: str,
                   teacher_mode: str, path: str, chunk: int, teacher_chunk: int, checkpointing: bool, loss_chunk: int,
-                  elastic: bool, peak_tflops: float, mfu: float, keys: dict[str, str], extra_params: int = 0) -> StagePlan:
-    """Per-GPU memory by term and the compute of one training stage (or phase)."""
+                  elastic: bool, peak_tflops: float, mfu: float, keys: dict[str, str], extra_params: int = 0,
+                  model=None) -> StagePlan:
+    """Per-GPU memory by term and the compute of one training stage (or phase). `model`: the family's plan
+    model (default: the student's family's)."""
+    model = model or plan_model_of(student)
     n = world_size
     sharded = strategy == "fsdp" and n > 1
     p_s = student.num_params() + extra_params
@@ -457,20 +400,23 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
             t_bytes = BF16 * p_t
             note = "frozen bf16, replicated"
         terms.append(Term("teacher", t_bytes, note))
-    act = _activations(student, shape, residual=residual, path=path, elastic=elastic, chunk=chunk, checkpointing=checkpointing)
-    other = _activations(student, shape, residual=residual, path=path, elastic=elastic, chunk=chunk, checkpointing=not checkpointing)
+    act = _activations(model, student, shape, residual=residual, path=path, elastic=elastic, chunk=chunk,
+                       checkpointing=checkpointing)
+    other = _activations(model, student, shape, residual=residual, path=path, elastic=elastic, chunk=chunk,
+                         checkpointing=not checkpointing)
     terms.append(Term("activations", act, ("with" if checkpointing else "without") + " activation checkpointing"))
     loss_f = _loss_bytes(student, teacher, shape, loss_chunk, backward=False)
     loss_b = _loss_bytes(student, teacher, shape, loss_chunk, backward=True)
     terms.append(Term("logits_chunk", max(loss_f, loss_b),
                       f"KD loss, {min(loss_chunk, shape.tokens)} tokens x {student.vocab_size} vocab per chunk (+ teacher hidden states)"))
-    ws_f = _scan_workspace(student, shape, chunk, path, backward=False)
-    ws_b = _scan_workspace(student, shape, chunk, path, backward=True)
-    ws_t = _scan_workspace(teacher, shape, teacher_chunk, path, backward=False) if teacher else 0.0
-    lt_f = max(_layer_transient(student, k, shape, False) for k in set(student.pattern))
-    lt_b = max(_layer_transient(student, k, shape, True) for k in set(student.pattern))
-    lt_t = max(_layer_transient(teacher, k, shape, False) for k in set(teacher.pattern)) if teacher else 0.0
-    terms.append(Term("mamba_scan", max(ws_f, ws_b, ws_t), f"{path} path: one Mamba layer's scan workspace"))
+    tokens = shape.tokens
+    ws_f = model.workspace(student, tokens, chunk, path, backward=False)
+    ws_b = model.workspace(student, tokens, chunk, path, backward=True)
+    ws_t = model.workspace(teacher, tokens, teacher_chunk, path, backward=False) if teacher else 0.0
+    lt_f = max(model.layer_transient(student, k, tokens, False) for k in set(student.pattern))
+    lt_b = max(model.layer_transient(student, k, tokens, True) for k in set(student.pattern))
+    lt_t = max(model.layer_transient(teacher, k, tokens, False) for k in set(teacher.pattern)) if teacher else 0.0
+    terms.append(Term("mamba_scan", max(ws_f, ws_b, ws_t), model.WORKSPACE_NOTE.format(path=path)))
     terms.append(Term("layer_transient", max(lt_f, lt_b, lt_t), "one block's outputs and gradients in flight"))
 
     t = {x.name: x.bytes for x in terms}
@@ -490,7 +436,7 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
     }
 
     tokens_per_step = batch_size * shape.seq
-    fpt = _train_flops_per_token(student, teacher, shape.seq, chunk, teacher_chunk, checkpointing)
+    fpt = _train_flops_per_token(model, student, teacher, shape.seq, chunk, teacher_chunk, checkpointing)
     total = fpt * tokens_per_step * steps
     hours = total / (peak_tflops * 1e12 * mfu) / 3600
     return StagePlan(
@@ -501,27 +447,27 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
         grad_accum=max(1, batch_size // (shape.batch * n)), steps=steps, tokens_per_step=tokens_per_step,
         tokens=tokens_per_step * steps, checkpointing=checkpointing, flops_per_token=fpt, total_flops=total,
         gpu_hours=hours, terms=terms, phases=phases, keys=keys, activations_other_bytes=other,
+        install_hint=_install_command(model),
     )
 
 
 def plan_inference(row: str, model: Arch, *, shape: Shape, dtype_bytes: int, tokens: int, passes: int, world_size: int,
                    gpu_memory_bytes: float, reserve_bytes: float, path: str, chunk: int, logits_chunk: int,
-                   peak_tflops: float, mfu: float, keys: dict[str, str]) -> StagePlan:
+                   peak_tflops: float, mfu: float, keys: dict[str, str], plan_model) -> StagePlan:
     """Importance: the parent in its dtype, forward only (no autograd state), `passes` forwards per batch
     (1 + one per skipped layer for depth scores), logits `logits_chunk` tokens at a time."""
+    pm = plan_model
     t = shape.tokens
     h = model.hidden_size
     terms = [
         Term("parameters", dtype_bytes * model.num_params(), f"{dtype_bytes}-byte weights, inference"),
         Term("activations", t * (dtype_bytes * h * 3 + FP32 * h * 2), "residual stream, the reference final hidden states, a norm's fp32"),
         Term("logits_chunk", 3 * FP32 * min(logits_chunk, t) * model.vocab_size, "depth scoring: reference and skipped logits chunks in fp32 + a softmax"),
-        Term("mamba_scan", t * (3 * _scan_unit(model, chunk) + FP32 * model.mamba_num_heads * model.ssm_state_size)
-             if path == "torch" else _scan_workspace(model, shape, chunk, path, backward=False),
-             f"{path} path: one layer's scan workspace (no grad: segment sum, L, G and M in fp32)"),
-        Term("layer_transient", max(_layer_transient(model, k, shape, False) for k in set(model.pattern)), "one block's outputs"),
+        Term("mamba_scan", pm.inference_workspace(model, t, chunk, path), pm.INFERENCE_WORKSPACE_NOTE.format(path=path)),
+        Term("layer_transient", max(pm.layer_transient(model, k, t, False) for k in set(model.pattern)), "one block's outputs"),
     ]
     total = sum(x.bytes for x in terms)
-    fpt = (2 * _matmul_params(model) + _mixer_flops_per_token(model, shape.seq, chunk)) * passes
+    fpt = (2 * pm.matmul_params(model) + pm.mixer_flops_per_token(model, shape.seq, chunk)) * passes
     flops = fpt * tokens
     return StagePlan(
         row=row, stage="importance", world_size=1, gpu_memory_bytes=gpu_memory_bytes, reserve_bytes=reserve_bytes,
@@ -530,6 +476,7 @@ def plan_inference(row: str, model: Arch, *, shape: Shape, dtype_bytes: int, tok
         steps=math.ceil(tokens / t), tokens_per_step=t, tokens=tokens, checkpointing=False, flops_per_token=fpt,
         total_flops=flops, gpu_hours=flops / (peak_tflops * 1e12 * mfu) / 3600, terms=terms, phases={"forward": total},
         keys=keys, notes=[f"one process (importance runs on one GPU); {passes} forwards per batch"],
+        install_hint=_install_command(pm),
     )
 
 
@@ -542,7 +489,8 @@ def _fits_replica(cfg, stage: str, world_size: int, gpu_memory_bytes: float, pat
 
 
 def choose_strategy(cfg, stage: str, world_size: int, gpu_memory_bytes: float, mamba_path: str | None = None) -> str:
-    """``parallel.strategy``, or for ``auto``: ddp when a full replica fits on every GPU, else fsdp."""
+    """``parallel.strategy``, or for ``auto``: ddp when a full replica fits on every GPU, else fsdp (ddp for
+    a family without a memory model: nothing tells that a replica does not fit)."""
     s = str(_get(cfg, "parallel.strategy", "auto"))
     if s not in ("auto", "ddp", "fsdp"):
         raise PlanError(f"parallel.strategy must be auto, ddp or fsdp, got {s!r}")
@@ -550,13 +498,17 @@ def choose_strategy(cfg, stage: str, world_size: int, gpu_memory_bytes: float, m
         return s
     if world_size <= 1:
         return "ddp"
-    return "ddp" if _fits_replica(cfg, stage, world_size, gpu_memory_bytes, mamba_path) else "fsdp"
+    try:
+        return "ddp" if _fits_replica(cfg, stage, world_size, gpu_memory_bytes, mamba_path) else "fsdp"
+    except NoMemoryModel:
+        return "ddp"
 
 
 def choose_teacher(cfg, stage: str, world_size: int, gpu_memory_bytes: float, strategy: str | None = None,
                    mamba_path: str | None = None) -> str:
     """``parallel.teacher``, or for ``auto``: replicate when the replicated bf16 teacher fits next to the
-    student's share, else shard (only under fsdp; ddp always replicates)."""
+    student's share, else shard (only under fsdp; ddp always replicates; replicate for a family without a
+    memory model)."""
     s = str(_get(cfg, "parallel.teacher", "auto"))
     if s not in ("auto", "replicate", "shard"):
         raise PlanError(f"parallel.teacher must be auto, replicate or shard, got {s!r}")
@@ -565,8 +517,11 @@ def choose_teacher(cfg, stage: str, world_size: int, gpu_memory_bytes: float, st
         return "replicate"
     if s != "auto":
         return s
-    rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="fsdp", teacher="replicate",
-                 path=mamba_path)
+    try:
+        rows = _plan(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy="fsdp",
+                     teacher="replicate", path=mamba_path)
+    except NoMemoryModel:
+        return "replicate"
     return "replicate" if all(r.fits for r in rows) else "shard"
 
 
@@ -585,8 +540,9 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
           path: str | None = None) -> list[StagePlan]:
     n, mem, reserve = _machine(cfg, world_size, gpu_memory_bytes)
     pcfg = parent_config(cfg)
-    parent = sizes_from_config(pcfg)
-    chunk = int(pcfg.get("chunk_size") or pcfg.get("mamba_chunk_size") or 128)  # transformers' default: 128
+    model = plan_model(pcfg)
+    parent = model.sizes(pcfg)
+    chunk = model.chunk(pcfg)
     path = path or mamba_path(cfg)
     peak, mfu = float(_get(cfg, "plan.peak_tflops", 989)), float(_get(cfg, "plan.mfu", 0.35))
     if stage == "importance":
@@ -598,19 +554,21 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
                                tokens=int(c.num_sequences) * seq, passes=passes, world_size=1, gpu_memory_bytes=mem,
                                reserve_bytes=reserve, path=path, chunk=chunk,
                                logits_chunk=int(_get(cfg, "importance.logits_chunk_size", 1024)), peak_tflops=peak, mfu=mfu,
+                               plan_model=model,
                                keys={"activations": "lower importance.batch_size", "logits_chunk": "lower importance.logits_chunk_size",
-                                     "mamba_scan": "lower importance.batch_size or importance.seq_len (or install mamba-ssm: plan.mamba_path=kernel)",
+                                     "mamba_scan": "lower importance.batch_size or importance.seq_len (or install the fused kernels: "
+                                                   "plan.mamba_path=kernel)",
                                      "parameters": "set parent.dtype=bfloat16 or use a larger GPU (plan.gpu_memory_gib)",
                                      "layer_transient": "lower importance.batch_size"})]
     strategy = strategy or choose_strategy(cfg, stage, n, mem, path)
     teacher = teacher or choose_teacher(cfg, stage, n, mem, strategy, path)
     common = dict(world_size=n, gpu_memory_bytes=mem, reserve_bytes=reserve, strategy=strategy, teacher_mode=teacher,
-                  path=path, chunk=chunk, teacher_chunk=chunk, peak_tflops=peak, mfu=mfu)
+                  path=path, chunk=chunk, teacher_chunk=chunk, peak_tflops=peak, mfu=mfu, model=model)
     if stage == "search":
         c = cfg.search
         ckpt = bool(_get(cfg, "search.gradient_checkpointing", False))
         keys = _train_keys("search", "search", ckpt=ckpt, micro=int(c.micro_batch_size), n=n, strategy=strategy,
-                           teacher=teacher, path=path)
+                           teacher=teacher, path=path, model=model)
         return [plan_training("search", "search", parent, parent, shape=Shape(int(c.micro_batch_size), int(c.seq_len)),
                               batch_size=int(c.batch_size), steps=int(c.steps), checkpointing=ckpt,
                               loss_chunk=int(_get(cfg, "search.loss_chunk_size", 1024)), elastic=True, keys=keys, **common)]
@@ -623,7 +581,7 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
         rows = []
         for i, ph in enumerate(parse_phases(cfg.distill)):
             keys = _train_keys("distill", f"distill.phases.{i}", ckpt=ckpt, micro=ph.micro_batch_size, n=n,
-                               strategy=strategy, teacher=teacher, path=path)
+                               strategy=strategy, teacher=teacher, path=path, model=model)
             rows.append(plan_training(f"distill {ph.name}", "distill", student, parent, shape=Shape(ph.micro_batch_size, ph.seq_len),
                                       batch_size=ph.batch_size, steps=ph.steps(cap), checkpointing=ckpt,
                                       loss_chunk=int(_get(cfg, "distill.loss_chunk_size", 1024)), elastic=False, keys=keys, **common))
@@ -632,7 +590,7 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
 
 
 def _train_keys(stage: str, batch_prefix: str, *, ckpt: bool, micro: int, n: int, strategy: str, teacher: str,
-                path: str) -> dict[str, str | None]:
+                path: str, model) -> dict[str, str | None]:
     """For each term, the config change that shrinks it here (None: nothing to change for this term, e.g. a
     micro-batch that is already 1); `StagePlan.refusal` names the largest term that has one."""
     lower_micro = f"lower {batch_prefix}.micro_batch_size" if micro > 1 else None
@@ -644,8 +602,7 @@ def _train_keys(stage: str, batch_prefix: str, *, ckpt: bool, micro: int, n: int
         act = f"set {stage}.gradient_checkpointing=true" + (f" or {lower_micro}" if lower_micro else "")
     else:
         act = lower_micro
-    kernel = ("install the fused Mamba kernels (pip install mamba-ssm causal-conv1d --no-build-isolation; "
-              "plan.mamba_path=kernel)")
+    kernel = f"install the fused kernels ({_install_command(model)}; plan.mamba_path=kernel)"
     return {
         "parameters": shard, "gradients": shard, "optimizer": shard,
         "ddp_buckets": shard, "bf16_weights": shard, "fsdp_gathered": "raise plan.gpu_memory_gib (a larger GPU)",
@@ -719,7 +676,8 @@ def plan_all(cfg, *, world_size=None, gpu_memory_bytes=None) -> dict[str, Any]:
     """Every row (importance, search, distill phases) and the recipe's headline numbers, as plain data."""
     n, mem, reserve = _machine(cfg, world_size, gpu_memory_bytes)
     pcfg = parent_config(cfg)
-    parent = sizes_from_config(pcfg)
+    model = plan_model(pcfg)
+    parent = model.sizes(pcfg)
     student, src = student_arch(cfg, parent)
     rows = []
     for stage in ("importance", "search", "distill"):

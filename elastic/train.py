@@ -194,20 +194,26 @@ def make_accelerator(*, device: str = "auto", mixed_precision: str = "auto", log
 
 
 def preflight(cfg, stage: str, accelerator) -> None:
-    """Before a training stage loads anything onto GPUs: log which Mamba-2 scan will run and refuse a
-    configuration the plan (`elastic.plan`) says does not fit this launch's GPUs, naming the term."""
+    """Before a training stage loads anything onto GPUs: log which kernels the family will run (NemotronH:
+    which Mamba-2 scan) and refuse a configuration the plan (`elastic.plan`) says does not fit this
+    launch's GPUs, naming the term. A family without a memory model is logged as unchecked."""
     if accelerator.device.type != "cuda":
         return
     from elastic import kernels
     from elastic.parallel import gpu_memory_bytes
-    from elastic.plan import check_stage
+    from elastic.plan import NoMemoryModel, check_stage, parent_config
 
-    accelerator.print(f"[{stage}] {kernels.describe()}")
-    check_stage(cfg, stage, world_size=accelerator.num_processes, gpu_memory_bytes=gpu_memory_bytes(accelerator.device))
+    line = kernels.describe(parent_config(cfg))
+    if line:
+        accelerator.print(f"[{stage}] {line}")
+    try:
+        check_stage(cfg, stage, world_size=accelerator.num_processes, gpu_memory_bytes=gpu_memory_bytes(accelerator.device))
+    except NoMemoryModel as e:
+        accelerator.print(f"[{stage}] {e}")
 
 
 def default_param_groups(model: nn.Module) -> list[dict]:
-    """Matrices with weight decay, vectors (norm weights, biases, A_log, D, dt_bias) without."""
+    """Matrices with weight decay, vectors (norm weights, biases, NemotronH's A_log, D, dt_bias) without."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -408,7 +414,7 @@ def train(
     # --- model, optimizer, schedule
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
-    for m in model.modules():  # NemotronH needs use_cache=False in training; other HF models too
+    for m in model.modules():  # no KV / state cache in training (NemotronH fails with one)
         if getattr(getattr(m, "config", None), "use_cache", None):
             m.config.use_cache = False
     model.train()

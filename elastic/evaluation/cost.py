@@ -1,7 +1,8 @@
 """What a model costs to hold and to run.
 
 Static figures come from `Arch` (the one source of truth for sizes): parameters, KV cache per token
-(attention layers only), the fixed Mamba state per sequence. Weight bytes are read from the
+(attention layers only), the fixed state of the recurrent layers per sequence (NemotronH's Mamba
+state; key ``mamba_state_bytes``). Weight bytes are read from the
 safetensors headers of the folder, so an FP8 export counts its 1-byte weights as stored.
 
 Measured figures: prefill tokens/s (one forward of the context), decode tokens/s (greedy steps with
@@ -35,17 +36,12 @@ def weight_bytes(folder: Path) -> int:
     return total
 
 
-def embedding_params(arch: Arch) -> int:
-    """Input embeddings plus an untied LM head: the parameters that scale with the vocabulary."""
-    return arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-
-
 def static_cost(arch: Arch, folder: Path | None = None, bytes_per_value: int = 2) -> dict:
     """Sizes of one model; memory figures in `bytes_per_value` (2 = bf16) except the stored weights."""
     total = arch.num_params()
     out = {
         "params": total,
-        "non_embedding_params": total - embedding_params(arch),
+        "non_embedding_params": total - arch.embedding_params(),
         "kv_bytes_per_token": arch.kv_cache_bytes_per_token(bytes_per_value),
         "mamba_state_bytes": arch.state_bytes(bytes_per_value),
         "bf16_weight_bytes": total * bytes_per_value,

@@ -5,7 +5,8 @@ then ``prune/*/``, ``distill/<phase>/`` and ``quantize/*/`` in name order. Left 
 folders (``.name.tmp``, a stage still writing), training ``checkpoints/`` and ``search/elastic/``
 (the importance-ordered full model: the parent's function in another order, not a model to ship).
 
-Sizes come from ``config.json`` through `Arch.from_config` only: our own artifacts (arch.json,
+Sizes come from ``config.json`` through the family's sizes type only (``family_for(config).Sizes``):
+our own artifacts (arch.json,
 candidates.json) live beside a model folder or not at all, so nothing else inside it is read
 besides what the loaders read.
 """
@@ -19,8 +20,8 @@ from typing import Any
 
 import torch
 
-from elastic.arch import sizes_from_config
 from elastic.models.family import Sizes as Arch  # any family's sizes type
+from elastic.models import family_for
 
 # Stage folders that hold exported models, in pipeline order.
 MODEL_STAGES = ("prune", "distill", "quantize")
@@ -51,7 +52,9 @@ class ModelRef:
         return is_modelopt_fp8(self.path)
 
     def arch(self) -> Arch:
-        return sizes_from_config(self.config)
+        """The model's sizes, from its config by its family's sizes type."""
+        config = self.config
+        return family_for(config).Sizes.from_config(config)
 
 
 def is_model_dir(path: Path) -> bool:

@@ -92,14 +92,14 @@ def build_trials(tokenizer, haystack: torch.Tensor, length: int, depth: float, n
 @torch.no_grad()
 def scores(model, trials: Trials, batch_size: int = 8) -> torch.Tensor:
     """S[t, i, j]: log-probability of candidate j as the next token of trial t's prompt hiding candidate i."""
-    backbone, head = hidden_and_head(model)
+    body, head = hidden_and_head(model)
     device = next(model.parameters()).device
     n, k, length = trials.ids.shape
     flat = trials.ids.reshape(n * k, length)
     cand = trials.candidates.repeat_interleave(k, dim=0)  # [n*k, k]
     out = []
     for s in range(0, n * k, batch_size):
-        last = backbone(input_ids=flat[s:s + batch_size].to(device), use_cache=False).last_hidden_state[:, -1]
+        last = body(input_ids=flat[s:s + batch_size].to(device), use_cache=False).last_hidden_state[:, -1]
         logp = head(last).float().log_softmax(-1).cpu()
         out.append(logp.gather(1, cand[s:s + batch_size]))
     return torch.cat(out).reshape(n, k, k)

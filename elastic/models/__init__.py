@@ -41,3 +41,8 @@ def all_axis_names() -> set[str]:
     for model_type in FAMILIES:
         names |= {a.name for a in family_for(model_type).Sizes.AXES}
     return names
+def family_attr(model_or_config, name: str):
+    """An optional attribute a family may declare (`plan_model`, `export_facts`, `kernels`), or None when
+    the family has none or the model type is not registered (callers then use the generic behaviour)."""
+    model_type = model_or_config if isinstance(model_or_config, str) else model_type_of(model_or_config)
+    return getattr(family_for(model_type), name, None) if model_type in FAMILIES else None

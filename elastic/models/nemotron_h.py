@@ -369,3 +369,7 @@ def slice_model(model, arch: Sizes, ranking: Ranking | None = None):
 
 # the masked wrapper lives in its own module (it imports this one)
 from elastic.models.nemotron_h_elastic import ElasticNemotronH as Elastic  # noqa: E402
+# family facts the core reaches through `family_for` (optional attributes; see elastic.models)
+from elastic.models import nemotron_h_export as export_facts  # noqa: E402  (hub names, llama.cpp config)
+from elastic.models import nemotron_h_kernels as kernels  # noqa: E402  (which Mamba-2 scan runs)
+from elastic.models import nemotron_h_plan as plan_model  # noqa: E402  (training memory / FLOP model)
