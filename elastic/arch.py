@@ -31,8 +31,10 @@ def sizes_from_dict(d: dict):
     """Sizes from `Sizes.to_dict()` output (which records the model_type)."""
     from elastic.models import family_for
 
+    if "model_type" not in d:
+        raise ArchError("these sizes record no model_type (written before model families existed): rerun the stage")
     try:
-        family = family_for(d.get("model_type", "nemotron_h"))  # files written before families existed
+        family = family_for(d["model_type"])
     except ValueError as e:
         raise ArchError(str(e)) from None
     return family.Sizes.from_dict(d)

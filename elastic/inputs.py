@@ -8,6 +8,9 @@ import torch
 
 SPLITS = ("calib", "heldout", "train")
 
+# the pipeline's held-out metric lives with the losses (the toy builder uses it without this module)
+from elastic.losses import heldout_loss  # noqa: E402,F401
+
 
 def data_files(cfg: Any, split: str):
     """The files for `split`: the user's `data.files` / `data.heldout_files`, or the toy recipe's plays."""
@@ -83,31 +86,6 @@ def token_batches(cfg: Any, tokenizer, split: str, *, num_sequences: int, batch_
 
 
 @torch.no_grad()
-def heldout_loss(model, batches: list[torch.Tensor], *, chunk_size: int = 1024) -> float:
-    """Mean next-token cross-entropy (nats/token) of `model` on `batches`.
-
-    The logits are computed `chunk_size` tokens at a time from the final hidden states
-    (`losses.chunked_kd_loss`), so ``[batch, seq, vocab]`` is never built: scoring 8 x 8K tokens of a
-    131K-vocabulary model holds one 1K x 131K chunk instead of 32 GiB of fp32 logits.
-    """
-    from elastic.losses import chunked_kd_loss, hidden_states, next_token_labels
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    head = model.get_output_embeddings()
-    for ids in batches:
-        ids = ids.to(device)
-        out = chunked_kd_loss(hidden_states(model, ids), None, head, labels=next_token_labels(ids), lm_weight=1.0,
-                              chunk_size=chunk_size)
-        n = ids[:, 1:].numel()
-        total += float(out.ce) * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 # ------------------------------------------------------------------------------------------------ training streams
 # The search and distill stages read their training text the same way, each from its own config section
 # (`search.*` / `distill.*`): `sources` (a weighted mixture; null = the run's `data.files` alone, minus the

@@ -153,13 +153,12 @@ def student_arch(cfg, parent: Arch) -> tuple[Arch, str]:
 
     from elastic.models.family import Ranking
     from elastic.search_space import Space, parse_budget
-    from elastic.stages.prune import arch_from_sizes
 
     c = cfg.prune
     sizes = _get(cfg, "prune.arch")
     if sizes:
         sizes = OmegaConf.to_container(sizes, resolve=True) if OmegaConf.is_config(sizes) else dict(sizes)
-        arch = arch_from_sizes(parent, Ranking.identity(parent), sizes, str(_get(cfg, "prune.protect_kinds", "")))
+        arch = parent.cut_fields(Ranking.identity(parent), sizes, str(_get(cfg, "prune.protect_kinds", "")))
         return arch, "prune.arch"
     target = _get(cfg, "prune.target")
     src, grid = "prune.target", c

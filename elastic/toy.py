@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .data import DataError, load_text, pack_tokens
-from . import inputs
+from .losses import heldout_loss as _heldout_loss
 
 __all__ = [
     "TOY_DEFAULTS", "TOY_TEST", "SPLITS", "shakespeare_dir", "toy_files", "train_tokenizer",
@@ -332,7 +332,7 @@ def _train(tmp: Path, settings: dict[str, Any], *, progress: bool) -> dict[str, 
     train_cpu = time.process_time() - cpu_train
 
     # the pipeline's own metric, so the toy report and the stages' held-out losses agree
-    heldout_loss = inputs.heldout_loss(model, list(torch.split(heldout, batch_size)))
+    heldout_loss = _heldout_loss(model, list(torch.split(heldout, batch_size)))
     unigram_loss = _unigram_loss(train, heldout, len(tokenizer))
     if not math.isfinite(heldout_loss):
         raise RuntimeError(f"toy parent training diverged (held-out loss {heldout_loss}); lower lr={lr}")

@@ -253,6 +253,20 @@ class Sizes:
                 layers = tuple(range(self.num_layers))
         return self.with_sizes(sizes or {}, tuple(layers))
 
+    def cut_fields(self, ranking: "Ranking | None", fields: Mapping[str, Any], protect_kinds: str = "") -> "Sizes":
+        """`cut` from a mapping in the config's own field names (``hidden_size``, ``intermediate_size``,
+        ...) plus ``drop_layers`` or ``layers``: what a user writes in ``prune.arch``."""
+        names = {a.field: a.name for a in self.axes()}
+        known = set(names) | {"drop_layers", "layers"}
+        unknown = set(fields) - known
+        if unknown:
+            raise ArchError(f"unknown keys {sorted(unknown)}; known for {self.MODEL_TYPE}: {sorted(known)}")
+        if "drop_layers" in fields and "layers" in fields:
+            raise ArchError("give drop_layers or layers, not both")
+        layers = tuple(int(i) for i in fields["layers"]) if fields.get("layers") is not None else None
+        return self.cut(ranking, sizes={names[k]: v for k, v in fields.items() if k in names},
+                        drop_layers=int(fields.get("drop_layers") or 0), layers=layers, protect_kinds=protect_kinds)
+
     def protected(self, protect_kinds: str) -> set[int]:
         return {i for i, k in enumerate(self.pattern) if k in protect_kinds}
 

@@ -60,16 +60,10 @@ def get_ranking(kind: str, run: RunDir, arch: Sizes, seed: int) -> Ranking:
 def arch_from_sizes(parent: Sizes, ranking: Ranking, sizes: dict[str, Any], protect_kinds: str) -> Sizes:
     """An explicit `prune.arch` mapping (the family's config field names, plus ``drop_layers`` or
     ``layers``) -> a validated child."""
-    fields = {a.field: a.name for a in parent.axes()}
-    known = set(fields) | {"drop_layers", "layers"}
-    unknown = set(sizes) - known
-    if unknown:
-        raise ArchError(f"prune.arch has unknown keys {sorted(unknown)}; known for {parent.MODEL_TYPE}: {sorted(known)}")
-    if "drop_layers" in sizes and "layers" in sizes:
-        raise ArchError("give prune.arch.drop_layers or prune.arch.layers, not both")
-    layers = tuple(int(i) for i in sizes["layers"]) if sizes.get("layers") is not None else None
-    return parent.cut(ranking, sizes={fields[k]: v for k, v in sizes.items() if k in fields},
-                      drop_layers=int(sizes.get("drop_layers") or 0), layers=layers, protect_kinds=protect_kinds)
+    try:
+        return parent.cut_fields(ranking, sizes, protect_kinds)
+    except ArchError as e:
+        raise ArchError(f"prune.arch: {e}") from None
 
 
 def build_space(parent: Sizes, c: Any) -> Space:
