@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # Bump when the recipe changes in a way the settings below do not capture: it invalidates caches.
-TOY_RECIPE_VERSION = 2
+TOY_RECIPE_VERSION = 1
 
 # Settings for `python -m elastic.run` with no arguments. Measured on 2 idle CPU cores: 183 s wall,
 # ~5.2K tokens/s, held-out loss 4.35 vs unigram 6.20 nats. Other jobs on the same cores slow it a lot
@@ -54,10 +54,6 @@ _SPECIAL_ORDER = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3, matching Nemotro
 
 HELDOUT_SEQUENCES = 64   # fixed count so held-out loss is comparable across settings of one seq_len
 WARMUP_FRACTION = 0.05
-# Share of training rows that also teach retrieval from context (`_with_passkey`). Plain Shakespeare
-# hardly ever rewards copying a word from far back, so without them the toy barely reads its context
-# and the evaluate stage's pass key can hardly tell it from a random model of its shape.
-RETRIEVAL_FRACTION = 0.25
 
 # Pattern characters (as in hub configs' hybrid_override_pattern) -> transformers 5.x block types.
 _BLOCK_TYPES = {"M": "linear_attention", "-": "mlp", "*": "full_attention"}
@@ -180,7 +176,7 @@ def toy_config(vocab_size: int, **overrides):
 def _settings(**kw) -> dict[str, Any]:
     """The full set of inputs that determine a build; equal settings -> reuse the cached build."""
     return dict(kw, recipe=TOY_RECIPE_VERSION, heldout_sequences=HELDOUT_SEQUENCES,
-                warmup_fraction=WARMUP_FRACTION, retrieval_fraction=RETRIEVAL_FRACTION)
+                warmup_fraction=WARMUP_FRACTION)
 
 
 def _versions() -> dict[str, str]:
@@ -212,48 +208,6 @@ def _unigram_loss(train: torch.Tensor, heldout: torch.Tensor, vocab_size: int) -
     logp = (counts / counts.sum()).log()
     targets = heldout[:, 1:].flatten()  # the same positions the model is scored on
     return -logp[targets].mean().item()
-
-
-class _Passkeys:
-    """Splices the evaluate stage's pass key into training rows: the needle ``" The key is<word>."``
-    somewhere in the row and, later in the same row, the question ``" The key is"`` followed by that
-    word. The word is drawn at random from the one-token words, so only the needle predicts it."""
-
-    def __init__(self, tokenizer, seed: int):
-        import random
-
-        from .evaluation.passkey import NEEDLE, QUESTION, key_words  # one definition of the pass key
-
-        self.words = key_words(tokenizer)
-        self.needles = {w: tokenizer.encode(NEEDLE.format(key=tokenizer.decode([w])), add_special_tokens=False)
-                        for w in self.words}
-        self.question = tokenizer.encode(QUESTION, add_special_tokens=False)
-        self.rng = random.Random(seed)
-
-    def row(self, text: list[int]) -> list[int]:
-        """`text` (one row of prose) with one pass key per 32 tokens spliced in, cut back to its length.
-
-        Keys go in order (needle 1, its question, needle 2, its question, ...), each question a random
-        distance after its needle: the latest needle always holds the answer, as in the evaluation's
-        single needle, and several keys per row give the skill more examples per step."""
-        pieces = []
-        for _ in range(max(1, len(text) // 32)):
-            key = self.rng.choice(self.words)
-            pieces += [self.needles[key], self.question + [key]]
-        room = len(text) - sum(map(len, pieces))  # prose tokens that stay in the row
-        cuts = sorted(self.rng.randint(0, room) for _ in pieces)
-        out, prev = [], 0
-        for cut, piece in zip(cuts, pieces):
-            out += text[prev:cut] + piece
-            prev = cut
-        return out + text[prev:room]
-
-    def mix(self, x: torch.Tensor, fraction: float) -> torch.Tensor:
-        """`x` with about `fraction` of its rows given a pass key."""
-        for i in range(x.shape[0]):
-            if self.rng.random() < fraction:
-                x[i] = torch.tensor(self.row(x[i].tolist()))
-        return x
 
 
 @contextlib.contextmanager
@@ -351,7 +305,6 @@ def _train(tmp: Path, settings: dict[str, Any], *, progress: bool) -> dict[str, 
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(train.shape[0], generator=g)
     cursor = 0
-    passkeys = _Passkeys(tokenizer, seed)
     tokens_seen = 0
     bar = tqdm(range(steps), desc="toy parent", disable=not progress, dynamic_ncols=True)
     t_train, cpu_train = time.perf_counter(), time.process_time()
@@ -359,7 +312,7 @@ def _train(tmp: Path, settings: dict[str, Any], *, progress: bool) -> dict[str, 
     for step in bar:
         if cursor + batch_size > order.numel():
             order, cursor = torch.randperm(train.shape[0], generator=g), 0
-        x = passkeys.mix(train[order[cursor:cursor + batch_size]], RETRIEVAL_FRACTION)
+        x = train[order[cursor:cursor + batch_size]]
         cursor += batch_size
         loss = model(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
