@@ -27,7 +27,7 @@ from torch import nn
 from elastic.arch import ArchError
 from elastic.search_space import Space
 
-RESOURCES = ("params", "memory")
+RESOURCES = ("params", "non_embedding_params", "memory")
 
 
 def check_budgets(budgets) -> tuple[float, ...]:
@@ -75,6 +75,8 @@ class Cost:
         per_kind = {k: counts[..., i] for i, k in enumerate(self.kinds)}
         if self.resource == "params":
             return self.parent.params_of(sizes, per_kind)
+        if self.resource == "non_embedding_params":
+            return self.parent.params_of(sizes, per_kind) - self.parent.embedding_of(sizes)
         return self.parent.memory_of(sizes, per_kind, self.context, self.batch, self.bpv)
 
     def expected(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -87,6 +89,8 @@ class Cost:
         """The same cost read from a sizes object (its num_params / memory_bytes)."""
         if self.resource == "params":
             return arch.num_params()
+        if self.resource == "non_embedding_params":
+            return arch.non_embedding_params()
         return arch.memory_bytes(self.context, self.batch, self.bpv)
 
     @property

@@ -118,3 +118,23 @@ def test_registry_rejects_other_models():
     assert "nemotron_h" in family_for(tiny_model()).MODEL_TYPES
     with pytest.raises(ValueError, match="not supported"):
         family_for({"model_type": "gpt2"})
+
+
+def test_grid_counts_non_embedding_params_when_asked():
+    from omegaconf import OmegaConf
+
+    from elastic.stages.prune import grid_candidates
+
+    parent = arch_of(tiny_model())
+    ranking = Ranking.identity(parent)
+    c = OmegaConf.create({"granularity": {"hidden": 8, "ffn": 16}, "max_width_prune": 0.5, "max_depth_prune": 0.3,
+                          "protect_kinds": "*", "tolerance": 0.1, "count": "non_embedding_params"})
+    target = round(0.6 * parent.non_embedding_params())
+    cands = grid_candidates(parent, ranking, target, c)
+    assert all(0.9 * target <= a.non_embedding_params() <= target for a in cands)
+    # counted with the embeddings, the same target would pick other shapes
+    c.count = "params"
+    assert {a for a in grid_candidates(parent, ranking, target + parent.embedding_params(), c)} != set(cands)
+    c.count = "bogus"
+    with pytest.raises(ArchError, match="prune.count"):
+        grid_candidates(parent, ranking, target, c)

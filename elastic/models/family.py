@@ -191,9 +191,16 @@ class Sizes:
     def num_params(self) -> int:
         return int(self.params_of(self.sizes(), self.counts()))
 
+    def embedding_of(self, sizes: Mapping[str, Any]):
+        """Input embedding plus an untied output head, for hidden size ``sizes["hidden"]``."""
+        return self.vocab_size * sizes["hidden"] * (1 if self.tie_word_embeddings else 2)
+
     def embedding_params(self) -> int:
-        """Input embedding plus an untied output head."""
-        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return int(self.embedding_of(self.sizes()))
+
+    def non_embedding_params(self) -> int:
+        """What papers usually report (Minitron, the SmolLM2 benchmark): everything but the vocabulary's share."""
+        return self.num_params() - self.embedding_params()
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         return int(self.kv_cache_of(self.sizes(), self.counts(), bytes_per_value))

@@ -74,8 +74,20 @@ def build_space(parent: Sizes, c: Any) -> Space:
                        protect_kinds=c.protect_kinds)
 
 
+COUNTS = ("params", "non_embedding_params")
+
+
+def counter(c: Any):
+    """What `prune.target` counts (`prune.count`): all parameters, or all but the vocabulary's share."""
+    kind = c.get("count") or "params"
+    if kind not in COUNTS:
+        raise ArchError(f"prune.count must be one of {', '.join(COUNTS)}, got {kind!r}")
+    return (lambda a: a.num_params()) if kind == "params" else (lambda a: a.non_embedding_params())
+
+
 def grid_candidates(parent: Sizes, ranking: Ranking, target: int, c: Any) -> list[Sizes]:
-    """Every architecture of the grid whose size is within the budget band, most parameters first."""
+    """Every architecture of the grid whose size (`prune.count`) is within the budget band, largest first."""
+    count = counter(c)
     space = build_space(parent, c)
     protect = parent.protected(c.protect_kinds)
     kept = {d: ranking.layers_after_dropping(d, parent.num_layers, protect) for d in space.drops}
@@ -83,7 +95,7 @@ def grid_candidates(parent: Sizes, ranking: Ranking, target: int, c: Any) -> lis
     out, smallest, largest = [], None, None
     for sizes, d in space:
         a = parent.with_sizes(sizes, kept[d])
-        n = a.num_params()
+        n = count(a)
         smallest = n if smallest is None else min(smallest, n)
         largest = n if largest is None else max(largest, n)
         if lo <= n <= target:
@@ -94,7 +106,7 @@ def grid_candidates(parent: Sizes, ranking: Ranking, target: int, c: Any) -> lis
             f"(the grid spans {human_count(smallest)} .. {human_count(largest)}; widen max_width_prune / max_depth_prune, "
             "refine granularity or raise tolerance)"
         )
-    out.sort(key=lambda a: (-a.num_params(), -a.hidden_size, -a.num_layers))
+    out.sort(key=lambda a: (-count(a), -a.hidden_size, -a.num_layers))
     return out
 
 
@@ -147,9 +159,9 @@ def run(cfg, run: RunDir) -> dict:
         arch = arch_from_sizes(parent, ranking, sizes, c.protect_kinds)
         record["rule"] = "explicit sizes"
     else:
-        target = parse_budget(c.target, parent.num_params())
+        target = parse_budget(c.target, counter(c)(parent))
         cands = grid_candidates(parent, ranking, target, c)
-        record.update(rule="grid", target_params=target, grid_matches=len(cands))
+        record.update(rule="grid", target=target, count=c.get("count") or "params", grid_matches=len(cands))
         cands = cands[: int(c.num_candidates)]
         if int(c.score_sequences) > 0 and len(cands) > 1:
             batches = token_batches(cfg, tok, "heldout", num_sequences=int(c.score_sequences), batch_size=int(c.score_batch_size))

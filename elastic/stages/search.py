@@ -333,8 +333,10 @@ def validate_config(c) -> None:
             raise ArchError(f"search.{key} must be in [0, 1], got {c[key]}")
     if int(c.steps) < 1:
         raise ArchError(f"search.steps must be >= 1, got {c.steps}")
-    if c.resource not in ("params", "memory"):
-        raise ArchError(f"search.resource must be params or memory, got {c.resource!r}")
+    from elastic.router import RESOURCES
+
+    if c.resource not in RESOURCES:
+        raise ArchError(f"search.resource must be one of {', '.join(RESOURCES)}, got {c.resource!r}")
 
 
 # ---------------------------------------------------------------------------------------------
