@@ -18,7 +18,9 @@ is reloaded and checked against the pruned module's logits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -47,23 +49,47 @@ def _importance(kind: str):
     raise ValueError(f"unknown importance {kind!r}; use one of {IMPORTANCES}")
 
 
+@contextlib.contextmanager
+def _rope_hidden_from_tracing():
+    """Trace the dependency graph without RoPE (Torch-Pruning 1.6.1 + transformers 5.x: upstream issue #527).
+
+    On transformers 5.x Llama attention, `DependencyGraph` never finishes: its index mapping through
+    `rotate_half`'s slice / negate / concatenate cycle loops forever (measured here: even a 1-layer,
+    96-wide Llama hangs in `_fix_dependency_graph_non_recursive`). RoPE rotates pairs of dimensions
+    inside a head; with `prune_head_dims=False` it couples nothing that pruning changes, so the graph is
+    traced with it replaced by the identity, and the real function is back before any forward that counts
+    (Taylor gradients, scoring).
+    """
+    from transformers.models.llama import modeling_llama
+
+    real = modeling_llama.apply_rotary_pos_emb
+    modeling_llama.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
+    try:
+        yield
+    finally:
+        modeling_llama.apply_rotary_pos_emb = real
+
+
 def prune_in_memory(model, ratio: float, importance: str, calib: torch.Tensor | None = None, batch_size: int = 4):
     """Prune `model` in place with the recipe at `ratio`; returns it with config and attention attributes updated."""
     import torch_pruning as tp
 
     cfg = model.config
-    num_heads = {}
-    for layer in model.model.layers:
-        a = layer.self_attn
-        num_heads[a.q_proj] = cfg.num_attention_heads
-        num_heads[a.k_proj] = cfg.num_key_value_heads
-        num_heads[a.v_proj] = cfg.num_key_value_heads
-    example = torch.tensor([[cfg.bos_token_id or 1, 504, 2030, 30]])  # any short input: used only to trace the graph
-    pruner = tp.pruner.BasePruner(
-        model, example_inputs=example, importance=_importance(importance), global_pruning=False,
-        output_transform=lambda out: out.logits, pruning_ratio=ratio, ignored_layers=[model.lm_head],
-        num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, round_to=4,
-    )
+    # Head pruning is off: on transformers 5.x attention calls SDPA with the 3 KV heads un-repeated
+    # (enable_gqa), Torch-Pruning 1.6.1 traces SDPA as an element-wise op that couples q_proj's 576 output
+    # channels with k_proj's 192, and its head grouping then fails (`shape '[9, -1]' is invalid for input
+    # of size 192`, measured on SmolLM2). So q/k/v are not pruning roots: every head is kept, the recipe
+    # prunes the hidden size (their input channels too) and the MLP channels.
+    attn = [m for layer in model.model.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)]
+    example = torch.arange(1, 9).unsqueeze(0) % cfg.vocab_size  # any short input: used only to trace the graph
+    with _rope_hidden_from_tracing():
+        pruner = tp.pruner.BasePruner(
+            model, example_inputs=example, importance=_importance(importance), global_pruning=False,
+            output_transform=lambda out: out.logits, pruning_ratio=ratio, ignored_layers=[model.lm_head, *attn],
+            # the recipe's round_to=4, made a multiple of the head count too: LlamaConfig refuses a hidden
+            # size that is not a multiple of num_attention_heads (the README's "hard constraint" for HF format)
+            round_to=math.lcm(4, cfg.num_attention_heads),
+        )
     if importance == "taylor":
         if calib is None:
             raise ValueError("Taylor importance needs calibration rows")
@@ -138,7 +164,7 @@ def save_plain(model, tokenizer, out: str | Path, *, check_rows: torch.Tensor | 
     return out
 
 
-def ratio_for(parent, target_nonembed: int, *, tol: float = 0.01, iters: int = 20) -> tuple[float, int]:
+def ratio_for(parent, target_nonembed: int, *, tol: float = 0.005, iters: int = 10) -> tuple[float, int]:
     """(ratio, params) whose pruned non-embedding count is within `tol` of `target_nonembed`, by bisection.
 
     Sizes do not depend on the importance under local pruning (each layer keeps a fixed count), so the
@@ -157,6 +183,9 @@ def ratio_for(parent, target_nonembed: int, *, tol: float = 0.01, iters: int = 2
     return best
 
 
+_RATIOS: dict[tuple[str, int], tuple[float, int]] = {}  # (parent_dir, target) -> bisected (ratio, params), shared by both importances
+
+
 def torch_pruning_method(importance: str):
     """A benchmark method (parent_dir, target_nonembed_params, calib, seed, out) -> pruned HF folder."""
 
@@ -166,7 +195,10 @@ def torch_pruning_method(importance: str):
         torch.manual_seed(seed)
         parent = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(parent_dir)
-        ratio, _ = ratio_for(parent, target_nonembed_params)
+        key = (str(parent_dir), int(target_nonembed_params))
+        if key not in _RATIOS:
+            _RATIOS[key] = ratio_for(parent, target_nonembed_params)
+        ratio = _RATIOS[key][0]
         model = prune_in_memory(parent, ratio, importance, calib)
         return save_plain(model, tok, out, check_rows=calib[:2, :64])
 
