@@ -94,6 +94,27 @@ METHODS: dict[str, Method] = {
 DISTILL: Callable[..., Path] | None = None
 
 
+TP_NOTES = """\
+Torch-Pruning 1.6.1 with the recipe of its `examples/LLMs/prune_llm.py` (`BasePruner`, local pruning at one
+ratio, `lm_head` ignored, L2 `GroupMagnitudeImportance` or `GroupTaylorImportance` from LM-loss gradients on
+the calibration rows), re-written in `scripts/smollm2_torch_pruning.py`. Three departures were forced by
+this environment (transformers 5.x) and are the only ones:
+- its dependency graph never finishes on transformers 5.x Llama attention (index mapping loops through
+  RoPE's `rotate_half`; upstream issue VainF/Torch-Pruning#527, open): the graph is traced with RoPE
+  replaced by the identity, which couples nothing when head dims are not pruned, and restored before any
+  forward that counts;
+- head pruning is off: SDPA receives the 3 KV heads un-repeated, Torch-Pruning traces it as element-wise
+  and couples q_proj's 576 channels with k_proj's 192, and its head grouping fails; all 9 query / 3 KV
+  heads are kept, so only the hidden size (embedding width included) and the MLP width shrink;
+- `round_to` is lcm(4, 9) = 36 instead of 4, because `LlamaConfig` refuses a hidden size that is not a
+  multiple of the head count (the "hard constraint for HF format" its README mentions).
+The one ratio is bisected (10 steps) toward the target count; with widths in steps of 36 the closest
+reachable count can miss the target by a few percent (the table shows the exact miss). The pruned model is
+saved through a fresh `LlamaForCausalLM` whose config is read off the kept weights, reloaded with
+`from_pretrained` and checked to give the pruned model's logits (the saved `config.json` of a pruned module
+otherwise keeps the parent's sizes)."""
+
+
 @dataclass
 class Row:
     method: str
@@ -131,10 +152,10 @@ def _loader_files_only(folder: Path) -> None:
 
 
 def run(budgets: Budgets, parent_dir: Path, method_names: list[str], fractions: list[float], work: Path, seed: int,
-        log=print) -> dict:
+        data_dir: Path = text.DEFAULT_DATA_DIR, log=print) -> dict:
     from transformers import AutoTokenizer
 
-    splits = text.write_splits()
+    splits = text.write_splits(data_dir)
     tok = AutoTokenizer.from_pretrained(parent_dir)
     heldout = text.token_rows(tok, splits["heldout"], budgets.seq_len, budgets.heldout_rows)
     train = text.token_rows(tok, splits["train"], budgets.seq_len)
@@ -235,6 +256,8 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
             f"{s['hidden_size']} / {s['intermediate_size']} / {s['num_attention_heads']} / {s['num_key_value_heads']} | "
             f"{r['ppl']:.2f} | {dist} | {r['prune_s']} | {r['eval_s']} |")
     lines += ["", f"![perplexity vs non-embedding parameters]({png.name})", ""]
+    if any(r["method"].startswith("torch_pruning") for r in result["rows"]):
+        lines += ["## How the Torch-Pruning rows were made", "", TP_NOTES, ""]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines))
 
@@ -247,9 +270,19 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="0.6,0.4", help="fractions of the parent's non-embedding parameters")
     ap.add_argument("--seed", type=int, default=0, help="calibration / distillation row draw")
     ap.add_argument("--work", default=str(CACHE / "smollm2-bench"), help="where pruned folders are written")
+    ap.add_argument("--data", default=str(text.DEFAULT_DATA_DIR), help="where the train / held-out JSONL splits are written")
     ap.add_argument("--out", default="benchmarks/smollm2.md", help="Markdown report (the plot and a JSON go beside it)")
     ap.add_argument("--partial", default=None, help="mark the report as partial with this sentence")
+    ap.add_argument("--report-only", action="store_true", help="re-render the Markdown and plot from the JSON beside --out")
     args = ap.parse_args(argv)
+    md = Path(args.out)
+    png, js = md.with_suffix(".png"), md.with_suffix(".json")
+    if args.report_only:
+        result = json.loads(js.read_text())
+        plot(result, png)
+        report(result, md, png, command=result["command"], seconds=result["seconds"], partial=args.partial)
+        print(f"wrote {md}, {png}")
+        return 0
     names = [n for n in args.methods.split(",") if n]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
@@ -258,10 +291,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     parent = Path(args.parent) if args.parent else ensure_smollm2()
     result = run(QUICK if args.quick else FULL, parent, names, [float(x) for x in args.budgets.split(",")],
-                 Path(args.work).expanduser(), args.seed)
+                 Path(args.work).expanduser(), args.seed, Path(args.data).expanduser())
     seconds = time.time() - t0
-    md = Path(args.out)
-    png, js = md.with_suffix(".png"), md.with_suffix(".json")
     command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " python scripts/bench_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result.update(command=command, seconds=round(seconds, 1), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     js.write_text(json.dumps(result, indent=2) + "\n")

@@ -4,6 +4,7 @@ Needs the [bench] extra (torch-pruning): `bash scripts/install.sh --bench`; skip
 without it."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -91,3 +92,19 @@ def test_unknown_method_is_one_error_line(capsys):
     assert bench_smollm2.main(["--methods", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("elastic: error: unknown methods")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_table_plot_and_json(tiny_llama, tmp_path):
+    """The one command end to end (--quick) on the tiny parent: every row scored, report beside its plot."""
+    import bench_smollm2
+
+    md = tmp_path / "bench.md"
+    assert bench_smollm2.main(["--quick", "--parent", str(tiny_llama), "--methods", "torch_pruning_magnitude", "--budgets", "0.6",
+                               "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"), "--out", str(md)]) == 0
+    result = json.loads(md.with_suffix(".json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["unpruned", "torch_pruning_magnitude"]
+    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in result["rows"])
+    assert result["rows"][1]["nonembed"] < result["rows"][0]["nonembed"]
+    assert md.with_suffix(".png").stat().st_size > 0 and "Torch-Pruning, magnitude" in md.read_text()
+    assert "not run (hook)" in md.read_text()  # no distillation wired: the column says so instead of a number
