@@ -108,3 +108,17 @@ def test_quick_benchmark_writes_table_plot_and_json(tiny_llama, tmp_path):
     assert result["rows"][1]["nonembed"] < result["rows"][0]["nonembed"]
     assert md.with_suffix(".png").stat().st_size > 0 and "Torch-Pruning, magnitude" in md.read_text()
     assert "not run (hook)" in md.read_text()  # no distillation wired: the column says so instead of a number
+
+
+def test_torch_pruning_at_ratio_zero_keeps_the_parent_logits(tiny_llama):
+    """Tracing with RoPE hidden (the upstream-hang workaround) must not change the model: ratio 0 is the identity."""
+    from smollm2_torch_pruning import prune_in_memory
+
+    parent = _load(tiny_llama)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        before = parent(ids).logits.clone()
+    pruned = prune_in_memory(parent, 0.0, "magnitude")  # traces with autograd on
+    with torch.no_grad():
+        after = pruned(ids).logits
+    torch.testing.assert_close(after, before)
