@@ -56,7 +56,10 @@ class Budgets:
 
 
 FULL = Budgets(seq_len=256, heldout_rows=64, calib_rows=8, distill_rows=512)
+# what fits a 2-core CPU in about an hour with every method distilled: 6 steps x 8 rows x 128 tokens each
+REDUCED = Budgets(seq_len=128, heldout_rows=48, calib_rows=16, distill_rows=48)
 QUICK = Budgets(seq_len=64, heldout_rows=4, calib_rows=2, distill_rows=8)
+DISTILL_BATCH = 8  # rows per distillation step (and per search step)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Method:
     fn: Callable[..., Path]  # (parent_dir, target_nonembed_params, calib, seed, *, out, work) -> pruned HF folder
     seeds: tuple[int, ...] = (0,)
     label: str = ""
+    trained: bool = False  # its output already had the distillation tokens (the router search): not distilled again
 
 
 def _tp(importance: str):
@@ -76,10 +80,8 @@ def _tp(importance: str):
     return method
 
 
-# ----- the lead wires these (signature as above) --------------------------------------------------------
-# "ours_grid":   importance stage + prune stage grid search at `target`          (elastic.stages.importance/prune)
-# "ours_router": search stage once per seed in `work` (both budgets), then prune stage budget=<target> from it
-# "random":      random structured pruning to the same shape as ours_grid, several seeds
+# ours_grid, ours_router and random (scripts/smollm2_ours.py, through the real stages) are added by
+# `register_ours` once the token budgets and the data folder are known
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
@@ -88,11 +90,23 @@ METHODS: dict[str, Method] = {
     ]
 }
 
-# ----- DISTILL HOOK: the lead wires our distill stage here ----------------------------------------------
-# DISTILL(teacher_dir, student_dir, train_rows, seed, *, out) -> distilled HF folder.
-# Same teacher (the unpruned parent), same rows, same seed for every pruned model. None: the "after
-# distillation" column is left empty and the report says so. No fallback loop is run in its place.
+# DISTILL(teacher_dir, student_dir, train_rows, seed, *, out) -> distilled HF folder: our distill stage
+# (`register_ours`). Same teacher (the unpruned parent), same data, tokens and seed for every pruned model.
+# None (--no-distill): the "after distillation" column is left empty.
 DISTILL: Callable[..., Path] | None = None
+DISTILL_ONLY: set[str] | None = None  # methods distilled (None = all)
+
+
+def register_ours(budgets: Budgets, data_dir: Path, fractions: list[float], distill: bool) -> None:
+    """Add our methods and the distill hook for these token budgets and this data folder."""
+    global DISTILL
+    import smollm2_ours as ours
+
+    steps = max(1, budgets.distill_rows // DISTILL_BATCH)
+    effort = ours.Effort(seq_len=budgets.seq_len, calib_rows=budgets.calib_rows, score_rows=8, distill_steps=steps,
+                         batch=min(DISTILL_BATCH, budgets.distill_rows), micro_batch=4, lr=1e-4)
+    METHODS.update(ours.make_methods(effort, data_dir, Method, fractions))
+    DISTILL = ours.make_distill(effort, data_dir) if distill else None
 
 
 TP_NOTES = """\
@@ -187,7 +201,9 @@ def run(budgets: Budgets, parent_dir: Path, method_names: list[str], fractions: 
                 row = Row(name, m.label or name, frac, s, nonembed_params(model), sum(p.numel() for p in model.parameters()), ppl,
                           prune_s=round(prune_s, 1), eval_s=round(time.time() - t, 1), shape=_shape(model), folder=str(folder))
                 del model
-                if DISTILL is not None:
+                if m.trained:  # its own training was the distillation: the tokens of the others together
+                    row.ppl_distilled, row.ppl = ppl, float("nan")
+                elif DISTILL is not None and (DISTILL_ONLY is None or name in DISTILL_ONLY):
                     t = time.time()
                     dfolder = DISTILL(parent_dir, folder, distill_rows, s, out=work / name / f"{frac:g}-s{s}-distilled")
                     row.distill_s = round(time.time() - t, 1)
@@ -213,7 +229,9 @@ def plot(result: dict, png: Path) -> None:
         color = f"C{i}"
         rs = sorted(rs, key=lambda r: r["nonembed"])
         x = [r["nonembed"] / 1e6 for r in rs]
-        ax.plot(x, [r["ppl"] for r in rs], "o-" if len(rs) > 1 else "*", color=color, label=name if name == "unpruned" else f"{name} (pruned)", ms=9 if len(rs) == 1 else 6)
+        if all(r["ppl"] != r["ppl"] for r in rs):  # nan: a method with no before-distillation point
+            x = []
+        ax.plot(x, [r["ppl"] for r in rs if r["ppl"] == r["ppl"]] if x else [], "o-" if len(rs) > 1 else "*", color=color, label=name if name == "unpruned" else f"{name} (pruned)", ms=9 if len(rs) == 1 else 6)
         if any(r["ppl_distilled"] is not None for r in rs):
             d = [r for r in rs if r["ppl_distilled"] is not None]
             ax.plot([r["nonembed"] / 1e6 for r in d], [r["ppl_distilled"] for r in d], "s--", color=color, label=f"{name} (distilled)")
@@ -258,11 +276,11 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
         if r["method"] == "unpruned":
             dist = "-"
         else:
-            dist = f"{r['ppl_distilled']:.2f}" if r["ppl_distilled"] is not None else "not run (hook)"
+            dist = f"{r['ppl_distilled']:.2f}" if r["ppl_distilled"] is not None else "not run"
         lines.append(
             f"| {r['label']}{' seed ' + str(r['seed']) if r['method'] != 'unpruned' else ''} | {r['budget']:.0%} | {r['nonembed']:,} ({r['nonembed'] / target - 1:+.2%}) | "
             f"{s['hidden_size']} / {s['intermediate_size']} / {s['num_attention_heads']} / {s['num_key_value_heads']} | "
-            f"{r['ppl']:.2f} | {dist} | {r['prune_s']} | {r['eval_s']} |")
+            f"{r['ppl']:.2f} | {dist} | {r['prune_s']} | {r['eval_s']} |".replace("| nan |", "| - (trained by the search) |"))
     lines += ["", f"![perplexity vs non-embedding parameters]({png.name})", ""]
     if result.get("reading"):
         lines += ["## Reading", "", result["reading"], ""]
@@ -276,7 +294,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny token budgets (plumbing check, not a result)")
     ap.add_argument("--parent", default=None, help=f"parent HF folder (default: SmolLM2 converted to {DEFAULT_DIR})")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated names from METHODS (default: all)")
+    ap.add_argument("--methods", default="ours_grid,ours_router,random,torch_pruning_taylor,torch_pruning_magnitude",
+                    help="comma-separated method names (default: all)")
+    ap.add_argument("--reduced", action="store_true", help="the token budgets that fit ~1 h on 2 CPU cores (REDUCED)")
+    ap.add_argument("--no-distill", action="store_true", help="score right after pruning only")
+    ap.add_argument("--distill-only", default=None, help="comma-separated methods to distill (default: all)")
     ap.add_argument("--budgets", default="0.6,0.4", help="fractions of the parent's non-embedding parameters")
     ap.add_argument("--seed", type=int, default=0, help="calibration / distillation row draw")
     ap.add_argument("--work", default=str(CACHE / "smollm2-bench"), help="where pruned folders are written")
@@ -293,6 +315,11 @@ def main(argv=None) -> int:
         report(result, md, png, command=result["command"], seconds=result["seconds"], partial=args.partial)
         print(f"wrote {md}, {png}")
         return 0
+    budgets = QUICK if args.quick else REDUCED if args.reduced else FULL
+    fractions = [float(x) for x in args.budgets.split(",")]
+    register_ours(budgets, Path(args.data).expanduser(), fractions, not args.no_distill)
+    global DISTILL_ONLY
+    DISTILL_ONLY = set(args.distill_only.split(",")) if args.distill_only else None
     names = [n for n in args.methods.split(",") if n]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
@@ -300,7 +327,7 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     parent = Path(args.parent) if args.parent else ensure_smollm2()
-    result = run(QUICK if args.quick else FULL, parent, names, [float(x) for x in args.budgets.split(",")],
+    result = run(budgets, parent, names, fractions,
                  Path(args.work).expanduser(), args.seed, Path(args.data).expanduser())
     seconds = time.time() - t0
     command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " python scripts/bench_smollm2.py " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -72,7 +72,7 @@ def _copy(folder: Path, out: Path) -> Path:
     return out
 
 
-def make_methods(effort: Effort, data_dir: Path, Method):
+def make_methods(effort: Effort, data_dir: Path, Method, fractions: list[float]):
     """`Method` entries for the benchmark's registry (its signature: ``fn(parent_dir, target_nonembed, calib,
     seed, *, out, work) -> folder``; `calib` is unused: our stages read their calibration rows from
     ``data.files`` themselves, the same count of rows of the same split)."""
@@ -116,7 +116,7 @@ def make_methods(effort: Effort, data_dir: Path, Method):
 
     return {
         "ours_grid": Method("ours_grid", grid("importance"), label="ours: importance + grid (prune stage)"),
-        "ours_router": Method("ours_router", router([0.4, 0.6]),
+        "ours_router": Method("ours_router", router(sorted(fractions)), trained=True,
                               label="ours: router search, both budgets at once (search + prune stages)"),
         "random": Method("random", grid("random"), seeds=(0, 1, 2), label="random structured (prune.ranking=random)"),
     }

@@ -94,20 +94,44 @@ def test_unknown_method_is_one_error_line(capsys):
     assert len(err) == 1 and err[0].startswith("elastic: error: unknown methods")
 
 
+@pytest.fixture
+def splits(tmp_path):
+    """Train / held-out JSONL in the benchmark's form, from the toy's disjoint plays (no gensim needed)."""
+    from elastic import toy
+
+    d = tmp_path / "data"
+    d.mkdir()
+    for name, split in (("train", "train"), ("heldout", "heldout")):
+        rows = [{"title": Path(f).stem, "text": Path(f).read_text(errors="ignore")[:20000]} for f in toy.toy_files(split)[:3]]
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
 @pytest.mark.slow
-def test_quick_benchmark_writes_table_plot_and_json(tiny_llama, tmp_path):
-    """The one command end to end (--quick) on the tiny parent: every row scored, report beside its plot."""
+def test_quick_benchmark_writes_table_plot_and_json(tiny_llama, splits, tmp_path):
+    """The one command end to end (--quick) on the tiny parent, every method through the real stages
+    (importance, prune, search, distill) and Torch-Pruning: every row scored before and after the same
+    distillation, the router's row after its own training, the report beside its plot."""
     import bench_smollm2
 
     md = tmp_path / "bench.md"
-    assert bench_smollm2.main(["--quick", "--parent", str(tiny_llama), "--methods", "torch_pruning_magnitude", "--budgets", "0.6",
-                               "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"), "--out", str(md)]) == 0
+    methods = "ours_grid,ours_router,random,torch_pruning_magnitude"
+    assert bench_smollm2.main(["--quick", "--parent", str(tiny_llama), "--methods", methods, "--budgets", "0.6",
+                               "--work", str(tmp_path / "work"), "--data", str(splits), "--out", str(md)]) == 0
     result = json.loads(md.with_suffix(".json").read_text())
-    assert [r["method"] for r in result["rows"]] == ["unpruned", "torch_pruning_magnitude"]
-    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in result["rows"])
-    assert result["rows"][1]["nonembed"] < result["rows"][0]["nonembed"]
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["unpruned", "ours_grid", "ours_router", "random", "random", "random",
+                                           "torch_pruning_magnitude"]
+    parent = rows[0]
+    for r in rows[1:]:
+        assert r["nonembed"] < parent["nonembed"], r
+        assert math.isfinite(r["ppl_distilled"]) and r["ppl_distilled"] > 1, r
+        assert r["method"] == "ours_router" or math.isfinite(r["ppl"]), r
+        folder = Path(r["folder"])
+        assert {p.name for p in folder.iterdir()} <= {"config.json", "generation_config.json", "model.safetensors",
+                                                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert abs(rows[1]["nonembed"] / (0.6 * parent["nonembed"]) - 1) <= 0.05  # the grid counts non-embedding params
     assert md.with_suffix(".png").stat().st_size > 0 and "Torch-Pruning, magnitude" in md.read_text()
-    assert "not run (hook)" in md.read_text()  # no distillation wired: the column says so instead of a number
 
 
 def test_torch_pruning_at_ratio_zero_keeps_the_parent_logits(tiny_llama):
