@@ -293,6 +293,30 @@ class Sizes:
 
 
 # ---------------------------------------------------------------------------------------------
+# importance hooks: the statistics every family's `width_hooks` feeds to `add(key, [B, C])`
+# ---------------------------------------------------------------------------------------------
+def _mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, C] -> [B, C]: mean over the sequence of |activation|."""
+    return x.abs().float().mean(1)
+
+
+def output_stat(add, key: str):
+    """Forward hook: a module's output, per channel (e.g. a residual-stream norm for ``hidden``)."""
+    return lambda _m, _inp, out: add(key, _mean_abs(out))
+
+
+def input_stat(add, key: str):
+    """Forward pre-hook: a module's input, per channel (e.g. an MLP's hidden activation before ``down``)."""
+    return lambda _m, inp: add(key, _mean_abs(inp[0]))
+
+
+def head_stat(add, key: str, n_heads: int):
+    """Forward pre-hook: a projection's input split into `n_heads` equal heads, the L2 over each head's
+    channels, averaged over the sequence: one score per head."""
+    return lambda _m, inp: add(key, inp[0].float().unflatten(-1, (n_heads, -1)).norm(dim=-1).mean(1))
+
+
+# ---------------------------------------------------------------------------------------------
 # rankings
 # ---------------------------------------------------------------------------------------------
 def _order(x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from elastic.arch import ArchError
-from elastic.models.family import Axis, ElasticBase, Ranking, Sizes as _Sizes, masked_units, prefix_masks
+from elastic.models.family import (Axis, ElasticBase, Ranking, Sizes as _Sizes, head_stat, input_stat, masked_units,
+                                   output_stat, prefix_masks)
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -245,26 +246,13 @@ def width_hooks(model, sizes: Sizes, add) -> list:
     * ``heads.<l>`` -- per query head, the L2 over ``head_dim`` of the input of ``o_proj``; heads are
       later ranked within their KV group.
     """
-    def mean_abs(x: torch.Tensor) -> torch.Tensor:  # [B, S, C] -> [B, C]
-        return x.abs().float().mean(1)
-
-    def on_norm(_m, _inp, out):
-        add("hidden", mean_abs(out))
-
-    def on_ffn(key):
-        return lambda _m, inp: add(key, mean_abs(inp[0]))
-
-    def on_heads(key):
-        def hook(_m, inp):
-            add(key, inp[0].float().unflatten(-1, (-1, sizes.head_dim)).norm(dim=-1).mean(1))  # [B, heads]
-        return hook
-
+    on_norm = output_stat(add, "hidden")
     hooks = []
     for i, layer in enumerate(decoder_layers(model)):
         hooks.append(layer.input_layernorm.register_forward_hook(on_norm))
         hooks.append(layer.post_attention_layernorm.register_forward_hook(on_norm))
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(on_ffn(f"ffn.{i}")))
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(on_heads(f"heads.{i}")))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(input_stat(add, f"ffn.{i}")))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(head_stat(add, f"heads.{i}", sizes.num_attention_heads)))
     hooks.append(model.model.norm.register_forward_hook(on_norm))
     return hooks
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from elastic.arch import ArchError
-from elastic.models.family import Axis, Ranking, Sizes as _Sizes
+from elastic.models.family import Axis, Ranking, Sizes as _Sizes, head_stat, input_stat, output_stat
 
 MODEL_TYPES = ("nemotron_h",)
 
@@ -251,29 +251,16 @@ def width_hooks(model, sizes: Sizes, add) -> list:
       (after the gated group norm); heads are later ranked within their group;
     * ``attn.<l>`` -- per head, the input of ``o_proj`` (recorded for reports; not pruned).
     """
-    def mean_abs(x: torch.Tensor) -> torch.Tensor:  # [B, S, C] -> [B, C]
-        return x.abs().float().mean(1)
-
-    def on_norm(_m, _inp, out):
-        add("hidden", mean_abs(out))
-
-    def on_units(key):
-        return lambda _m, inp: add(key, mean_abs(inp[0]))
-
-    def on_heads(key, n_heads):
-        def hook(_m, inp):
-            add(key, inp[0].float().unflatten(-1, (n_heads, -1)).norm(dim=-1).mean(1))  # [B, heads]
-        return hook
-
+    on_norm = output_stat(add, "hidden")
     hooks = []
     for i, (block, kind) in enumerate(zip(decoder_layers(model), sizes.pattern)):
         hooks.append(block.norm.register_forward_hook(on_norm))
         if kind == "-":
-            hooks.append(block.mixer.down_proj.register_forward_pre_hook(on_units(f"ffn.{i}")))
+            hooks.append(block.mixer.down_proj.register_forward_pre_hook(input_stat(add, f"ffn.{i}")))
         elif kind == "M":
-            hooks.append(block.mixer.out_proj.register_forward_pre_hook(on_heads(f"mamba.{i}", sizes.mamba_num_heads)))
+            hooks.append(block.mixer.out_proj.register_forward_pre_hook(head_stat(add, f"mamba.{i}", sizes.mamba_num_heads)))
         elif kind == "*":
-            hooks.append(block.mixer.o_proj.register_forward_pre_hook(on_heads(f"attn.{i}", sizes.num_attention_heads)))
+            hooks.append(block.mixer.o_proj.register_forward_pre_hook(head_stat(add, f"attn.{i}", sizes.num_attention_heads)))
     hooks.append(model.model.norm_f.register_forward_hook(on_norm))
     return hooks
 
