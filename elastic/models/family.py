@@ -441,6 +441,52 @@ class Ranking:
 
 
 # ---------------------------------------------------------------------------------------------
+# the physical slice: what every family's `slice_model` does before and after its own index math
+# ---------------------------------------------------------------------------------------------
+def slice_inputs(model, sizes: Sizes, ranking: "Ranking | None"):
+    """(parent sizes, validated ranking, kept hidden channels, the parent's state dict) for a slice."""
+    parent = type(sizes).from_config(model.config)
+    sizes.check_within(parent)
+    ranking = ranking if ranking is not None else Ranking.identity(parent)
+    ranking.validate(parent)
+    return parent, ranking, ranking.hidden_index(sizes.hidden_size), model.state_dict()
+
+
+@torch.no_grad()
+def assemble_child(model, sizes: Sizes, state: dict[str, torch.Tensor]):
+    """A plain model of `model`'s class with config ``sizes.to_config(model.config)`` holding `state`:
+    built on the meta device and filled (one copy of the kept weights, nothing initialised), a tied
+    head re-tied, non-persistent buffers (rotary tables: their sizes depend on fixed fields only) taken
+    from the parent, in the parent's dtype and train/eval mode. Anything missing or left over is a bug
+    in the family's index math and raises."""
+    import copy
+
+    cfg = sizes.to_config(model.config)
+    cfg._attn_implementation = model.config._attn_implementation
+    with torch.device("meta"):
+        child = type(model)(cfg)
+    missing, unexpected = child.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (sizes.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"slice produced a state dict that does not fit the child: missing={missing} unexpected={unexpected}")
+    if sizes.tie_word_embeddings:
+        child.tie_weights()
+    parent_buffers = dict(model.named_buffers())
+    for name, buf in list(child.named_buffers()):
+        if buf.is_meta and name in parent_buffers:
+            mod, _, leaf = name.rpartition(".")
+            child.get_submodule(mod).register_buffer(leaf, parent_buffers[name].clone(), persistent=False)
+    leftover = [n for n, t in list(child.named_parameters()) + list(child.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"slice left tensors on the meta device: {leftover}")
+    if getattr(model, "generation_config", None) is not None:
+        child.generation_config = copy.deepcopy(model.generation_config)
+    child.to(next(model.parameters()).dtype)
+    child.train(model.training)
+    return child
+
+
+# ---------------------------------------------------------------------------------------------
 # the elastic (masked) model
 # ---------------------------------------------------------------------------------------------
 def prefix_masks(kept: list[int], full: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ untouched by any axis). Each type has its own `Sizes` subclass, so the exported 
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,8 +34,8 @@ import torch
 from torch import nn
 
 from elastic.arch import ArchError
-from elastic.models.family import (Axis, ElasticBase, Ranking, Sizes as _Sizes, head_stat, input_stat, masked_units,
-                                   output_stat, prefix_masks)
+from elastic.models.family import (Axis, ElasticBase, Ranking, Sizes as _Sizes, assemble_child, head_stat, input_stat,
+                                   masked_units, output_stat, prefix_masks, slice_inputs)
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -263,13 +262,7 @@ def slice_model(model, sizes: Sizes, ranking: Ranking | None = None):
 
     Its config is ``sizes.to_config(model.config)``; it is built on the meta device then filled with
     the kept weights (one copy of them, nothing initialised), in the parent's dtype."""
-    parent = Sizes.from_config(model.config)
-    sizes.check_within(parent)
-    ranking = ranking if ranking is not None else Ranking.identity(parent)
-    ranking.validate(parent)
-
-    hk = ranking.hidden_index(sizes.hidden_size)
-    src = model.state_dict()
+    parent, ranking, hk, src = slice_inputs(model, sizes, ranking)
     out: dict[str, torch.Tensor] = {}
 
     def put(name: str, old: str, rows=None, cols=None) -> None:
@@ -305,32 +298,7 @@ def slice_model(model, sizes: Sizes, ranking: Ranking | None = None):
         put(q + "mlp.up_proj", p + "mlp.up_proj", rows=f, cols=hk)
         put(q + "mlp.down_proj", p + "mlp.down_proj", rows=hk, cols=f)
 
-    cfg = sizes.to_config(model.config)
-    cfg._attn_implementation = model.config._attn_implementation
-    with torch.device("meta"):
-        child = type(model)(cfg)
-    missing, unexpected = child.load_state_dict(out, strict=False, assign=True)
-    # a tied lm_head shares the embedding; anything else missing is a bug in the index math
-    missing = [k for k in missing if not (sizes.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"slice produced a state dict that does not fit the child: missing={missing} unexpected={unexpected}")
-    if sizes.tie_word_embeddings:
-        child.tie_weights()
-    # Non-persistent buffers (the rotary inv_freq) are not in a state dict; their sizes depend only on
-    # fixed fields (head_dim, rope settings), so the parent's are the child's.
-    parent_buffers = dict(model.named_buffers())
-    for name, buf in list(child.named_buffers()):
-        if buf.is_meta:
-            mod, _, leaf = name.rpartition(".")
-            child.get_submodule(mod).register_buffer(leaf, parent_buffers[name].clone(), persistent=False)
-    leftover = [n for n, t in list(child.named_parameters()) + list(child.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"slice left tensors on the meta device: {leftover}")
-    if getattr(model, "generation_config", None) is not None:
-        child.generation_config = copy.deepcopy(model.generation_config)
-    child.to(next(model.parameters()).dtype)
-    child.train(model.training)
-    return child
+    return assemble_child(model, sizes, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from elastic.arch import ArchError
-from elastic.models.family import Axis, Ranking, Sizes as _Sizes, head_stat, input_stat, output_stat
+from elastic.models.family import (Axis, Ranking, Sizes as _Sizes, assemble_child, head_stat, input_stat, output_stat,
+                                   slice_inputs)
 
 MODEL_TYPES = ("nemotron_h",)
 
@@ -273,15 +274,7 @@ def slice_model(model, arch: Sizes, ranking: Ranking | None = None):
     the model is built on the meta device then filled, so slicing a 9B model costs one copy of the
     kept weights.
     """
-    from transformers import NemotronHForCausalLM
-
-    parent = Sizes.from_config(model.config)
-    arch.check_within(parent)
-    ranking = ranking if ranking is not None else Ranking.identity(parent)
-    ranking.validate(parent)
-
-    hk = ranking.hidden_index(arch.hidden_size)
-    src = model.state_dict()
+    parent, ranking, hk, src = slice_inputs(model, arch, ranking)
     out: dict[str, torch.Tensor] = {}
 
     def put(name: str, t: torch.Tensor) -> None:
@@ -335,23 +328,7 @@ def slice_model(model, arch: Sizes, ranking: Ranking | None = None):
         else:  # pragma: no cover - Sizes rejects other kinds
             raise ArchError(f"cannot slice layer kind {kind!r}")
 
-    cfg = arch.to_config(model.config)
-    cfg._attn_implementation = model.config._attn_implementation
-    with torch.device("meta"):
-        child = NemotronHForCausalLM(cfg)
-    missing, unexpected = child.load_state_dict(out, strict=False, assign=True)
-    # tied lm_head shares the embedding; anything else missing is a bug in the index math
-    missing = [k for k in missing if not (arch.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"slice produced a state dict that does not fit the child: missing={missing} unexpected={unexpected}")
-    if arch.tie_word_embeddings:
-        child.tie_weights()
-    leftover = [n for n, t in list(child.named_parameters()) + list(child.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"slice left tensors on the meta device: {leftover}")
-    child.to(next(model.parameters()).dtype)
-    child.train(model.training)
-    return child
+    return assemble_child(model, arch, out)
 
 
 # the masked wrapper lives in its own module (it imports this one)
