@@ -37,7 +37,7 @@ def key_figure(stage: str, s: Any) -> str:
     if stage == "export" and s.get("format") is None and "format" in s:
         return "off (export.format is null)"
     if stage == "importance" and s.get("depth_order") is not None:
-        return f"layers, least important first: {list(s['depth_order'])[:8]}"
+        return f"layers, least important first: {list(s['depth_order'])[::-1][:8]}"  # depth_order is most important first
     if stage == "search" and isinstance(s.get("budgets"), dict):
         return "; ".join(f"budget {b}: {human_count(r['params'])} params" for b, r in s["budgets"].items())
     if stage == "prune":

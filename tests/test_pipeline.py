@@ -200,3 +200,12 @@ def test_offline_defaults_belong_to_the_toy_recipe(monkeypatch):
     assert "HF_HUB_OFFLINE" not in os.environ  # a cluster with a hub keeps it
     offline_defaults(["stage=importance"])  # the toy (default) recipe needs none
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+def test_summary_names_the_least_important_layers(pruned_run):
+    """The end-of-run table lists the layers depth pruning drops first: the tail of the ranking."""
+    from elastic.summary import key_figure
+
+    cfg, results = pruned_run
+    order = json.loads(RunDir(cfg.run_dir).path("importance/summary.json").read_text())["depth_order"]
+    assert key_figure("importance", results["importance"]) == f"layers, least important first: {order[::-1][:8]}"
