@@ -159,9 +159,9 @@ def _shape(model) -> dict:
 
 
 def _loader_files_only(folder: Path) -> None:
-    allowed = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-               "special_tokens_map.json", "model.safetensors.index.json"}
-    extra = [p.name for p in folder.iterdir() if p.name not in allowed and not p.name.endswith(".safetensors")]
+    from elastic.export_check import stray_files  # the project's one definition of what a loader reads
+
+    extra = stray_files(folder)
     if extra:
         raise RuntimeError(f"{folder} holds non-loader files {extra}")
 

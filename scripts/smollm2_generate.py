@@ -16,9 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from elastic.export_check import stray_files  # noqa: E402
+
 PROMPTS = ["The capital of France is", "In 1905, Albert Einstein published"]
-LOADER = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
-          "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
 
 
 def main(argv=None) -> None:
@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     for folder in args.folders:
         folder = Path(folder).expanduser()
-        extra = sorted(p.name for p in folder.iterdir() if p.name not in LOADER and not p.name.endswith(".safetensors"))
+        extra = stray_files(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(folder)
         print(f"## {folder} ({sum(p.numel() for p in model.parameters()):,} params; "
