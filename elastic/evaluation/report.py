@@ -58,6 +58,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, *, log2x: bool = False) -> None:
+    """The axes style every line plot of the report shares: labels, title, legend, light grid."""
+    if log2x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def plot_quality_vs_params(results: dict, path: Path) -> Path | None:
     models = [m for m in ok_models(results) if m.get("heldout")]
     if not models:
@@ -71,11 +82,7 @@ def plot_quality_vs_params(results: dict, path: Path) -> Path | None:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = pareto_front(pts)
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("held-out loss (nats/token, lower is better)")
-    ax.set_title("Quality vs size")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _label(ax, "parameters", "held-out loss (nats/token, lower is better)", "Quality vs size")
     if has_tasks:
         ax = axes[0, 1]
         for m in models:
@@ -104,22 +111,12 @@ def plot_memory(results: dict, path: Path) -> Path | None:
     for m in models:
         c = m["memory_curve"]
         ax.plot(c["context"], [b / 2**20 for b in c["bytes"]], marker=".", label=m["name"])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens, one sequence)")
-    ax.set_ylabel("MiB (bf16 weights + KV cache + Mamba state)")
-    ax.set_title("Inference memory vs context (from the sizes)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _label(ax, "context length (tokens, one sequence)", "MiB (bf16 weights + KV cache + Mamba state)", "Inference memory vs context (from the sizes)", log2x=True)
     if measured:
         ax = axes[0, 1]
         for m in measured:
             ax.plot([r["length"] for r in m["speed"]], [r["peak_bytes"] / 2**20 for r in m["speed"]], marker="o", label=m["name"])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(f"peak MiB during prefill ({results.get('device', 'cpu')}, fp32)")
-        ax.set_title("Measured peak memory")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _label(ax, "context length (tokens)", f"peak MiB during prefill ({results.get('device', 'cpu')}, fp32)", "Measured peak memory", log2x=True)
     return _save(fig, path)
 
 
@@ -140,11 +137,7 @@ def plot_passkey(results: dict, path: Path) -> Path | None:
         ax.axvline(results["trained_length"], color="red", ls="--", lw=1, label=f"parent trained at {results['trained_length']}")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("pass-key accuracy (mean over depths)")
-    ax.set_title("Long-context retrieval")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _label(ax, "context length (tokens)", "pass-key accuracy (mean over depths)", "Long-context retrieval")
     # the first model's accuracy per (length, depth): where in the context retrieval fails
     ax = axes[0, 1]
     m = models[0]
@@ -171,11 +164,7 @@ def plot_speed(results: dict, path: Path) -> Path | None:
             ax.plot([r["length"] for r in m["speed"]], [r[key] for r in m["speed"]], marker="o", label=m["name"])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("tokens / s")
-        ax.set_title(f"{title} throughput ({results.get('device', 'cpu')}, batch 1, fp32)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _label(ax, "context length (tokens)", "tokens / s", f"{title} throughput ({results.get('device', 'cpu')}, batch 1, fp32)")
     return _save(fig, path)
 
 
