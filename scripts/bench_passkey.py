@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--depths", type=float, nargs="+", default=[0.5])
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keys", choices=passkey.KINDS, default="digits", help="what the pass keys are (evaluate.passkey.keys)")
     args = ap.parse_args()
     path = Path(args.parent) if args.parent else toy_parent(args.toy)
     trained, tok = load_model(path), load_tokenizer(path)
@@ -69,7 +70,7 @@ def main() -> None:
     for n in args.lengths:
         for d in args.depths:
             t0 = time.time()
-            trials = passkey.build_trials(tok, hay, n, d, args.trials, 4, args.seed)
+            trials = passkey.build_trials(tok, hay, n, d, args.trials, 4, args.seed, args.keys)
             a, b = passkey.accuracy(trained, trials, 16), passkey.accuracy(random_init, trials, 16)
             k = trials.ids.shape[0] * trials.ids.shape[1]
             se = lambda p: math.sqrt(p * (1 - p) / k)  # noqa: E731

@@ -1,10 +1,11 @@
 """Long-context retrieval: a pass key hidden in local text, found by likelihood.
 
-Each trial is a haystack of held-out text with a needle ``" The key is<key>."`` inserted at a
+Each trial is a haystack of held-out text with a needle ``" The pass key is <key>."`` inserted at a
 relative `depth` (0 = start, 1 = just before the question), ending with the question
-``" The key is"``; every prompt has exactly `length` tokens. A trial draws `num_candidates` one-token
-words that do not occur in its haystack and builds one prompt per candidate, each hiding that
-candidate as the key. With ``S[i, j]`` = log p(candidate j | prompt hiding candidate i), the model
+``" The pass key is "`` (the needle's tokens before the key); every prompt has exactly `length` tokens.
+Keys are one-token digits by default (the usual pass-key test hides a number) or one-token words. A
+trial draws `num_candidates` keys that do not occur in its haystack and builds one prompt per
+candidate, each hiding that candidate as the key. With ``S[i, j]`` = log p(candidate j | prompt hiding candidate i), the model
 retrieves key i when ``S[i, j] - mean_i' S[i', j]`` is largest at j = i: the needle must raise the
 hidden word's probability above what the same word gets when another one is hidden.
 
@@ -25,8 +26,18 @@ import torch
 
 from elastic.evaluation.quality import hidden_and_head
 
-NEEDLE = " The key is{key}."
-QUESTION = " The key is"
+NEEDLE = " The pass key is {key}."
+KINDS = ("digits", "words")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """How pass keys are written for one tokenizer: every needle is ``prefix + [key] + suffix`` in ids,
+    and the question is ``prefix``, so the answer is the next token after the question."""
+
+    prefix: list[int]
+    suffix: list[int]
+    ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -39,29 +50,62 @@ class Trials:
     candidates: torch.Tensor
 
 
-def key_words(tokenizer, limit: int = 2048) -> list[int]:
-    """Token ids of whole words (a leading space, 3+ letters) that encode as one token."""
+def key_words(tokenizer, limit: int = 2048) -> list[str]:
+    """Whole words (3+ letters) that the tokenizer writes as one token after a space."""
     out = []
-    for token, tid in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+    for _, tid in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
         text = tokenizer.decode([tid])
         word = text[1:] if text.startswith(" ") else ""
         if len(word) >= 3 and word.isalpha() and tokenizer.encode(text, add_special_tokens=False) == [tid]:
-            out.append(tid)
+            out.append(word)
         if len(out) >= limit:
             break
     return out
 
 
+def keys(tokenizer, kind: str = "digits") -> Keys:
+    """The pass keys of `kind`: "digits" (0-9, as in the usual pass-key test's numbers) or "words".
+
+    A key counts only when its needle encodes as the shared prefix, the key as ONE token, and the shared
+    suffix: then the question (the prefix) is the same tokens in every prompt and the key is scored as
+    one next-token probability, however the tokenizer splits spaces and digits."""
+    if kind not in KINDS:
+        raise ValueError(f"evaluate.passkey.keys must be one of {KINDS}, got {kind!r}")
+    texts = [str(d) for d in range(10)] if kind == "digits" else key_words(tokenizer)
+    encoded = [tokenizer.encode(NEEDLE.format(key=t), add_special_tokens=False) for t in texts]
+    lengths = [len(e) for e in encoded]
+    n = max(set(lengths), key=lengths.count)  # the usual needle length: one-token keys
+    usual = [e for e in encoded if len(e) == n]
+    prefix = _common(usual)
+    suffix = _common([e[::-1] for e in usual])[::-1]
+    if len(prefix) + 1 + len(suffix) != n:
+        raise ValueError(f"pass keys ({kind}): the needle {NEEDLE!r} does not split into one shared prefix, "
+                         "a one-token key and one shared suffix with this tokenizer")
+    ids = [e[len(prefix)] for e in usual if e[:len(prefix)] == prefix and e[len(prefix) + 1:] == suffix]
+    return Keys(prefix, suffix, list(dict.fromkeys(ids)))
+
+
+def _common(rows: list[list[int]]) -> list[int]:
+    """Longest common prefix of `rows`."""
+    out = []
+    for column in zip(*rows):
+        if len(set(column)) > 1:
+            break
+        out.append(column[0])
+    return out
+
+
 def build_trials(tokenizer, haystack: torch.Tensor, length: int, depth: float, n: int, num_candidates: int,
-                 seed: int) -> Trials:
+                 seed: int, kind: str = "digits") -> Trials:
     """`n` prompts of `length` tokens with the needle at `depth`, reproducible from `seed`."""
-    words = key_words(tokenizer)
-    if len(words) < num_candidates:
-        raise ValueError(f"the tokenizer has only {len(words)} one-token words; passkey needs {num_candidates}")
-    question = tokenizer.encode(QUESTION, add_special_tokens=False)
+    pool = keys(tokenizer, kind)
+    if len(pool.ids) < num_candidates:
+        raise ValueError(f"the tokenizer writes only {len(pool.ids)} pass keys of kind {kind!r} as one token; "
+                         f"passkey needs {num_candidates} (evaluate.passkey.candidates)")
+    question = pool.prefix
+    needle_len = len(pool.prefix) + 1 + len(pool.suffix)
     rng = random.Random(f"{seed}-{length}-{depth}")
     rows, cands = [], []
-    needle_len = len(tokenizer.encode(NEEDLE.format(key=tokenizer.decode([words[0]])), add_special_tokens=False))
     fill = length - needle_len - len(question)
     if fill < 1:
         raise ValueError(f"passkey length {length} is shorter than the needle and question ({needle_len + len(question)} tokens)")
@@ -72,18 +116,14 @@ def build_trials(tokenizer, haystack: torch.Tensor, length: int, depth: float, n
         hay = haystack[start:start + fill].tolist()
         # candidates never occur in the haystack: only the needle can tell the key apart
         present = set(hay)
-        absent = [w for w in words if w not in present]
+        absent = [w for w in pool.ids if w not in present]
         if len(absent) < num_candidates:
-            raise ValueError(f"passkey length {length}: fewer than {num_candidates} one-token words are absent "
-                             "from the haystack; use shorter contexts or fewer candidates")
+            raise ValueError(f"passkey length {length}: fewer than {num_candidates} pass keys of kind {kind!r} are "
+                             "absent from the haystack; use shorter contexts, fewer candidates or the other "
+                             "evaluate.passkey.keys")
         choice = rng.sample(absent, num_candidates)
         at = round(depth * fill)
-        prompts = []
-        for key in choice:
-            needle = tokenizer.encode(NEEDLE.format(key=tokenizer.decode([key])), add_special_tokens=False)
-            if len(needle) != needle_len:
-                raise ValueError(f"the needle with key {tokenizer.decode([key])!r} is not {needle_len} tokens long")
-            prompts.append(hay[:at] + needle + hay[at:] + question)
+        prompts = [hay[:at] + pool.prefix + [key] + pool.suffix + hay[at:] + question for key in choice]
         rows.append(prompts)
         cands.append(choice)
     return Trials(length, depth, torch.tensor(rows), torch.tensor(cands))
