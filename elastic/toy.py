@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # Bump when the recipe changes in a way the settings below do not capture: it invalidates caches.
-TOY_RECIPE_VERSION = 2
+TOY_RECIPE_VERSION = 1
 
 # Settings for `python -m elastic.run` with no arguments. Measured on 2 idle CPU cores: 183 s wall,
 # ~5.2K tokens/s, held-out loss 4.35 vs unigram 6.20 nats. Other jobs on the same cores slow it a lot
@@ -54,12 +54,6 @@ _SPECIAL_ORDER = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3, matching Nemotro
 
 HELDOUT_SEQUENCES = 64   # fixed count so held-out loss is comparable across settings of one seq_len
 WARMUP_FRACTION = 0.05
-# Share of training rows that also carry pass keys (`_PassKeys`). Plays almost never reward copying a
-# token from far back, so a toy trained on them alone does not read its context: the evaluate stage's
-# pass-key test could not tell it from a random model of its shape (benchmarks/passkey_toy.md).
-RETRIEVAL_FRACTION = 0.25
-RETRIEVAL_WEIGHT = 30.0      # loss weight of a pass key that the row's earlier needle predicts (`_PassKeys`)
-RETRIEVAL_ADJACENT = 0.5     # share of those copies that directly follow their needle (`_PassKeys`)
 
 # Pattern characters (as in hub configs' hybrid_override_pattern) -> transformers 5.x block types.
 _BLOCK_TYPES = {"M": "linear_attention", "-": "mlp", "*": "full_attention"}
@@ -182,8 +176,7 @@ def toy_config(vocab_size: int, **overrides):
 def _settings(**kw) -> dict[str, Any]:
     """The full set of inputs that determine a build; equal settings -> reuse the cached build."""
     return dict(kw, recipe=TOY_RECIPE_VERSION, heldout_sequences=HELDOUT_SEQUENCES,
-                warmup_fraction=WARMUP_FRACTION, retrieval_fraction=RETRIEVAL_FRACTION,
-                retrieval_weight=RETRIEVAL_WEIGHT, retrieval_adjacent=RETRIEVAL_ADJACENT)
+                warmup_fraction=WARMUP_FRACTION)
 
 
 def _versions() -> dict[str, str]:
@@ -215,73 +208,6 @@ def _unigram_loss(train: torch.Tensor, heldout: torch.Tensor, vocab_size: int) -
     logp = (counts / counts.sum()).log()
     targets = heldout[:, 1:].flatten()  # the same positions the model is scored on
     return -logp[targets].mean().item()
-
-
-class _PassKeys:
-    """Puts the evaluate stage's pass-key needle (a random digit key) into training rows, twice: the
-    second copy's key is predictable only from the first. Only digit keys and only rows of the training
-    length, so the evaluation measures whether the skill reaches past that length; digits are rare in
-    the plays (about 1 in 1,000 tokens), so little else teaches them.
-
-    Two choices make the skill form within the toy's few hundred steps (benchmarks/passkey_toy.md):
-    the key tokens of second copies weigh `weight` times an ordinary token in the loss (one token in a
-    hundred is otherwise too faint a signal: at weight 1 nothing formed in 450 steps, even with every
-    row carrying keys), and a share `adjacent` of the copies follow their needle directly, which the
-    model learns first and which then carries over to copies further away."""
-
-    def __init__(self, tokenizer, seed: int, weight: float, adjacent: float):
-        import random
-
-        from .evaluation.passkey import keys  # one definition of the needle
-
-        self.keys = keys(tokenizer, "digits")
-        self.weight, self.adjacent = weight, adjacent
-        self.rng = random.Random(seed)
-
-    def row(self, text: list[int], pairs: int) -> tuple[list[int], list[int]]:
-        """`text` with `pairs` keys spliced in (needle, then later the same needle), cut back to its
-        length, and the positions of the second copies' keys.
-
-        The pairs go in order, so the latest needle always holds the answer, as with the evaluation's
-        single needle; several pairs per row give the skill more examples per step."""
-        pieces = []
-        for _ in range(pairs):
-            needle = self.keys.prefix + [self.rng.choice(self.keys.ids)] + self.keys.suffix
-            pieces += [needle, needle]
-        room = len(text) - sum(map(len, pieces))  # prose tokens that stay in the row
-        if room < 0:
-            return text, []
-        cuts = sorted(self.rng.randint(0, room) for _ in pieces)
-        for i in range(0, len(cuts), 2):
-            if self.rng.random() < self.adjacent:
-                cuts[i + 1] = cuts[i]  # the copy right after its needle
-        out, answers, prev = [], [], 0
-        for i, (cut, piece) in enumerate(zip(cuts, pieces)):
-            out += text[prev:cut]
-            if i % 2:
-                answers.append(len(out) + len(self.keys.prefix))
-            out += piece
-            prev = cut
-        return out + text[prev:room], answers
-
-    def mix(self, x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """`x` with about `fraction` of its rows given one key pair per 64 tokens, and per-token loss
-        weights (`weight` at the answers, 1 elsewhere)."""
-        weights = torch.ones(x.shape, dtype=torch.float32)
-        for i in range(x.shape[0]):
-            if self.rng.random() < fraction:
-                row, answers = self.row(x[i].tolist(), max(1, x.shape[1] // 64))
-                x[i] = torch.tensor(row)
-                weights[i, answers] = self.weight
-        return x, weights
-
-
-def _weighted_loss(model, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy with a weight per target token (the toy's rows are short: whole logits)."""
-    logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
-    w = weights[:, 1:].reshape(-1)
-    return (nll * w).sum() / w.sum()
 
 
 @contextlib.contextmanager
@@ -379,7 +305,6 @@ def _train(tmp: Path, settings: dict[str, Any], *, progress: bool) -> dict[str, 
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(train.shape[0], generator=g)
     cursor = 0
-    passkeys = _PassKeys(tokenizer, seed, settings["retrieval_weight"], settings["retrieval_adjacent"])
     tokens_seen = 0
     bar = tqdm(range(steps), desc="toy parent", disable=not progress, dynamic_ncols=True)
     t_train, cpu_train = time.perf_counter(), time.process_time()
@@ -387,9 +312,9 @@ def _train(tmp: Path, settings: dict[str, Any], *, progress: bool) -> dict[str, 
     for step in bar:
         if cursor + batch_size > order.numel():
             order, cursor = torch.randperm(train.shape[0], generator=g), 0
-        x, weights = passkeys.mix(train[order[cursor:cursor + batch_size]].clone(), settings["retrieval_fraction"])
+        x = train[order[cursor:cursor + batch_size]]
         cursor += batch_size
-        loss = _weighted_loss(model, x, weights)
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

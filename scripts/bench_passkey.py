@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--depths", type=float, nargs="+", default=[0.5])
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--keys", choices=passkey.KINDS, default="digits", help="what the pass keys are (evaluate.passkey.keys)")
+    ap.add_argument("--keys", choices=passkey.KINDS, default="words", help="what the pass keys are (evaluate.passkey.keys)")
     args = ap.parse_args()
     path = Path(args.parent) if args.parent else toy_parent(args.toy)
     trained, tok = load_model(path), load_tokenizer(path)

@@ -216,6 +216,8 @@ def test_bad_input_is_one_clear_error(family, toy_parent, tmp_path):
         pipeline(make_cfg(toy_parent, family, f"evaluate.task_dirs=[{bad}]"))
     with pytest.raises(EvaluateError, match="unknown task"):
         pipeline(make_cfg(toy_parent, family, "evaluate.tasks=[no_such_task]"))
+    with pytest.raises(EvaluateError, match="evaluate.passkey.keys must be one of"):
+        pipeline(make_cfg(toy_parent, family, "evaluate.passkey.keys=emoji"))
 
 
 def test_bad_input_exits_with_one_line(tmp_path):
@@ -269,15 +271,32 @@ def test_passkey_scorer_reads_the_needle_and_only_the_needle(toy_tokenizer):
     hay = torch.cat([torch.tensor(tok.encode(open(f).read()[:40000], add_special_tokens=False)) for f in toy.toy_files("heldout")[:1]])
     vocab = len(tok)
     blind, reader, near = _LM(vocab, copy=False), _LM(vocab, copy=True), _LM(vocab, copy=True, window=40)
-    for length in (48, 200):
-        trials = passkey.build_trials(tok, hay, length, depth=0.5, n=6, num_candidates=4, seed=0)
-        assert trials.ids.shape == (6, 4, length)
-        assert passkey.accuracy(blind, trials) == pytest.approx(0.25)
-        assert passkey.accuracy(reader, trials) == 1.0
-        assert passkey.accuracy(near, trials) == (1.0 if length == 48 else pytest.approx(0.25))
-    # the key words never occur in the haystack of their own trial
-    for row, cands in zip(trials.ids, trials.candidates):
-        assert sum(int((row[0] == c).sum()) for c in cands) == 1
+    for kind in passkey.KINDS:
+        for length in (48, 200):
+            trials = passkey.build_trials(tok, hay, length, depth=0.5, n=6, num_candidates=4, seed=0, kind=kind)
+            assert trials.ids.shape == (6, 4, length)
+            assert passkey.accuracy(blind, trials) == pytest.approx(0.25)
+            assert passkey.accuracy(reader, trials) == 1.0
+            assert passkey.accuracy(near, trials) == (1.0 if length == 48 else pytest.approx(0.25))
+        # the keys never occur in the haystack of their own trial
+        for row, cands in zip(trials.ids, trials.candidates):
+            assert sum(int((row[0] == c).sum()) for c in cands) == 1
+
+
+def test_pass_keys_are_one_token_between_a_shared_prefix_and_suffix(toy_tokenizer):
+    """Every needle is prefix + [key] + suffix in ids, whatever the tokenizer does with spaces and
+    digits, so the question (the prefix) is the same tokens in every prompt."""
+    tok = toy_tokenizer
+    for kind, texts in (("digits", [str(d) for d in range(10)]), ("words", None)):
+        k = passkey.keys(tok, kind)
+        assert len(k.ids) >= 4 and len(set(k.ids)) == len(k.ids)
+        for key in k.ids:
+            text = tok.decode([key]).strip()
+            assert tok.encode(passkey.NEEDLE.format(key=text), add_special_tokens=False) == k.prefix + [key] + k.suffix
+            if texts:
+                assert text in texts
+    with pytest.raises(ValueError, match="must be one of"):
+        passkey.keys(tok, "emoji")
 
 
 def test_end_of_run_table_names_outputs_and_key_figures(evaluated):

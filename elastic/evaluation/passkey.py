@@ -1,9 +1,9 @@
 """Long-context retrieval: a pass key hidden in local text, found by likelihood.
 
-Each trial is a haystack of held-out text with a needle ``" The pass key is <key>."`` inserted at a
+Each trial is a haystack of held-out text with a needle ``" The key is <key>."`` inserted at a
 relative `depth` (0 = start, 1 = just before the question), ending with the question
-``" The pass key is "`` (the needle's tokens before the key); every prompt has exactly `length` tokens.
-Keys are one-token digits by default (the usual pass-key test hides a number) or one-token words. A
+``" The key is"`` (the needle's tokens before the key); every prompt has exactly `length` tokens.
+Keys are one-token words by default, or one-token digits (the usual pass-key test hides a number). A
 trial draws `num_candidates` keys that do not occur in its haystack and builds one prompt per
 candidate, each hiding that candidate as the key. With ``S[i, j]`` = log p(candidate j | prompt hiding candidate i), the model
 retrieves key i when ``S[i, j] - mean_i' S[i', j]`` is largest at j = i: the needle must raise the
@@ -26,7 +26,7 @@ import torch
 
 from elastic.evaluation.quality import hidden_and_head
 
-NEEDLE = " The pass key is {key}."
+NEEDLE = " The key is {key}."
 KINDS = ("digits", "words")
 
 
@@ -63,8 +63,8 @@ def key_words(tokenizer, limit: int = 2048) -> list[str]:
     return out
 
 
-def keys(tokenizer, kind: str = "digits") -> Keys:
-    """The pass keys of `kind`: "digits" (0-9, as in the usual pass-key test's numbers) or "words".
+def keys(tokenizer, kind: str = "words") -> Keys:
+    """The pass keys of `kind`: "words" (one-token words) or "digits" (0-9, as in the usual pass-key test's numbers).
 
     A key counts only when its needle encodes as the shared prefix, the key as ONE token, and the shared
     suffix: then the question (the prefix) is the same tokens in every prompt and the key is scored as
@@ -96,7 +96,7 @@ def _common(rows: list[list[int]]) -> list[int]:
 
 
 def build_trials(tokenizer, haystack: torch.Tensor, length: int, depth: float, n: int, num_candidates: int,
-                 seed: int, kind: str = "digits") -> Trials:
+                 seed: int, kind: str = "words") -> Trials:
     """`n` prompts of `length` tokens with the needle at `depth`, reproducible from `seed`."""
     pool = keys(tokenizer, kind)
     if len(pool.ids) < num_candidates:

@@ -49,7 +49,7 @@ def plan_models(cfg: Any, run: RunDir) -> list[ModelRef]:
 
 def check_lengths(refs: list[ModelRef], ec: Any) -> None:
     """Every context length asked for must fit every model: one error before anything runs."""
-    if ec.passkey.lengths and ec.passkey.get("keys", "digits") not in passkey.KINDS:
+    if ec.passkey.lengths and ec.passkey.get("keys", "words") not in passkey.KINDS:
         raise EvaluateError(f"evaluate.passkey.keys must be one of {list(passkey.KINDS)}, got {ec.passkey.keys!r}")
     wanted = [("evaluate.passkey.lengths", int(n)) for n in ec.passkey.lengths] + \
              [("evaluate.cost.lengths", int(n)) for n in ec.cost.lengths]
@@ -106,7 +106,7 @@ def evaluate_model(ref: ModelRef, cfg: Any, device: torch.device, texts: TextCac
         t0 = time.time()
         pk = ec.passkey
         trials = [passkey.build_trials(tok, data["haystack"], int(n), float(d), int(pk.trials), int(pk.candidates), int(cfg.seed),
-                                      str(pk.get("keys", "digits")))
+                                      str(pk.get("keys", "words")))
                   for n in pk.lengths for d in pk.depths]
         entry["passkey"] = passkey.evaluate(model, trials, int(ec.batch_size))
         entry["timing"]["passkey_s"] = round(time.time() - t0, 2)
