@@ -57,17 +57,22 @@ def resolve_parent_path(cfg: Any) -> Path:
     if "toy" not in cfg or cfg.toy is None:
         raise ModelError("parent.path is not set; point it at a local checkpoint of a supported model type "
                          f"({', '.join(sorted(SUPPORTED))}) or use recipe=toy")
-    import hashlib
-
     from omegaconf import OmegaConf
+
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.toy, resolve=True).items() if k != "cache_dir"}
+    return check_checkpoint(toy_parent(settings, cfg.toy.cache_dir))
+
+
+def toy_parent(settings: dict[str, Any], cache_dir: str | Path) -> Path:
+    """The toy parent built with `settings` (elastic.toy.build_toy_parent's keywords) under `cache_dir`,
+    built on first use: the folder `python -m elastic.run` uses for the same settings."""
+    import hashlib
 
     from elastic import toy
 
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.toy, resolve=True).items() if k != "cache_dir"}
     # one cache folder per distinct build, so changing a toy setting never reuses a stale parent
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    out = Path(cfg.toy.cache_dir).expanduser() / f"parent-{key}"
-    return check_checkpoint(toy.build_toy_parent(out, **settings))
+    return toy.build_toy_parent(Path(cache_dir).expanduser() / f"parent-{key}", **settings)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):

@@ -9,7 +9,6 @@ Uses the evaluate stage's own scorer (elastic.evaluation.passkey, contrastive ov
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -19,18 +18,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from elastic import toy
+from elastic import parent, toy
 from elastic.data import load_text, pack_tokens
 from elastic.evaluation import passkey
 from elastic.parent import load_model, load_tokenizer
 
 
 def toy_parent(which: str) -> Path:
+    """The toy parent of TOY_DEFAULTS or TOY_TEST, in the cache `python -m elastic.run` uses (recipes/toy.yaml)."""
     settings = toy.TOY_DEFAULTS if which == "default" else toy.TOY_TEST
-    # the folder `python -m elastic.run` uses for these settings (elastic.parent.resolve_parent_path)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    cache = Path(os.environ.get("ELASTIC_CACHE", "~/.cache/elastic")).expanduser() / "toy"
-    return toy.build_toy_parent(cache / f"parent-{key}", **settings)
+    return parent.toy_parent(settings, Path(os.environ.get("ELASTIC_CACHE", "~/.cache/elastic")) / "toy")
 
 
 @torch.no_grad()

@@ -16,10 +16,7 @@ toy's recipe: the shipped toy is trained on the plays alone (benchmarks/passkey_
 """
 
 import argparse
-import hashlib
-import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -33,12 +30,7 @@ from elastic.evaluation import passkey
 from elastic.losses import heldout_loss
 from elastic.parent import load_tokenizer
 
-
-def toy_tokenizer():
-    """The tokenizer of the TOY_DEFAULTS parent (built once and cached, as `python -m elastic.run` does)."""
-    key = hashlib.sha256(json.dumps(toy.TOY_DEFAULTS, sort_keys=True).encode()).hexdigest()[:10]
-    cache = Path(os.environ.get("ELASTIC_CACHE", "~/.cache/elastic")).expanduser() / "toy"
-    return load_tokenizer(toy.build_toy_parent(cache / f"parent-{key}", **toy.TOY_DEFAULTS))
+from bench_passkey import toy_parent  # scripts/ is on the path when a script runs
 
 
 class Rows:
@@ -87,7 +79,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=450)
     ap.add_argument("--out", default=None, help="where to save the model (default: /tmp/passkey-learn-<settings>)")
     args = ap.parse_args()
-    tok = toy_tokenizer()
+    tok = load_tokenizer(toy_parent("default"))  # the TOY_DEFAULTS parent's tokenizer
     train = pack_tokens(load_text(toy.toy_files("train")), tok, 128, seed=0)
     held = pack_tokens(load_text(toy.toy_files("heldout")), tok, 128, seed=0, max_sequences=64)
     rows = Rows(tok, args.pairs, args.adjacent, seed=0)
