@@ -63,11 +63,12 @@ def main() -> None:
     for name, model in (("trained", trained), ("random", random_init)):
         a, b = repeat_probe(model, hay)
         print(f"{name}: a 64-token held-out span repeated: {a:.2f} nats/token the first time, {b:.2f} the second")
+    pool = passkey.keys(tok, args.keys)
     print("| length | depth | prompts | trained | random | seconds |\n|---|---|---|---|---|---|")
     for n in args.lengths:
         for d in args.depths:
             t0 = time.time()
-            trials = passkey.build_trials(tok, hay, n, d, args.trials, 4, args.seed, args.keys)
+            trials = passkey.build_trials(pool, hay, n, d, args.trials, 4, args.seed)
             a, b = passkey.accuracy(trained, trials, 16), passkey.accuracy(random_init, trials, 16)
             k = trials.ids.shape[0] * trials.ids.shape[1]
             se = lambda p: math.sqrt(p * (1 - p) / k)  # noqa: E731

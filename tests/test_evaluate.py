@@ -272,8 +272,9 @@ def test_passkey_scorer_reads_the_needle_and_only_the_needle(toy_tokenizer):
     vocab = len(tok)
     blind, reader, near = _LM(vocab, copy=False), _LM(vocab, copy=True), _LM(vocab, copy=True, window=40)
     for kind in passkey.KINDS:
+        pool = passkey.keys(tok, kind)
         for length in (48, 200):
-            trials = passkey.build_trials(tok, hay, length, depth=0.5, n=6, num_candidates=4, seed=0, kind=kind)
+            trials = passkey.build_trials(pool, hay, length, depth=0.5, n=6, num_candidates=4, seed=0)
             assert trials.ids.shape == (6, 4, length)
             assert passkey.accuracy(blind, trials) == pytest.approx(0.25)
             assert passkey.accuracy(reader, trials) == 1.0

@@ -35,6 +35,7 @@ class Keys:
     """How pass keys are written for one tokenizer: every needle is ``prefix + [key] + suffix`` in ids,
     and the question is ``prefix``, so the answer is the next token after the question."""
 
+    kind: str
     prefix: list[int]
     suffix: list[int]
     ids: list[int]
@@ -82,7 +83,7 @@ def keys(tokenizer, kind: str = "words") -> Keys:
         raise ValueError(f"pass keys ({kind}): the needle {NEEDLE!r} does not split into one shared prefix, "
                          "a one-token key and one shared suffix with this tokenizer")
     ids = [e[len(prefix)] for e in usual if e[:len(prefix)] == prefix and e[len(prefix) + 1:] == suffix]
-    return Keys(prefix, suffix, list(dict.fromkeys(ids)))
+    return Keys(kind, prefix, suffix, list(dict.fromkeys(ids)))
 
 
 def _common(rows: list[list[int]]) -> list[int]:
@@ -95,10 +96,11 @@ def _common(rows: list[list[int]]) -> list[int]:
     return out
 
 
-def build_trials(tokenizer, haystack: torch.Tensor, length: int, depth: float, n: int, num_candidates: int,
-                 seed: int, kind: str = "words") -> Trials:
-    """`n` prompts of `length` tokens with the needle at `depth`, reproducible from `seed`."""
-    pool = keys(tokenizer, kind)
+def build_trials(pool: Keys, haystack: torch.Tensor, length: int, depth: float, n: int, num_candidates: int,
+                 seed: int) -> Trials:
+    """`n` prompts of `length` tokens with the needle at `depth`, reproducible from `seed`; `pool` is
+    :func:`keys` of the model's tokenizer (computed once: it encodes a needle per candidate word)."""
+    kind = pool.kind
     if len(pool.ids) < num_candidates:
         raise ValueError(f"the tokenizer writes only {len(pool.ids)} pass keys of kind {kind!r} as one token; "
                          f"passkey needs {num_candidates} (evaluate.passkey.candidates)")

@@ -62,7 +62,7 @@ def check_lengths(refs: list[ModelRef], ec: Any) -> None:
 
 
 class TextCache:
-    """Held-out rows and the pass-key haystack, built once per tokenizer (every model of a family shares one)."""
+    """Held-out rows, the pass-key haystack and keys, built once per tokenizer (every model of a family shares one)."""
 
     def __init__(self, cfg: Any):
         self.cfg, self.cache = cfg, {}
@@ -75,11 +75,12 @@ class TextCache:
             ec = self.cfg[STAGE]
             seq_len = int(ec.heldout_seq_len or self.cfg.data.seq_len)
             rows = token_rows(self.cfg, tokenizer, "heldout", num_sequences=int(ec.heldout_sequences), seq_len=seq_len)
-            hay = None
+            hay = pool = None
             if ec.passkey.lengths:
                 # contiguous text: packed at the longest length, so each prompt is one run of prose
                 hay = token_rows(self.cfg, tokenizer, "heldout", seq_len=max(int(n) for n in ec.passkey.lengths)).flatten()
-            self.cache[key] = {"heldout": list(torch.split(rows, int(ec.batch_size))), "haystack": hay}
+                pool = passkey.keys(tokenizer, str(ec.passkey.get("keys", "words")))
+            self.cache[key] = {"heldout": list(torch.split(rows, int(ec.batch_size))), "haystack": hay, "keys": pool}
         return self.cache[key]
 
 
@@ -105,8 +106,8 @@ def evaluate_model(ref: ModelRef, cfg: Any, device: torch.device, texts: TextCac
     if ec.passkey.lengths:
         t0 = time.time()
         pk = ec.passkey
-        trials = [passkey.build_trials(tok, data["haystack"], int(n), float(d), int(pk.trials), int(pk.candidates), int(cfg.seed),
-                                      str(pk.get("keys", "words")))
+        trials = [passkey.build_trials(data["keys"], data["haystack"], int(n), float(d), int(pk.trials), int(pk.candidates),
+                                      int(cfg.seed))
                   for n in pk.lengths for d in pk.depths]
         entry["passkey"] = passkey.evaluate(model, trials, int(ec.batch_size))
         entry["timing"]["passkey_s"] = round(time.time() - t0, 2)
