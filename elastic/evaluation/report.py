@@ -284,7 +284,7 @@ def _html_table(cols: list[str], rows: list[list[str]]) -> str:
 NOTES = [
     "Held-out loss: mean next-token cross-entropy on held-out text (nats/token); ppl = exp(loss).",
     "Multiple-choice accuracy: lm-evaluation-harness on the task YAMLs shipped in elastic/evaluation/tasks (local data).",
-    "Pass key: of several one-token words, the hidden key must get the highest next-token probability; chance = 1 / candidates.",
+    "Pass key: of several one-token keys (words or digits: evaluate.passkey.keys), the hidden key must get the highest next-token probability; chance = 1 / candidates.",
     "KV cache and Mamba state from the sizes (bf16 values, fp32 SSM state); throughput and peak memory measured at batch 1 in fp32.",
 ]
 
