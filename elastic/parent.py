@@ -35,6 +35,8 @@ def check_checkpoint(path: str | Path) -> Path:
 
     p = Path(path).expanduser()
     cfg_file = p / "config.json"
+    if not p.exists():
+        raise ModelError(f"{p} does not exist (no config.json): point the path at a Hugging Face checkpoint folder")
     if not cfg_file.is_file():
         raise ModelError(f"{p} is not a Hugging Face checkpoint directory (no config.json)")
     try:
@@ -45,7 +47,63 @@ def check_checkpoint(path: str | Path) -> Path:
         raise ModelError(
             f"{p} holds a {model_type!r} model; elastic supports the model types {sorted(SUPPORTED)}"
         )
+    check_weights(p)
     return p.resolve()
+
+
+# Weight files `from_pretrained` reads: one of these must be in a checkpoint folder.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+FIX = "re-run the stage that wrote it or fix the path"
+
+
+def check_weights(folder: str | Path) -> None:
+    """Raise `ModelError` (one line naming the file) unless the folder's weights are all there and whole.
+
+    Reads only each ``*.safetensors`` header (a few KB even for a 9B model) and compares the file's
+    size with the header's data offsets, so a truncated copy or an interrupted write is refused before
+    a stage starts a tracker run or writes anything; safetensors itself would fail only mid-load, with
+    a message that names no file. A sharded checkpoint's index must name shards that exist.
+    """
+    p = Path(folder)
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise ModelError(f"{p} has no weights (none of {', '.join(WEIGHT_FILES)}); {FIX}")
+    files = set(p.glob("*.safetensors"))
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{index} is not a readable safetensors index (no JSON weight_map); {FIX}") from None
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            raise ModelError(f"{index} lists {len(missing)} shard(s) missing from {p} (e.g. {missing[0]}); {FIX}")
+        files |= {p / s for s in shards}
+    for f in sorted(files):
+        check_safetensors(f)
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Raise `ModelError` unless `path` has a well-formed safetensors header whose tensors end exactly
+    where the file does (the layout: 8-byte little-endian header length, JSON header, data)."""
+    f = Path(path)
+
+    def bad(why: str):
+        return ModelError(f"{f} is not a readable safetensors file ({why}); {FIX}")
+
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little") if size >= 8 else 0
+        if size < 8 or 8 + n > size:
+            raise bad(f"truncated or corrupt: its header says at least {8 + n} bytes, the file has {size}")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise bad("corrupt: its header is not a safetensors JSON header") from None
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        raise bad(f"truncated or corrupt: its header says {expected} bytes, the file has {size}")
 
 
 def resolve_parent_path(cfg: Any) -> Path:
@@ -79,8 +137,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     """Load a checkpoint with plain `from_pretrained` (no project code, no trust_remote_code), in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     p = check_checkpoint(path)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype(dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype(dtype))
+    except SafetensorError as e:  # what the header check cannot see (e.g. an unknown dtype): still one line
+        raise ModelError(f"{p}: its weights do not load ({one_line(e)}); {FIX}") from None
     return model.to(device).eval()
 
 
@@ -91,7 +154,13 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError) as e:
-        raise ModelError(f"no usable tokenizer in {p}: {e}") from None
+        raise ModelError(f"no usable tokenizer in {p}: {one_line(e)}") from None
+
+
+def one_line(e: BaseException | str, limit: int = 400) -> str:
+    """An error message (ours or a library's, often several lines) as one line for the user."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def checkpoint_dtype(path: str | Path) -> torch.dtype:

@@ -25,22 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from elastic.arch import ArchError
-from elastic.search_space import Space
+from elastic.search_space import Space, read_budget
 
 RESOURCES = ("params", "non_embedding_params", "memory")
 
 
 def check_budgets(budgets) -> tuple[float, ...]:
     """Budgets as fractions of the parent's resource, in (0, 1], distinct, sorted ascending."""
-    try:
-        out = tuple(float(b) for b in budgets)
-    except (TypeError, ValueError):
-        raise ArchError(f"budgets must be a list of numbers in (0, 1], got {budgets!r}") from None
+    if isinstance(budgets, (str, int, float)):
+        raise ArchError(f"search.budgets must be a list of fractions in (0, 1], got {budgets!r}")
+    out = tuple(read_budget(b, "search.budgets", counts=False) for b in budgets)
     if not out:
         raise ArchError("the list of budgets is empty")
-    bad = [b for b in out if not 0.0 < b <= 1.0]
-    if bad:
-        raise ArchError(f"budgets must be fractions of the parent in (0, 1]; got {bad}")
     if len(set(out)) != len(out):
         raise ArchError(f"budgets must be distinct, got {list(out)}")
     return tuple(sorted(out))

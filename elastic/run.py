@@ -142,7 +142,8 @@ def _preflight(argv: list[str]) -> None:
 
 
 def _fail(msg: str) -> None:
-    print(f"elastic: error: {msg}", file=sys.stderr)
+    # one line whatever the message: a library's text (a tokenizer's, a data loader's) may span several
+    print("elastic: error: " + " ".join(str(msg).split()), file=sys.stderr)
     sys.exit(2)
 
 

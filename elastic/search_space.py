@@ -17,18 +17,44 @@ from typing import Mapping
 from elastic.arch import ArchError, human_count
 
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+# A number above 1 and below this is neither a fraction nor a plausible parameter count: `2.0` or `1.5`
+# is a typo for "2B" / "1.5B" or a percentage, and read as a count it ends in "no architecture of the
+# grid has between 2 and 2 parameters". Refused instead of guessed.
+MIN_COUNT = 1000
 
 
-def parse_budget(target, parent_params: int) -> int:
-    """A parameter budget as an absolute count: a fraction of the parent (<= 1), a count, or "4B"/"600M"."""
-    if isinstance(target, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([KMBGT]?)\s*", target, flags=re.I)
+def read_budget(value, key: str, *, counts: bool = True) -> float:
+    """A budget as the user wrote it: a fraction of the parent in (0, 1] (0.6, "0.6"), or, where `counts`,
+    a parameter count of at least `MIN_COUNT` (4e9, "4e9", "4B", "600M"). Every key that takes a budget
+    (prune.target, search.budgets, budget) reads it here, so each refuses the same inputs with one line."""
+    how = "a fraction of the parent (0.6)" + (", or a parameter count (4e9, \"4B\", \"600M\")" if counts else "")
+    raw = value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([KMBGT]?)\s*", value, flags=re.I)
         if not m:
-            raise ArchError(f"cannot read the budget {target!r}: use a fraction (0.6), a count (4e9) or '4B' / '600M'")
-        target = float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1) if m.group(2) else float(m.group(1))
-    target = float(target)
-    if target <= 0:
-        raise ArchError(f"the budget must be positive, got {target}")
+            raise ArchError(f"cannot read {key}={raw!r}: write {how}")
+        value = float(m.group(1)) * _SUFFIX[m.group(2).upper()] if m.group(2) else float(m.group(1))
+    try:
+        if isinstance(value, bool):  # YAML's yes/no: True would read as 1.0, the whole parent
+            raise TypeError
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ArchError(f"cannot read {key}={raw!r}: write {how}") from None
+    if not value > 0 or math.isinf(value):
+        raise ArchError(f"{key}={raw!r} must be positive and finite: write {how}")
+    if value <= 1:
+        return value
+    if not counts:
+        raise ArchError(f"{key}={raw!r} is not a fraction of the parent in (0, 1]: write 0.6 for 60% of the parent")
+    if value < MIN_COUNT:
+        raise ArchError(f"{key}={raw!r} is ambiguous (a fraction above 1, or a count of {value:g} parameters?): "
+                        f"write {how}")
+    return value
+
+
+def parse_budget(target, parent_params: int, key: str = "prune.target") -> int:
+    """A parameter budget as an absolute count: a fraction of the parent (<= 1), a count, or "4B"/"600M"."""
+    target = read_budget(target, key)
     n = round(target * parent_params) if target <= 1 else round(target)
     if n > parent_params:
         raise ArchError(f"the budget {human_count(n)} exceeds the parent's {human_count(parent_params)} parameters")

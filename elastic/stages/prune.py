@@ -37,7 +37,7 @@ from elastic.models import family_for
 from elastic.models.family import Ranking, Sizes
 from elastic.parent import load_model, load_tokenizer, resolve_device, resolve_parent_path
 from elastic.rundir import RunDir, write_json
-from elastic.search_space import Space, parse_budget
+from elastic.search_space import Space, parse_budget, read_budget
 
 STAGE = "prune"
 
@@ -146,6 +146,8 @@ def run(cfg, run: RunDir) -> dict:
             return extract_budgets(cfg, run)
         raise ArchError("set exactly one of prune.target (a parameter budget, e.g. 0.6), prune.arch (explicit sizes) "
                         "or, after the search stage, budget=<b>")
+    if c.target is not None:  # a typo in the budget is refused before the parent is loaded
+        read_budget(c.target, "prune.target")
     parent_path = resolve_parent_path(cfg)
     tok = load_tokenizer(parent_path)
     model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))
@@ -194,15 +196,8 @@ def parse_budget_list(spec, trained: list[float]) -> list[float]:
     if OmegaConf.is_config(spec):
         spec = OmegaConf.to_container(spec, resolve=True)
     items = spec if isinstance(spec, (list, tuple)) else [spec]
-    out = []
-    for b in items:
-        try:
-            b = float(b)
-        except (TypeError, ValueError):
-            raise ArchError(f"cannot read the budget {b!r}: use a fraction in (0, 1], a list of them, or all") from None
-        if not 0.0 < b <= 1.0:
-            raise ArchError(f"budget {b} must be a fraction of the parent in (0, 1]")
-        out.append(b)
+    # fractions only: the search trained (and archs.json keys) fractions of the parent's resource
+    out = [read_budget(b, "budget", counts=False) for b in items]
     if not out:
         raise ArchError("budget is an empty list")
     return out
