@@ -76,7 +76,8 @@ def check_weights(folder: str | Path) -> None:
             raise ModelError(f"{index} is not a readable safetensors index (no JSON weight_map); {FIX}") from None
         missing = sorted(s for s in shards if not (p / s).is_file())
         if missing:
-            raise ModelError(f"{index} lists {len(missing)} shard(s) missing from {p} (e.g. {missing[0]}); {FIX}")
+            raise ModelError(f"{p / missing[0]} is missing ({len(missing)} of the {len(shards)} shards {index.name} lists "
+                             f"are); {FIX}")
         files |= {p / s for s in shards}
     for f in sorted(files):
         check_safetensors(f)
