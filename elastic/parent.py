@@ -119,7 +119,11 @@ def resolve_parent_path(cfg: Any) -> Path:
     from omegaconf import OmegaConf
 
     settings = {k: v for k, v in OmegaConf.to_container(cfg.toy, resolve=True).items() if k != "cache_dir"}
-    return check_checkpoint(toy_parent(settings, cfg.toy.cache_dir))
+    folder = toy_parent(settings, cfg.toy.cache_dir)
+    try:
+        return check_checkpoint(folder)
+    except ModelError as e:  # a cached build is reused as it is: the fix is to build it again
+        raise ModelError(f"{e} (the cached toy parent: delete {folder} and it is rebuilt)") from None
 
 
 def toy_parent(settings: dict[str, Any], cache_dir: str | Path) -> Path:

@@ -147,6 +147,28 @@ def test_quantize_refuses_a_broken_model(world, tmp_path):
     assert left_behind(run_dir) == []
 
 
+def test_export_refuses_a_broken_model_before_the_converter(world, tmp_path):
+    f = broken_copy(world / "sharded", tmp_path / "model", "missing-shard")
+    run_dir = tmp_path / "run"
+    r = cli("stage=export", "export.format=gguf", f"export.model={tmp_path / 'model'}", run_dir=run_dir)
+    assert_one_line(r, str(f), "is missing")
+    assert left_behind(run_dir) == []
+
+
+def test_a_broken_cached_toy_parent_says_how_to_rebuild_it(world, tmp_path, monkeypatch):
+    """The toy parent is reused from its cache as it is: re-running a stage would not repair it."""
+    from omegaconf import OmegaConf
+
+    import elastic.parent as parent
+
+    broken = tmp_path / "parent-0123456789"
+    broken_copy(world / "teacher", broken, "truncated")
+    monkeypatch.setattr(parent, "toy_parent", lambda settings, cache_dir: broken)
+    cfg = OmegaConf.create({"parent": {"path": None}, "toy": {"cache_dir": str(tmp_path), "steps": 1}})
+    with pytest.raises(ModelError, match=f"truncated or corrupt.*delete {broken} and it is rebuilt"):
+        parent.resolve_parent_path(cfg)
+
+
 @pytest.mark.parametrize("case, needle", [("missing", "does not exist"), ("no-config", "no config.json"),
                                           ("no-weights", "has no weights")])
 def test_a_parent_that_is_not_a_checkpoint_is_one_line(world, tmp_path, case, needle):

@@ -61,6 +61,9 @@ def source_checkpoint(cfg: Any, run: RunDir) -> Path:
         raise ExportError(f"nothing to export in {run.root}: run stage=distill or stage=prune first, or set export.model=<checkpoint>")
     if not (path / "config.json").is_file():
         raise ExportError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    from elastic.parent import check_weights
+
+    check_weights(path)  # a truncated or missing weight file: one line naming it, before the converter runs
     return path.resolve()
 
 
