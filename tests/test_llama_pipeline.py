@@ -14,7 +14,7 @@ from elastic.rundir import RunDir
 from test_pipeline import make_cfg
 from test_quantize import TINY_RUN, model_folders
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.smoke]
 
 LOADER_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "hf_quant_config.json"}
