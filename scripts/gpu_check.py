@@ -64,6 +64,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's `elastic`, not an installed one (a script's sys.path starts at scripts/)
 CONFIGS = REPO / "tests" / "data"  # the real 4B / 9B config.json files travel with the working tree there
 STUDENT_JSON, TEACHER_JSON = "nemotron-3-nano-4b.config.json", "nemotron-nano-9b-v2.config.json"
 KINDS = {"M": "linear_attention", "-": "mlp", "*": "full_attention"}
