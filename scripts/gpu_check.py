@@ -34,10 +34,12 @@ a hang of one is recorded as one line and the next still runs; the whole run sto
   the masked (elastic) model in bf16 against the physical slice in bf16, both against the slice in fp32:
   masking must add no more error than bf16 itself.
 * ``distill_step`` -- distillation steps with the student at the 4B's real width and the teacher at the 9B's,
-  both at reduced depth (as many layers as the plan says fit this card; fewer after an out-of-memory
-  error), 8K tokens, the recipe's activation checkpointing and loss chunks, through the project's own
-  loop (``elastic.train.train``): measured peak (``torch.cuda.max_memory_allocated``) against the plan's
-  prediction (``elastic.plan.plan_training``) for the same config on 1 GPU, tokens/s and MFU.
+  both at reduced depth (as many layers as the plan says fit this card), 8K tokens, the recipe's
+  activation checkpointing and loss chunks, through the project's own loop (``elastic.train.train``):
+  measured peak (``torch.cuda.max_memory_allocated``) against the plan's prediction
+  (``elastic.plan.plan_training``) for the same config on 1 GPU, tokens/s and MFU. After an out-of-memory
+  error it halves the depth, then the context (recorded in ``attempts``; the check then fails, with the
+  figures of the shorter context).
 
 It writes ``OUT/gpu_<card>.md`` (card from ``torch.cuda.get_device_name``, sanitized) and ``.json`` with the
 command, card, date, versions and every figure, and ``OUT/gpu_<card>.log``. Exit status 0 when every check
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -78,7 +81,7 @@ CHECKS = {
     "distill_stage": (90, 400),
     "distill_stage_fsdp": (90, 400),
     "masked_sliced": (90, 300),
-    "distill_step": (240, 400),
+    "distill_step": (300, 400),
 }
 MIN_START_S = 20  # a check is not started with less time than this left
 
@@ -107,6 +110,7 @@ class Ctx:
 
         self.smoke = smoke
         self.deadline = deadline or float("inf")  # time.time() at which the runner kills this check
+        self.result_path: Path | None = None  # where the runner reads this check's record
         if not smoke and not torch.cuda.is_available():
             raise CheckFailed("no CUDA device here: run the real check on a GPU, or --smoke on a CPU")
         self.device = torch.device("cpu" if smoke else "cuda")
@@ -114,6 +118,12 @@ class Ctx:
         self.loss_chunk = 32 if smoke else 1024   # the recipe's distill.loss_chunk_size
         self.masked_seq = 48 if smoke else 1024   # masked_sliced tokens
         self.max_layers = 4 if smoke else None    # distill_step depth cap (None: the student's full depth)
+
+    def save_partial(self, figures: dict) -> None:
+        """Write the figures known so far: a check killed at its budget still reports them."""
+        if self.result_path is not None:
+            self.result_path.write_text(json.dumps({"status": "failed", "why": None, "summary": "", "figures": figures,
+                                                    "partial": True}, default=str))
 
     def config_dict(self, name: str) -> dict:
         """A real config.json; at smoke size its widths shrunk (layer pattern and every other field kept)."""
@@ -492,11 +502,11 @@ def peak_tflops(card: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS if k.lower() in card.lower()), None)
 
 
-def _plan(student, teacher, ctx: Ctx, memory: float, path: str, s_cfg, t_cfg, checkpointing: bool = True):
+def _plan(student, teacher, ctx: Ctx, seq: int, memory: float, path: str, s_cfg, t_cfg, checkpointing: bool = True):
     """The plan's row for this step on 1 GPU: what `stage=plan` computes for a distill phase of these shapes."""
     from elastic.plan import Shape, plan_training
 
-    return plan_training("gpu check", "distill", student, teacher, shape=Shape(1, ctx.seq), batch_size=1, steps=1,
+    return plan_training("gpu check", "distill", student, teacher, shape=Shape(1, seq), batch_size=1, steps=1,
                          world_size=1, gpu_memory_bytes=memory, reserve_bytes=6 * GiB, strategy="ddp",
                          teacher_mode="replicate", path=path, chunk=s_cfg.chunk_size, teacher_chunk=t_cfg.chunk_size,
                          checkpointing=checkpointing, loss_chunk=ctx.loss_chunk, elastic=False, peak_tflops=989.0, mfu=0.35,
@@ -516,61 +526,83 @@ def check_distill_step(ctx: Ctx):
     memory = torch.cuda.get_device_properties(ctx.device).total_memory if cuda else 8 * GiB  # cpu: nominal, sizes the depth only
     path = kernels.path(hf_config(s_d)) or "torch"
 
-    def shapes(k: int):
+    def shapes(k: int, seq: int):
         kt = max(1, min(len(t_pat), round(k * len(t_pat) / len(s_pat))))  # the teacher at the same share of its depth
         s_cfg, t_cfg = hf_config(s_d, reduced_pattern(s_pat, k)), hf_config(t_d, reduced_pattern(t_pat, kt))
-        return s_cfg, t_cfg, _plan(Arch.from_config(s_cfg), Arch.from_config(t_cfg), ctx, memory, path, s_cfg, t_cfg)
+        return s_cfg, t_cfg, _plan(Arch.from_config(s_cfg), Arch.from_config(t_cfg), ctx, seq, memory, path, s_cfg, t_cfg)
 
-    # as many layers as the plan says fit this card (with the plan's default 6 GiB reserve)
-    k = min(len(s_pat), ctx.max_layers or len(s_pat))
-    while k > 1 and not shapes(k)[2].fits:
-        k -= 1
-    attempts, result = [], None
-    while result is None and k >= 1:
-        s_cfg, t_cfg, plan = shapes(k)
-        attempt = {"student_layers": reduced_pattern(s_pat, k), "teacher_layers": config_pattern(t_cfg),
+    def plan_depth(seq: int) -> int:
+        """As many student layers as the plan says fit this card (with the plan's default 6 GiB reserve)."""
+        k = min(len(s_pat), ctx.max_layers or len(s_pat))
+        while k > 1 and not shapes(k, seq)[2].fits:
+            k -= 1
+        return k
+
+    # After an out-of-memory error: half the depth, down to one layer; then half the context (the torch scan's
+    # transient grows with the context, not the depth), so that a speed and a peak are measured somewhere.
+    seqs = [ctx.seq // 2**i for i in range(4)]
+    f = {"card": card, "micro_batch": 1, "gradient_checkpointing": True, "loss_chunk_size": ctx.loss_chunk,
+         "attempts": []}
+    attempts, result, si = f["attempts"], None, 0
+    k = plan_depth(seqs[si])
+    while True:
+        seq = seqs[si]
+        s_cfg, t_cfg, plan = shapes(k, seq)
+        attempt = {"tokens": seq, "student_layers": reduced_pattern(s_pat, k), "teacher_layers": config_pattern(t_cfg),
                    "plan_peak_gib": gib(plan.peak_bytes), "plan_peak_phase": plan.peak_phase}
         attempts.append(attempt)
+        ctx.save_partial(f)
         oom, t0 = None, time.time()
         try:
-            result = _run_steps(ctx, s_cfg, t_cfg)
-        except torch.OutOfMemoryError as e:  # recorded, then retried at half the depth
+            result = _run_steps(ctx, s_cfg, t_cfg, seq)
+        except torch.OutOfMemoryError as e:
             oom = one_line(e)
-        if oom is not None:
-            attempt["out_of_memory"] = oom[:300]
-            attempt["measured_peak_gib_at_oom"] = gib(torch.cuda.max_memory_allocated(ctx.device)) if cuda else None
-            free(ctx.device)
+        if oom is None:
+            break
+        attempt["out_of_memory"] = oom[:300]
+        attempt["measured_peak_gib_at_oom"] = gib(torch.cuda.max_memory_allocated(ctx.device)) if cuda else None
+        ctx.save_partial(f)
+        free(ctx.device)
+        if k > 1:
             k //= 2
-            if time.time() + (time.time() - t0) > ctx.deadline:  # a retry would not finish: report what is known
-                break
-    f = {"card": card, "tokens_per_sequence": ctx.seq, "micro_batch": 1, "gradient_checkpointing": True,
-         "loss_chunk_size": ctx.loss_chunk, "attempts": attempts}
+        elif si + 1 < len(seqs) and seqs[si + 1] >= 2:
+            si += 1
+            k = plan_depth(seqs[si])
+        else:
+            break
+        if time.time() + (time.time() - t0) > ctx.deadline:  # a retry would not finish: report what is known
+            break
+    first_oom = next((a for a in attempts if a["tokens"] == ctx.seq and "out_of_memory" in a), None)
     if result is None:
-        raise CheckFailed(f"out of memory at {len(attempts[-1]['student_layers'])} student layer(s), plan "
-                          f"{attempts[-1]['plan_peak_gib']} GiB: {attempts[-1]['out_of_memory']}", f)
-    plan_model_flops = _plan(Arch.from_config(s_cfg), Arch.from_config(t_cfg), ctx, memory, path, s_cfg, t_cfg,
+        raise CheckFailed(f"out of memory in every attempt down to {len(attempt['student_layers'])} student layer(s) at "
+                          f"{seq} tokens (plan {attempt['plan_peak_gib']} GiB): {attempt['out_of_memory']}", f)
+    plan_model_flops = _plan(Arch.from_config(s_cfg), Arch.from_config(t_cfg), ctx, seq, memory, path, s_cfg, t_cfg,
                              checkpointing=False).flops_per_token
     tps = result["tokens_per_s"]
     peak = peak_tflops(card) if cuda else None
     measured = result["peak_bytes"]
     f.update(
-        student=Arch.from_config(s_cfg).short(), teacher=Arch.from_config(t_cfg).short(), mamba_path=result["mamba_path"],
-        measured_peak_gib=gib(measured), measured_reserved_gib=gib(result["reserved_bytes"]),
+        tokens_per_sequence=seq, student=Arch.from_config(s_cfg).short(), teacher=Arch.from_config(t_cfg).short(),
+        mamba_path=result["mamba_path"], measured_peak_gib=gib(measured), measured_reserved_gib=gib(result["reserved_bytes"]),
         plan_peak_gib=gib(plan.peak_bytes), plan_peak_phase=plan.peak_phase,
         plan_terms_gib={t.name: gib(t.bytes) for t in plan.terms},
         measured_over_plan=round(measured / plan.peak_bytes, 3) if measured is not None else None,
-        tokens_per_s=round(tps, 1), step_seconds=round(ctx.seq / tps, 3), losses=result["losses"],
+        tokens_per_s=round(tps, 1), step_seconds=round(seq / tps, 3), losses=result["losses"],
         flops_per_token_model=plan_model_flops, flops_per_token_with_recompute=plan.flops_per_token,
         peak_tflops=peak,
         mfu=round(tps * plan_model_flops / (peak * 1e12), 4) if peak else None,
         hfu=round(tps * plan.flops_per_token / (peak * 1e12), 4) if peak else None,
     )
-    if not all(map(lambda x: x == x and abs(x) != float("inf"), result["losses"])):
-        raise CheckFailed(f"non-finite distillation loss {result['losses']}", f)
     where = (f"peak {f['measured_peak_gib']} GiB vs plan {f['plan_peak_gib']} GiB (x{f['measured_over_plan']}), "
              if measured is not None else f"plan {f['plan_peak_gib']} GiB (no allocator peak on cpu), ")
     mfu = f"MFU {f['mfu']:.1%}" if f["mfu"] is not None else "no MFU (no peak rate for this device)"
-    return f"{len(f['attempts'][-1]['student_layers'])} student layers at {ctx.seq} tokens: {where}{tps:.0f} tokens/s, {mfu}", f
+    summary = f"{len(attempt['student_layers'])} student layers at {seq} tokens: {where}{tps:.0f} tokens/s, {mfu}"
+    if not all(math.isfinite(x) for x in result["losses"]):
+        raise CheckFailed(f"non-finite distillation loss {result['losses']}", f)
+    if seq != ctx.seq:
+        raise CheckFailed(f"out of memory at {ctx.seq} tokens even with 1 student layer ({first_oom['out_of_memory'][:160]}; "
+                          f"plan {first_oom['plan_peak_gib']} GiB); measured at {seq} tokens instead: {summary}", f)
+    return summary, f
 
 
 def config_pattern(config) -> str:
@@ -578,7 +610,7 @@ def config_pattern(config) -> str:
     return pattern_of({"layers_block_type": list(config.layers_block_type)})
 
 
-def _run_steps(ctx: Ctx, s_cfg, t_cfg) -> dict:
+def _run_steps(ctx: Ctx, s_cfg, t_cfg, seq: int) -> dict:
     """Two steps of the project's loop (the first allocates the optimizer's state; the second is timed):
     the student fp32 with bf16 autocast, the teacher frozen in bf16, as the distill stage runs them."""
     import torch
@@ -591,12 +623,12 @@ def _run_steps(ctx: Ctx, s_cfg, t_cfg) -> dict:
     teacher = build_model(t_cfg, ctx.device, torch.bfloat16 if cuda else torch.float32, seed=1).requires_grad_(False).eval()
     student = build_model(s_cfg, ctx.device, torch.float32, seed=2)
     # which scan runs, seen on a short training forward before the measured steps
-    ids = torch.randint(0, s_cfg.vocab_size, (1, min(256, ctx.seq)), device=ctx.device)
+    ids = torch.randint(0, s_cfg.vocab_size, (1, min(256, seq)), device=ctx.device)
     student.train()
     seen = observe_mamba_path(lambda: student(input_ids=ids, use_cache=False))
     model = KDStudent(student, chunk_size=ctx.loss_chunk)
     acc = make_accelerator(device=ctx.device.type, mixed_precision="bf16" if cuda else "no")
-    batches = StepBatches(RandomRows(s_cfg.vocab_size, ctx.seq), batch_size=1, micro_batch_size=1)
+    batches = StepBatches(RandomRows(s_cfg.vocab_size, seq), batch_size=1, micro_batch_size=1)
     tcfg = TrainConfig(max_steps=2, lr=9e-5, gradient_checkpointing=True, grad_clip=1.0, desc="gpu check step")
     if cuda:
         torch.cuda.synchronize()
@@ -617,7 +649,9 @@ def child_main(name: str, result_path: Path, smoke: bool, deadline: float | None
     """Run one check in this process and write its record (status, why, summary, figures) as JSON."""
     rec = {"status": "failed", "why": None, "summary": "", "figures": {}}
     try:
-        summary, figures = globals()[f"check_{name}"](Ctx(smoke, deadline))
+        ctx = Ctx(smoke, deadline)
+        ctx.result_path = result_path
+        summary, figures = globals()[f"check_{name}"](ctx)
         rec.update(status="passed", summary=summary, figures=figures)
     except CheckFailed as e:
         rec.update(why=str(e), figures=e.figures)
@@ -653,8 +687,9 @@ def run_child(name: str, budget: float, smoke: bool, log) -> dict:
         rec = json.loads(res.read_text()) if res.stat().st_size else None
     finally:
         res.unlink(missing_ok=True)
-    if timed_out:
-        rec = {"status": "failed", "why": f"timed out after its {budget:.0f} s budget", "summary": "", "figures": {}}
+    if timed_out:  # with the figures it had saved so far (`Ctx.save_partial`)
+        rec = {"status": "failed", "why": f"timed out after its {budget:.0f} s budget", "summary": "",
+               "figures": (rec or {}).get("figures", {})}
     elif rec is None:
         rec = {"status": "failed", "why": f"the check's process died (exit status {rc}) before writing its result",
                "summary": "", "figures": {}}
