@@ -58,6 +58,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +96,7 @@ class CheckFailed(Exception):
 
 
 def one_line(e: BaseException) -> str:
+    """The exception as one line: its type and the first line of its message."""
     text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
     return (f"{type(e).__name__}: {text}" if text else type(e).__name__)[:400]
 
@@ -298,7 +300,7 @@ def check_kernel_path(ctx: Ctx):
 WORDS = "the king queen lord love death night day sword crown blood heart fair sweet good my lady".split()
 
 
-def tiny_world(root: Path, device) -> dict:
+def tiny_world(root: Path) -> dict:
     """Text files, a byte-level BPE tokenizer trained on them, and tiny teacher / student checkpoints."""
     import random
 
@@ -369,7 +371,7 @@ def _distill_stage(ctx: Ctx, fsdp: bool):
     from elastic.stages import distill
 
     root = Path(tempfile.mkdtemp(prefix="gpu_check_distill_"))
-    world = tiny_world(root, ctx.device)
+    world = tiny_world(root)
     cfg = stage_config(world, root / "run", ctx.device)
     chosen: list[str] = []
     if fsdp:
@@ -394,6 +396,7 @@ def _distill_stage(ctx: Ctx, fsdp: bool):
     finally:
         if fsdp and dist.is_initialized():
             dist.destroy_process_group()
+        shutil.rmtree(root, ignore_errors=True)
     if fsdp and not chosen:
         raise CheckFailed("the distill stage no longer asks elastic.parallel.resolve_strategy: update gpu_check's FSDP variant")
     f = {"strategy": "fsdp (forced, 1 rank)" if fsdp else "single", "device": str(ctx.device)}
