@@ -57,6 +57,7 @@ from typing import Any
 
 from elastic.arch import ArchError, human_count
 from elastic.models.family import Sizes as Arch  # any family's sizes type
+from elastic.schedule import parse_phases
 
 GiB = 2**30
 FP32, BF16 = 4, 2
@@ -572,8 +573,6 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
                               batch_size=int(c.batch_size), steps=int(c.steps), checkpointing=ckpt,
                               loss_chunk=int(_get(cfg, "search.loss_chunk_size", 1024)), elastic=True, keys=keys, **common)]
     if stage == "distill":
-        from elastic.stages.distill import parse_phases
-
         student, _src = student_arch(cfg, parent)
         ckpt = bool(_get(cfg, "distill.gradient_checkpointing", False))
         cap = _get(cfg, "distill.max_steps")
@@ -647,7 +646,7 @@ def tau_at_router_end(search_cfg) -> dict[str, float]:
     `router.Schedule` -- the number ``tau_decay`` must be chosen against. ``tau_decay: null`` reaches
     ``tau_min`` there by construction."""
     from elastic.router import Schedule
-    from elastic.stages.search import settle_steps
+    from elastic.schedule import settle_steps
 
     c = search_cfg
     router_steps = max(1, int(c.steps) - settle_steps(c))
