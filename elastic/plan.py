@@ -185,6 +185,26 @@ def student_arch(cfg, parent: Arch) -> tuple[Arch, str]:
     return best, f"{src} {target}: largest grid architecture <= {human_count(n)}"
 
 
+def distill_student(cfg, parent: Arch) -> tuple[Arch, str, dict | None]:
+    """The student the distill stage will load, its source and its config.json (None when derived): the
+    checkpoint ``distill.student`` names, else the one ``RUN/prune/latest.json`` points at (what
+    `stages.distill.resolve_student` loads), read from its config.json when it exists; otherwise derived
+    from the config (`student_arch`: ``prune.arch``, ``prune.target`` or the searched ``budget``)."""
+    path, src = _get(cfg, "distill.student"), "distill.student"
+    if not path:
+        latest = Path(str(_get(cfg, "run_dir", "."))).expanduser() / "prune" / "latest.json"
+        if latest.is_file():
+            path, src = json.loads(latest.read_text()).get("path"), f"{latest}"
+    f = Path(str(path)).expanduser() / "config.json" if path else None
+    if f is not None and f.is_file():
+        config = json.loads(f.read_text())
+        return plan_model(config).sizes(config), f"{src}: {f}", config
+    arch, how = student_arch(cfg, parent)
+    if f is not None:
+        how += f" ({f} does not exist yet)"
+    return arch, how, None
+
+
 def _largest_within(parent: Arch, space, protect: str, n: int) -> Arch | None:
     """The grid architecture with the most parameters <= n: the family's closed form evaluated on the
     whole width grid at once (float64 is exact for these integers), one depth choice at a time."""
@@ -573,7 +593,7 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
                               batch_size=int(c.batch_size), steps=int(c.steps), checkpointing=ckpt,
                               loss_chunk=int(_get(cfg, "search.loss_chunk_size", 1024)), elastic=True, keys=keys, **common)]
     if stage == "distill":
-        student, _src = student_arch(cfg, parent)
+        student, _src, _config = distill_student(cfg, parent)
         ckpt = bool(_get(cfg, "distill.gradient_checkpointing", False))
         cap = _get(cfg, "distill.max_steps")
         rows = []
@@ -676,7 +696,7 @@ def plan_all(cfg, *, world_size=None, gpu_memory_bytes=None) -> dict[str, Any]:
     pcfg = parent_config(cfg)
     model = plan_model(pcfg)
     parent = model.sizes(pcfg)
-    student, src = student_arch(cfg, parent)
+    student, src, _config = distill_student(cfg, parent)
     rows = []
     for stage in ("importance", "search", "distill"):
         rows += _plan(cfg, stage, world_size=n, gpu_memory_bytes=mem)
