@@ -401,10 +401,12 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
     if strategy == "ddp" and n > 1:
         terms.append(Term("ddp_buckets", FP32 * p_s, "DDP gradient buckets, about one more fp32 copy of the gradients"))
     if sharded:
-        gathered = BF16 * (2 * _block_params_max(student) + _root_params(student))
-        grad_unsharded = (BF16 + FP32) * max(_block_params_max(student), _root_params(student))
-        terms.append(Term("fsdp_gathered", gathered + grad_unsharded,
-                          "bf16 all-gathered: 2 blocks (current + prefetch) + the root group; one unsharded gradient (bf16 + fp32)"))
+        # all-gathered in bf16: two blocks (current + prefetch) and the root group (embeddings, final norm, LM head:
+        # FSDP2 keeps the root gathered from its forward to the end of its backward); one block's fp32
+        # reduce-scatter input (its bf16 gradient cast to reduce_dtype), alive until the next reduce-scatter
+        gathered = BF16 * (2 * _block_params_max(student) + _root_params(student)) + FP32 * _block_params_max(student)
+        terms.append(Term("fsdp_gathered", gathered,
+                          "bf16 all-gathered: 2 blocks (current + prefetch) + the root group; one block's fp32 reduce-scatter buffer"))
         weights_fwd = 0.0
     else:
         # autocast's cache of bf16 copies of the fp32 weights a matmul reads (not the embedding: a lookup), kept
@@ -441,8 +443,22 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
 
     t = {x.name: x.bytes for x in terms}
     fixed = t["parameters"] + t["optimizer"] + t.get("ddp_buckets", 0) + t.get("teacher", 0) + t.get("fsdp_gathered", 0)
-    grad_head = FP32 * student.vocab_size * student.hidden_size / div  # lm_head's gradient: the first one the backward makes
-    grad_block = FP32 * _block_params_max(student) / div
+    accum = max(1, batch_size // (shape.batch * n))
+    if accum > 1:
+        # Gradient accumulation: from the second micro-batch on, the step's gradients (sharded under FSDP, which
+        # reduce-scatters every micro-batch -- `train.optimizer_step`; whole under DDP's no_sync) are alive
+        # through every forward and backward.
+        fixed += t["gradients"]
+    if sharded:
+        # the backward's unsharded bf16 gradients before their reduce-scatter: the LM head's (the root group is
+        # reduce-scattered only once the whole backward is done) and the block in flight
+        grad_head = BF16 * student.vocab_size * student.hidden_size
+        grad_block = BF16 * _block_params_max(student)
+    elif accum > 1:
+        grad_head = grad_block = 0.0  # accumulated in place into the gradients counted above
+    else:
+        grad_head = FP32 * student.vocab_size * student.hidden_size  # lm_head's gradient: the first one the backward makes
+        grad_block = FP32 * _block_params_max(student)
     t_hidden = BF16 * shape.tokens * teacher.hidden_size if teacher else 0.0
     # the step's moments, in order; the peak is the largest (activations are all alive from the end of the
     # forward to the start of the backward; gradients grow while they are freed)
@@ -452,7 +468,7 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
         "loss forward": fixed + weights_fwd + act + loss_f,
         "loss backward": fixed + act + loss_b,  # its first chunk, before lm_head's gradient exists (measured)
         "blocks backward": fixed + act + t_hidden + grad_head + grad_block + ws_b + lt_b,
-        "optimizer step": fixed + t["gradients"],
+        "optimizer step": fixed + (0.0 if accum > 1 else t["gradients"]),
     }
 
     tokens_per_step = batch_size * shape.seq
@@ -464,7 +480,7 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
         strategy=strategy if n > 1 else "single", teacher_mode=teacher_mode if teacher is not None else "-", mamba_path=path,
         student=student.to_dict(), student_params=p_s, teacher_params=teacher.num_params() if teacher else 0,
         seq_len=shape.seq, micro_batch=shape.batch, batch_size=batch_size,
-        grad_accum=max(1, batch_size // (shape.batch * n)), steps=steps, tokens_per_step=tokens_per_step,
+        grad_accum=accum, steps=steps, tokens_per_step=tokens_per_step,
         tokens=tokens_per_step * steps, checkpointing=checkpointing, flops_per_token=fpt, total_flops=total,
         gpu_hours=hours, terms=terms, phases=phases, keys=keys, activations_other_bytes=other,
         install_hint=_install_command(model),
