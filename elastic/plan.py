@@ -609,7 +609,9 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
                               batch_size=int(c.batch_size), steps=int(c.steps), checkpointing=ckpt,
                               loss_chunk=int(_get(cfg, "search.loss_chunk_size", 1024)), elastic=True, keys=keys, **common)]
     if stage == "distill":
-        student, _src, _config = distill_student(cfg, parent)
+        student, _src, s_config = distill_student(cfg, parent)
+        if s_config is not None:  # the student's own scan chunk (the 4B's is 256, the 9B's 128): its workspace grows with it
+            common["chunk"] = model.chunk(s_config)
         ckpt = bool(_get(cfg, "distill.gradient_checkpointing", False))
         cap = _get(cfg, "distill.max_steps")
         rows = []
