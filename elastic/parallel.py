@@ -117,7 +117,7 @@ def shard_frozen(model: nn.Module, device: torch.device) -> nn.Module:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     # fully_shard placed the blocks' shards on the device; the unsharded rest goes there whole
     for t in list(model.parameters()) + list(model.buffers()):
-        if not isinstance(t, DTensor):
+        if not isinstance(t, DTensor) and not t.is_meta:  # meta (the plan's rehearsal): materialised by to_empty later
             t.data = t.data.to(device)
     return model
 

@@ -57,6 +57,7 @@ from typing import Any
 
 from elastic.arch import ArchError, human_count
 from elastic.models.family import Sizes as Arch  # any family's sizes type
+from elastic.schedule import parse_phases
 
 GiB = 2**30
 FP32, BF16 = 4, 2
@@ -182,6 +183,26 @@ def student_arch(cfg, parent: Arch) -> tuple[Arch, str]:
     if best is None:
         raise ArchError(f"no architecture of the grid has at most {human_count(n)} parameters ({src})")
     return best, f"{src} {target}: largest grid architecture <= {human_count(n)}"
+
+
+def distill_student(cfg, parent: Arch) -> tuple[Arch, str, dict | None]:
+    """The student the distill stage will load, its source and its config.json (None when derived): the
+    checkpoint ``distill.student`` names, else the one ``RUN/prune/latest.json`` points at (what
+    `stages.distill.resolve_student` loads), read from its config.json when it exists; otherwise derived
+    from the config (`student_arch`: ``prune.arch``, ``prune.target`` or the searched ``budget``)."""
+    path, src = _get(cfg, "distill.student"), "distill.student"
+    if not path:
+        latest = Path(str(_get(cfg, "run_dir", "."))).expanduser() / "prune" / "latest.json"
+        if latest.is_file():
+            path, src = json.loads(latest.read_text()).get("path"), f"{latest}"
+    f = Path(str(path)).expanduser() / "config.json" if path else None
+    if f is not None and f.is_file():
+        config = json.loads(f.read_text())
+        return plan_model(config).sizes(config), f"{src}: {f}", config
+    arch, how = student_arch(cfg, parent)
+    if f is not None:
+        how += f" ({f} does not exist yet)"
+    return arch, how, None
 
 
 def _largest_within(parent: Arch, space, protect: str, n: int) -> Arch | None:
@@ -380,10 +401,12 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
     if strategy == "ddp" and n > 1:
         terms.append(Term("ddp_buckets", FP32 * p_s, "DDP gradient buckets, about one more fp32 copy of the gradients"))
     if sharded:
-        gathered = BF16 * (2 * _block_params_max(student) + _root_params(student))
-        grad_unsharded = (BF16 + FP32) * max(_block_params_max(student), _root_params(student))
-        terms.append(Term("fsdp_gathered", gathered + grad_unsharded,
-                          "bf16 all-gathered: 2 blocks (current + prefetch) + the root group; one unsharded gradient (bf16 + fp32)"))
+        # all-gathered in bf16: two blocks (current + prefetch) and the root group (embeddings, final norm, LM head:
+        # FSDP2 keeps the root gathered from its forward to the end of its backward); one block's fp32
+        # reduce-scatter input (its bf16 gradient cast to reduce_dtype), alive until the next reduce-scatter
+        gathered = BF16 * (2 * _block_params_max(student) + _root_params(student)) + FP32 * _block_params_max(student)
+        terms.append(Term("fsdp_gathered", gathered,
+                          "bf16 all-gathered: 2 blocks (current + prefetch) + the root group; one block's fp32 reduce-scatter buffer"))
         weights_fwd = 0.0
     else:
         # autocast's cache of bf16 copies of the fp32 weights a matmul reads (not the embedding: a lookup), kept
@@ -420,8 +443,22 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
 
     t = {x.name: x.bytes for x in terms}
     fixed = t["parameters"] + t["optimizer"] + t.get("ddp_buckets", 0) + t.get("teacher", 0) + t.get("fsdp_gathered", 0)
-    grad_head = FP32 * student.vocab_size * student.hidden_size / div  # lm_head's gradient: the first one the backward makes
-    grad_block = FP32 * _block_params_max(student) / div
+    accum = max(1, batch_size // (shape.batch * n))
+    if accum > 1:
+        # Gradient accumulation: from the second micro-batch on, the step's gradients (sharded under FSDP, which
+        # reduce-scatters every micro-batch -- `train.optimizer_step`; whole under DDP's no_sync) are alive
+        # through every forward and backward.
+        fixed += t["gradients"]
+    if sharded:
+        # the backward's unsharded bf16 gradients before their reduce-scatter: the LM head's (the root group is
+        # reduce-scattered only once the whole backward is done) and the block in flight
+        grad_head = BF16 * student.vocab_size * student.hidden_size
+        grad_block = BF16 * _block_params_max(student)
+    elif accum > 1:
+        grad_head = grad_block = 0.0  # accumulated in place into the gradients counted above
+    else:
+        grad_head = FP32 * student.vocab_size * student.hidden_size  # lm_head's gradient: the first one the backward makes
+        grad_block = FP32 * _block_params_max(student)
     t_hidden = BF16 * shape.tokens * teacher.hidden_size if teacher else 0.0
     # the step's moments, in order; the peak is the largest (activations are all alive from the end of the
     # forward to the start of the backward; gradients grow while they are freed)
@@ -431,7 +468,7 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
         "loss forward": fixed + weights_fwd + act + loss_f,
         "loss backward": fixed + act + loss_b,  # its first chunk, before lm_head's gradient exists (measured)
         "blocks backward": fixed + act + t_hidden + grad_head + grad_block + ws_b + lt_b,
-        "optimizer step": fixed + t["gradients"],
+        "optimizer step": fixed + (0.0 if accum > 1 else t["gradients"]),
     }
 
     tokens_per_step = batch_size * shape.seq
@@ -443,7 +480,7 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
         strategy=strategy if n > 1 else "single", teacher_mode=teacher_mode if teacher is not None else "-", mamba_path=path,
         student=student.to_dict(), student_params=p_s, teacher_params=teacher.num_params() if teacher else 0,
         seq_len=shape.seq, micro_batch=shape.batch, batch_size=batch_size,
-        grad_accum=max(1, batch_size // (shape.batch * n)), steps=steps, tokens_per_step=tokens_per_step,
+        grad_accum=accum, steps=steps, tokens_per_step=tokens_per_step,
         tokens=tokens_per_step * steps, checkpointing=checkpointing, flops_per_token=fpt, total_flops=total,
         gpu_hours=hours, terms=terms, phases=phases, keys=keys, activations_other_bytes=other,
         install_hint=_install_command(model),
@@ -572,9 +609,9 @@ def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=N
                               batch_size=int(c.batch_size), steps=int(c.steps), checkpointing=ckpt,
                               loss_chunk=int(_get(cfg, "search.loss_chunk_size", 1024)), elastic=True, keys=keys, **common)]
     if stage == "distill":
-        from elastic.stages.distill import parse_phases
-
-        student, _src = student_arch(cfg, parent)
+        student, _src, s_config = distill_student(cfg, parent)
+        if s_config is not None:  # the student's own scan chunk (the 4B's is 256, the 9B's 128): its workspace grows with it
+            common["chunk"] = model.chunk(s_config)
         ckpt = bool(_get(cfg, "distill.gradient_checkpointing", False))
         cap = _get(cfg, "distill.max_steps")
         rows = []
@@ -647,7 +684,7 @@ def tau_at_router_end(search_cfg) -> dict[str, float]:
     `router.Schedule` -- the number ``tau_decay`` must be chosen against. ``tau_decay: null`` reaches
     ``tau_min`` there by construction."""
     from elastic.router import Schedule
-    from elastic.stages.search import settle_steps
+    from elastic.schedule import settle_steps
 
     c = search_cfg
     router_steps = max(1, int(c.steps) - settle_steps(c))
@@ -677,7 +714,7 @@ def plan_all(cfg, *, world_size=None, gpu_memory_bytes=None) -> dict[str, Any]:
     pcfg = parent_config(cfg)
     model = plan_model(pcfg)
     parent = model.sizes(pcfg)
-    student, src = student_arch(cfg, parent)
+    student, src, _config = distill_student(cfg, parent)
     rows = []
     for stage in ("importance", "search", "distill"):
         rows += _plan(cfg, stage, world_size=n, gpu_memory_bytes=mem)

@@ -350,6 +350,89 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, trainer_state
     return final
 
 
+# ------------------------------------------------------------------------------------------------ one step
+# `train` and the plan's rehearsal (`elastic.rehearse`, which runs them on fake tensors at the real world size)
+# share these three: the rehearsal measures the step the trainer runs, not a model of it.
+
+
+def prepare_model(model: nn.Module, *, gradient_checkpointing: bool, fsdp: bool, device: torch.device,
+                  mixed_precision: str = "no", replicated: list | tuple = ()) -> None:
+    """What training does to `model` before its optimizer exists: activation checkpointing, no KV cache, train
+    mode, and under FSDP2 one shard unit per decoder block plus the root (`replicated` parameters stay whole)."""
+    if gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    for m in model.modules():  # no KV / state cache in training (NemotronH fails with one)
+        if getattr(getattr(m, "config", None), "use_cache", None):
+            m.config.use_cache = False
+    model.train()
+    if fsdp:
+        from elastic.parallel import shard_model
+
+        for p in replicated:  # fully_shard moves what it manages to the device; these it does not manage
+            p.data = p.data.to(device)
+        # after sharding: the optimizer must hold the sharded (DTensor) parameters
+        shard_model(model, device, mixed_precision=mixed_precision, ignored_params=replicated)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, param_groups: ParamGroupsFn | None = None):
+    """(AdamW, its LambdaLR schedule, trained parameter count) over ``param_groups(model)``, defaults from `cfg`."""
+    groups = (param_groups or default_param_groups)(model)
+    lambdas = []
+    for g in groups:
+        g.setdefault("lr", cfg.lr)
+        g.setdefault("weight_decay", cfg.weight_decay)
+        lambdas.append(_lr_lambda(int(g.pop("warmup_steps", cfg.warmup_steps)), cfg.max_steps,
+                                  float(g.pop("min_lr_ratio", cfg.min_lr_ratio))))
+    n_trained = sum(p.numel() for g in groups for p in g["params"])
+    if n_trained == 0:
+        raise ValueError("no trainable parameters in the optimizer groups")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                  foreach=True)
+    # Not prepared on purpose: accelerate would step a prepared scheduler once per process.
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas), n_trained
+
+
+def optimizer_step(model: nn.Module, optimizer, micro: list[torch.Tensor], step_fn: StepFn, *, teacher: Any, step: int,
+                   accelerator, fsdp: bool, replicated: list | tuple = (), grad_clip: float | None = None):
+    """One optimizer step over this process's micro-batches: forward + backward of each (gradients
+    accumulated, each loss divided by the micro-batch count), replicated gradients averaged, clipping,
+    ``optimizer.step()`` and ``zero_grad``. Returns (metric sums, metric counts, grad norm or None)."""
+    device = accelerator.device
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # a metric some micro-batches lack (a per-budget loss) averages over those that have it
+    for i, mb in enumerate(micro):
+        mb = mb.to(device, non_blocking=True)
+        sync = i == len(micro) - 1
+        if fsdp:
+            # Gradient sync stays on for every micro-batch: each backward reduce-scatters its gradients into the
+            # sharded fp32 .grad, where they accumulate, so a process holds one block's unsharded gradient at a
+            # time. With set_requires_gradient_sync(False) on all but the last (DDP's no_sync idea) FSDP2 keeps
+            # every parameter's unsharded fp32 gradient until the last micro-batch: the whole model in fp32 on
+            # every GPU (issue #20, defect 2). The cost: one reduce-scatter per micro-batch, overlapped with the backward.
+            loss, metrics = step_fn(mb, model, teacher, step)
+            (loss / len(micro)).backward()
+        else:
+            # DDP: all-reduce once per step; its buckets are one fixed copy of the gradients either way
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss, metrics = step_fn(mb, model, teacher, step)
+                accelerator.backward(loss / len(micro))
+        for k, v in {"loss": float(loss.detach()), **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0) + 1
+    grad_norm = None
+    if fsdp:
+        from elastic.parallel import average_gradients, clip_grad_norm
+
+        average_gradients(replicated)
+        if grad_clip:
+            grad_norm = clip_grad_norm(model.parameters(), grad_clip)
+    elif grad_clip:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, counts, grad_norm
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -412,36 +495,11 @@ def train(
         set_seed(cfg.seed)
 
     # --- model, optimizer, schedule
-    if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-    for m in model.modules():  # no KV / state cache in training (NemotronH fails with one)
-        if getattr(getattr(m, "config", None), "use_cache", None):
-            m.config.use_cache = False
-    model.train()
     fsdp = strategy == "fsdp"
-    replicated: list = []
-    if fsdp:
-        from elastic.parallel import shard_model
-
-        replicated = list(replicated_params(model)) if replicated_params else []
-        for p in replicated:  # fully_shard moves what it manages to the device; these it does not manage
-            p.data = p.data.to(accelerator.device)
-        # after sharding: the optimizer must hold the sharded (DTensor) parameters
-        shard_model(model, accelerator.device, mixed_precision=mixed_precision, ignored_params=replicated)
-    groups = (param_groups or default_param_groups)(model)
-    lambdas = []
-    for g in groups:
-        g.setdefault("lr", cfg.lr)
-        g.setdefault("weight_decay", cfg.weight_decay)
-        lambdas.append(_lr_lambda(int(g.pop("warmup_steps", cfg.warmup_steps)), cfg.max_steps,
-                                  float(g.pop("min_lr_ratio", cfg.min_lr_ratio))))
-    n_trained = sum(p.numel() for g in groups for p in g["params"])
-    if n_trained == 0:
-        raise ValueError("no trainable parameters in the optimizer groups")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                  foreach=True)
-    # Not prepared on purpose: accelerate would step a prepared scheduler once per process.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    replicated = list(replicated_params(model)) if fsdp and replicated_params else []
+    prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=fsdp, device=accelerator.device,
+                  mixed_precision=mixed_precision, replicated=replicated)
+    optimizer, scheduler, n_trained = make_optimizer(model, cfg, param_groups)
     if not fsdp:
         model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -488,35 +546,11 @@ def train(
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             micro = batches.next_step()
-            sums: dict[str, float] = {}
-            counts: dict[str, int] = {}  # a metric some micro-batches lack (a per-budget loss) averages over those that have it
-            for i, mb in enumerate(micro):
-                mb = mb.to(device, non_blocking=True)
-                sync = i == len(micro) - 1
-                if fsdp:  # reduce-scatter the gradients once, after the last micro-batch
-                    model.set_requires_gradient_sync(sync)
-                    loss, metrics = step_fn(mb, model, teacher, step)
-                    (loss / len(micro)).backward()
-                else:
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        loss, metrics = step_fn(mb, model, teacher, step)
-                        accelerator.backward(loss / len(micro))
-                for k, v in {"loss": float(loss.detach()), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                    counts[k] = counts.get(k, 0) + 1
-            grad_norm = None
-            if fsdp:
-                from elastic.parallel import average_gradients, clip_grad_norm
-
-                average_gradients(replicated)
-                if cfg.grad_clip:
-                    grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
-            elif cfg.grad_clip:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             lrs = [g["lr"] for g in optimizer.param_groups]
-            optimizer.step()
+            sums, counts, grad_norm = optimizer_step(model, optimizer, micro, step_fn, teacher=teacher, step=step,
+                                                     accelerator=accelerator, fsdp=fsdp, replicated=replicated,
+                                                     grad_clip=cfg.grad_clip)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             # token means over the micro-batches of all processes that report a metric (every micro-batch

@@ -188,3 +188,34 @@ def test_tau_schedule_check_reports_the_temperature_at_the_end_of_the_router_ste
         c = _cfg(recipe, tmp_path).search
         assert check_tau_schedule(c) is None, recipe
         assert tau_at_router_end(c)["tau_end"] <= 1.05 * float(c.tau_min), recipe
+
+
+def test_the_distill_student_is_the_checkpoint_distill_will_load(tmp_path):
+    """Defect 6: the distill rows size the model in `distill.student`, else the one `RUN/prune/latest.json`
+    points at (read from its config.json), not a student derived from prune.* / budget; derived only when
+    no such checkpoint exists yet."""
+    from elastic.plan import distill_student, parent_config, plan_model
+
+    parent = _parent_dir(tmp_path, "nemotron-nano-9b-v2.config.json")
+    child = _parent_dir(tmp_path, "nemotron-3-nano-4b.config.json")
+    four_b = Arch.from_config(json.loads((DATA / "nemotron-3-nano-4b.config.json").read_text())).num_params()
+    cfg = _cfg("nemotron_9b_to_4b", parent, f"run_dir={tmp_path / 'run'}", "plan.mamba_path=kernel")
+    derived = plan_rows(cfg, "distill")[0].student_params
+    assert derived != four_b  # budget 0.4471's largest grid architecture, not NVIDIA's shape
+
+    explicit = _cfg("nemotron_9b_to_4b", parent, f"run_dir={tmp_path / 'run'}", "plan.mamba_path=kernel",
+                    f"distill.student={child}")
+    assert {r.student_params for r in plan_rows(explicit, "distill")} == {four_b}
+    assert plan_all(explicit)["student"]["source"].startswith("distill.student")
+
+    latest = tmp_path / "run" / "prune" / "latest.json"
+    latest.parent.mkdir(parents=True)
+    latest.write_text(json.dumps({"name": "x", "path": str(child)}))
+    assert {r.student_params for r in plan_rows(cfg, "distill")} == {four_b}
+    pc = parent_config(cfg)
+    _arch, src, config = distill_student(cfg, plan_model(pc).sizes(pc))
+    assert "latest.json" in src and config["hidden_size"] == 3136
+
+    gone = _cfg("nemotron_9b_to_4b", parent, f"run_dir={tmp_path / 'run'}", "plan.mamba_path=kernel",
+                f"distill.student={tmp_path / 'not_yet'}")
+    assert plan_rows(gone, "distill")[0].student_params == derived

@@ -477,7 +477,7 @@ def assemble_child(model, sizes: Sizes, state: dict[str, torch.Tensor]):
             mod, _, leaf = name.rpartition(".")
             child.get_submodule(mod).register_buffer(leaf, parent_buffers[name].clone(), persistent=False)
     leftover = [n for n, t in list(child.named_parameters()) + list(child.named_buffers()) if t.is_meta]
-    if leftover:
+    if leftover and not next(model.parameters()).is_meta:  # a meta parent (the plan's rehearsal) slices to a meta child
         raise RuntimeError(f"slice left tensors on the meta device: {leftover}")
     if getattr(model, "generation_config", None) is not None:
         child.generation_config = copy.deepcopy(model.generation_config)

@@ -110,8 +110,10 @@ def workspace(a: Arch, tokens: int, chunk: int, path: str, backward: bool) -> fl
     """Transient bytes of one Mamba layer's scan beyond what it keeps (one layer runs at a time).
 
     torch path: ``segment_sum`` holds two fp32 ``[B, H, S/Q, Q, Q]`` tensors at once (masked copy and
-    cumsum) next to the fp32 B/C repeated to every head; its backward the gradients of ``L`` (fp32) and
-    of ``G`` / ``M`` (bf16), about 1.5 such tensors. kernel path: the fp32 chunk states
+    cumsum) next to the fp32 B/C repeated to every head; its backward the gradients of ``M`` / ``G`` (bf16),
+    of ``L`` and of exp's input (fp32) and the cumsum's backward over the segment sums: 2.75 such tensors at
+    once, as the plan's rehearsal measured (`elastic.rehearse`: one 4B-wide Mamba layer at 49K tokens,
+    51.7 GiB of backward transient; 1.5 tensors, the count before, left it 5.7 GiB short). kernel path: the fp32 chunk states
     ``[B, S/Q, H, P, N]`` (in and out) and the per-chunk dt / dA cumsums; in backward also the gradient of
     ``[z|xBC|dt]``.
     """
@@ -121,7 +123,7 @@ def workspace(a: Arch, tokens: int, chunk: int, path: str, backward: bool) -> fl
     i, cd, nh, n, p = _mamba_dims(a)
     if path == "torch":
         unit = _scan_unit(a, chunk)
-        return t * (1.5 * unit if backward else 2 * unit + FP32 * nh * n)
+        return t * (2.75 * unit if backward else 2 * unit + FP32 * nh * n)
     return t * (FP32 * nh * p * n / chunk * (3 if backward else 1) + FP32 * nh * 4 + (BF16 * (i + cd + nh) if backward else 0))
 
 

@@ -2,6 +2,7 @@
 
     python -m elastic.run recipe=nemotron_9b_to_4b stage=plan parent.path=/ckpt/nano-9b-v2   # a folder with config.json is enough
     python -m elastic.run recipe=nemotron_9b_to_4b stage=plan parent.path=DIR plan.mamba_path=torch plan.gpus=8
+    python -m elastic.run recipe=nemotron_9b_to_4b stage=plan parent.path=DIR plan.rehearse=true plan.gpus=8   # + one real step per row
     python -m elastic.run stage=plan                                                           # tiny CPU variant: the toy recipe
 
 Prints the student's and teacher's parameter counts and one row per stage -- importance, search,
@@ -10,6 +11,12 @@ FLOPs per token and GPU-hours at ``plan.mfu``; writes ``plan/plan.json`` and ``p
 (atomically, with sidecars). Exits 2 with one ``elastic: error:`` line naming the overflowing term
 and the key to change when a row does not fit -- after writing both files, so the whole table can be
 read. Not part of ``stage=all``; it keeps no DONE marker (it is cheap and always recomputed).
+
+With ``plan.rehearse=true`` the search row and each distill phase are also rehearsed (`elastic.rehearse`:
+the trainer's own step on fake tensors under a fake process group of ``plan.gpus`` ranks, measured by
+torch's FSDPMemTracker); every row then carries ``rehearsal_peak_gib`` beside ``peak_gib``, the table
+shows both, and the stage exits 2 when a rehearsed peak exceeds usable memory, even where the plan's
+arithmetic says it fits.
 """
 
 from __future__ import annotations
@@ -47,6 +54,13 @@ def _rows_table(doc: dict) -> tuple[list[str], list[list[str]]]:
         line("activations, other checkpointing GiB", lambda r: f"{r['activations_other_gib']:.1f}" if "activations_other_gib" in r else "-"),
         line("peak at", lambda r: r["peak_phase"]),
         line("PEAK / usable GiB", lambda r: f"{r['peak_gib']:.1f} / {r['budget_gib']:.1f}"),
+    ]
+    if any("rehearsal_peak_gib" in r for r in rows):
+        cells += [
+            line("REHEARSED PEAK GiB", lambda r: f"{r['rehearsal_peak_gib']:.1f}" if r.get("rehearsal_peak_gib") is not None else "-"),
+            line("plan / rehearsal", lambda r: f"{r['peak_gib'] / r['rehearsal_peak_gib']:.2f}" if r.get("rehearsal_peak_gib") else "-"),
+        ]
+    cells += [
         line("fits", lambda r: "yes" if r["fits"] else "NO"),
         line("tokens per step", lambda r: f"{r['tokens_per_step']:,}"),
         line("steps", lambda r: f"{r['steps']:,}"),
@@ -73,9 +87,9 @@ def _markdown(doc: dict) -> str:
         "|" + "---|" * len(head),
     ]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
-    refusals = [r for r in doc["_rows"] if not r.fits]
+    refusals = doc.get("_refusals", [r.refusal() for r in doc["_rows"] if not r.fits])
     if refusals:
-        lines += ["", "Refused:", ""] + [f"- {r.refusal()}" for r in refusals]
+        lines += ["", "Refused:", ""] + [f"- {r}" for r in refusals]
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +108,7 @@ def _print(doc: dict) -> None:
     for h in head:
         table.add_column(h, justify="left" if h == "per GPU" else "right")
     for c in cells:
-        table.add_row(*c, style="bold" if c[0] in ("PEAK / usable GiB", "fits") else None)
+        table.add_row(*c, style="bold" if c[0] in ("PEAK / usable GiB", "REHEARSED PEAK GiB", "fits") else None)
     con.print(table)
     tau = doc["tau"]
     con.print(f"search: Gumbel temperature {tau['tau_end']:.3f} after {tau['router_steps']} router steps (floor {tau['tau_min']})")
@@ -103,8 +117,34 @@ def _print(doc: dict) -> None:
     con.print(f"total: {doc['gpu_hours']:,.0f} GPU-hours at the stated MFU")
 
 
+def _rehearse(cfg, doc: dict) -> list[str]:
+    """Rehearse the training rows (`elastic.rehearse`) and fold the measured peaks into `doc`'s rows: a row
+    whose rehearsed peak exceeds usable memory does not fit, whatever the arithmetic says. Returns the
+    refusals the rehearsal adds."""
+    from elastic.rehearse import rehearse_rows
+
+    measured = rehearse_rows(cfg, doc["_rows"])
+    refusals = []
+    for r, d in zip(doc["_rows"], doc["rows"]):
+        m = measured.get(r.row)
+        d["rehearsal_peak_gib"] = round(m.peak_gib, 2) if m else None
+        if m is None:
+            continue
+        d["rehearsal"] = m.to_dict()
+        if m.peak_bytes > r.budget_bytes:
+            d["fits"] = False
+            if r.fits:  # the plan's own refusal already names the row otherwise
+                refusals.append(f"{r.row}: the rehearsed step peaks at {m.peak_gib:.1f} GiB > {r.budget_bytes / GiB:.1f} GiB usable "
+                                f"per GPU although the plan says {r.peak_bytes / GiB:.1f} GiB ({r.strategy}, {r.world_size} GPU(s)) -- "
+                                + r.refusal().split(" -- ", 1)[-1])
+    doc["fits"] = all(d["fits"] for d in doc["rows"])
+    return refusals
+
+
 def run(cfg, run: RunDir) -> dict:
     doc = plan_all(cfg)
+    extra = _rehearse(cfg, doc) if bool(cfg.get("plan", {}).get("rehearse", False)) else []
+    doc["_refusals"] = [r.refusal() for r in doc["_rows"] if not r.fits] + extra
     public = {k: v for k, v in doc.items() if not k.startswith("_")}
     _print(doc)
     meta = dict(stage=STAGE, config={k: cfg.get(k) for k in ("plan", "parallel")})
@@ -113,7 +153,6 @@ def run(cfg, run: RunDir) -> dict:
     _atomic_write_bytes(md, _markdown(doc).encode())
     run.write_sidecar(md, **meta)
     print(f"plan: {run.path(STAGE, 'plan.json')}, {md}")
-    bad = [r for r in doc["_rows"] if not r.fits]
-    if bad:
-        raise PlanError("; ".join(r.refusal() for r in bad))
+    if doc["_refusals"]:
+        raise PlanError("; ".join(doc["_refusals"]))
     return {"fits": True, "gpu_hours": round(doc["gpu_hours"]), "plan": str(run.path(STAGE, "plan.json"))}

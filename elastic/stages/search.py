@@ -50,6 +50,7 @@ from elastic.models import family_for
 from elastic.models.family import ElasticBase
 from elastic.router import Cost, Router, Schedule, budget_loss, check_budgets
 from elastic.rundir import RunDir, write_json
+from elastic.schedule import settle_steps  # noqa: F401 - shared with the plan, which prices the router steps
 from elastic.search_space import Space
 
 STAGE = "search"
@@ -76,11 +77,6 @@ def build_space(parent, c) -> Space:
         except ArchError as e:
             raise ArchError(f"search.choices: {e}") from None
     return space
-
-
-def settle_steps(c) -> int:
-    """The number of final steps with the router frozen (``settle_share`` of ``steps``)."""
-    return int(round(float(c.get("settle_share") or 0.0) * int(c.steps)))
 
 
 def full_model_share(share, budgets) -> float:

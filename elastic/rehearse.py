@@ -1,0 +1,380 @@
+"""The plan's rehearsal: one real training step of each row, at the real world size, on fake tensors.
+
+    python -m elastic.run recipe=nemotron_9b_to_4b stage=plan parent.path=DIR plan.rehearse=true plan.gpus=8
+
+`elastic.plan` prices a step by arithmetic (instant, and it explains itself); this module runs the step
+the trainer runs and measures it, so the arithmetic is checked against the code rather than against a
+second model of it (torchtitan's memory estimator does the same for its trainer). For the search row and
+each distill phase:
+
+* a fake process group of ``plan.gpus`` ranks (``torch.distributed`` backend ``fake``: collectives return
+  at once) stands in for the launch; this process is rank 0;
+* the student and the teacher are built from ``config.json`` alone on the meta device (no weights), by
+  the stages' own code (`stages.search.make_search_model`, `losses.KDStudent`), then wrapped by
+  `train.prepare_model` exactly as `train.train` wraps them (activation checkpointing, ``fully_shard``
+  per decoder block and the root, the router replicated) and the teacher placed as the stage places it
+  (replicated, or `parallel.shard_frozen`);
+* ``to_empty`` inside ``FakeTensorMode`` gives every tensor a shape, a dtype and no storage, and
+  `train.make_optimizer` builds the trainer's AdamW over them;
+* `train.optimizer_step` -- the trainer's own step: forward, the chunked KD loss, backward with the
+  recipe's gradient accumulation, gradient averaging and clipping, ``optimizer.step()`` -- runs once
+  inside torch's ``FSDPMemTracker`` (``MemTracker`` without FSDP), which records the peak bytes by
+  category (sharded and unsharded parameters and gradients, activations, optimizer state, collectives'
+  buffers).
+
+What stands in for a GPU here, and what the rehearsal cannot see:
+
+* device ``cpu`` instead of ``cuda`` (fake CUDA tensors cannot run a backward on a CPU-only torch), and
+  so transformers' pure-torch Mamba-2 scan (``plan.mamba_path=torch``; the fused kernels are CUDA only);
+* AdamW's moments are allocated by one step on zero gradients before the traced step, as they exist
+  from the trainer's first step on (a first step's lazy state initialisation inflates the peak by
+  temporaries that a later step never has);
+* micro-batches past the second repeat the second's memory exactly (the same tensors are alive: the
+  accumulated gradients, the fixed state), so an accumulation of N > 2 is rehearsed with 2;
+* the search draws its budgets as the trainer does (`SearchModel.plan`, on real generators) at a router
+  step that does not log the router's choices (that logging reads tensor values; fake tensors have none);
+* transformers builds an S x S attention mask when it sees fake position ids (it takes them for a
+  trace that might be packed); training rows are never packed, so the rehearsal gives it what a real
+  run's position ids give: no packed-sequence mask;
+* a ``ddp`` row is rehearsed as one replica: DDP's gradient buckets are not traced (the plan adds them);
+* left out, as by the plan: the CUDA context, NCCL's own buffers, allocator fragmentation
+  (``plan.reserve_gib``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from elastic.plan import GiB, PlanError, StagePlan
+
+__all__ = ["Rehearsal", "RehearsalError", "fake_world", "rehearse_distill", "rehearse_search", "rehearse_rows"]
+
+
+class RehearsalError(PlanError):
+    """A rehearsal that cannot run here (a setting it cannot reproduce on this machine)."""
+
+
+@dataclass
+class Rehearsal:
+    """What one rehearsed step of one plan row measured (bytes per GPU, rank 0)."""
+
+    row: str
+    peak_bytes: int
+    by_category: dict[str, int]  # the categories at the moment of the peak (FSDPMemTracker's names, lower case)
+    world_size: int
+    strategy: str
+    micro_batches: int  # micro-batches run (the recipe's accumulation, capped at 2: see the module docstring)
+    grad_accum: int  # the recipe's accumulation
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GiB
+
+    def to_dict(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "peak_gib": round(self.peak_gib, 2), "world_size": self.world_size,
+                "strategy": self.strategy, "micro_batches": self.micro_batches, "grad_accum": self.grad_accum,
+                "seconds": round(self.seconds, 1), "by_category_gib": {k: round(v / GiB, 3) for k, v in self.by_category.items()},
+                "notes": self.notes}
+
+
+# ------------------------------------------------------------------------------------------------ stand-ins
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int):
+    """A ``fake`` process group of `world_size` ranks (this process is rank 0) for the duration."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RehearsalError("plan.rehearse needs a process of its own: a process group is already initialised here")
+    dist.init_process_group("fake", rank=0, world_size=int(world_size), store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _fake_values_read_as_zero():
+    """The step reads a few logged numbers with ``float(tensor)`` (the loss, the KL, the grad norm); a fake
+    tensor has no value, so they read as 0.0 here. Nothing the step allocates depends on them (a grad norm
+    of 0 skips clipping's in-place scaling, which allocates nothing)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    orig = torch.Tensor.__float__
+    torch.Tensor.__float__ = lambda t: 0.0 if isinstance(t, FakeTensor) else orig(t)
+    try:
+        yield
+    finally:
+        torch.Tensor.__float__ = orig
+
+
+@contextlib.contextmanager
+def _unpacked_rows():
+    """transformers' packed-sequence detection returns a mask for fake position ids (it cannot read them)
+    and the attention then builds an S x S mask; real rows are contiguous 0..S-1, for which it returns None."""
+    from transformers import masking_utils
+
+    orig = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = orig
+
+
+def _hf_config(config: dict):
+    from transformers import AutoConfig
+
+    d = {k: v for k, v in config.items() if k not in ("transformers_version", "_name_or_path")}
+    return AutoConfig.for_model(**d)
+
+
+def _build_meta(config, dtype: torch.dtype):
+    """The family's causal LM of `config` on the meta device, its floating tensors in `dtype` (no memory, no init)."""
+    from transformers import AutoModelForCausalLM
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _autocast(module: torch.nn.Module) -> None:
+    """What accelerate's ``mixed_precision=bf16`` does to a prepared (non-FSDP) module: its forward runs under autocast."""
+    module.forward = torch.autocast("cpu", dtype=torch.bfloat16)(module.forward)
+
+
+def _accelerator():
+    """The little of accelerate's `Accelerator` the step reads, for a process that trains on its own
+    (under FSDP only ``device`` is read; DDP's no_sync and bucketed backward are not rehearsed)."""
+    return types.SimpleNamespace(
+        device=torch.device("cpu"), no_sync=lambda model: contextlib.nullcontext(),
+        backward=lambda loss: loss.backward(), unwrap_model=lambda m: m,
+        clip_grad_norm_=lambda params, max_norm: torch.nn.utils.clip_grad_norm_(list(params), max_norm))
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """AdamW's moments exist from the trainer's first step on: allocate them with one step on zero gradients."""
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _measure(model, optimizer, frozen: torch.nn.Module | None, fsdp: bool, run_step) -> dict[str, int]:
+    """Peak bytes of `run_step` by category on the cpu device ("total" included)."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mt = FSDPMemTracker(model, optimizer) if fsdp else MemTracker()
+    if not fsdp:
+        mt.track_external(model, optimizer)
+    if frozen is not None:
+        # The teacher's weights, by their local shards when sharded. FSDPMemTracker counts only its FSDP tree's
+        # modules and has no "other" category: the teacher is the step's input (`step_fn(batch, model,
+        # teacher, step)`), and counted as such; MemTracker counts it as "other". Both read "teacher" below.
+        from torch.distributed.tensor import DTensor
+
+        tensors = tuple(t.to_local() if isinstance(t, DTensor) else t for t in list(frozen.parameters()) + list(frozen.buffers()))
+        mt.track_inputs(tensors) if fsdp else mt.track_external(*tensors)
+    # the teacher's weights stay frozen, as in training (flagging them trainable for the trace makes the tracker
+    # hook a conv weight that transformers >= 5.25 passes as a module input under no_grad, and fail)
+    with mt:
+        run_step(mt)
+    snap = mt.get_tracker_snapshot("peak")
+    dev = next(d for d in snap if str(d) == "cpu")
+    names = {"inputs": "teacher", "other": "teacher"}  # the micro-batches are made before tracking: only the teacher is either
+    out = {}
+    for k, v in snap[dev].items():
+        k = str(getattr(k, "value", k)).lower().replace(" ", "_")
+        out[names.get(k, k)] = out.get(names.get(k, k), 0) + int(v)
+    return out
+
+
+def _run(model, optimizer_args, *, teacher, step_fn, step: int, batch_shape: tuple[int, int], vocab: int,
+         micro_batches: int, fsdp: bool, mixed: bool, grad_clip, replicated=()) -> dict[str, int]:
+    """Materialise `model` and `teacher` as fake tensors, build the trainer's optimizer and run its step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from elastic.train import make_optimizer, optimizer_step
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, _fake_values_read_as_zero(), _unpacked_rows():
+        model.to_empty(device="cpu")
+        teacher.to_empty(device="cpu")
+        if not fsdp and mixed:
+            _autocast(model)
+        optimizer, _sched, _n = make_optimizer(model, *optimizer_args)
+        _init_optimizer_state(optimizer)
+        micro = [torch.randint(0, vocab, batch_shape) for _ in range(micro_batches)]
+        acc = _accelerator()
+
+        def run_step(mt):
+            calls = []
+
+            def each_micro_batch(*args):
+                # FSDPMemTracker refuses a second forward of the root in one trace unless its per-module
+                # stats (not the peak) are cleared first: gradient accumulation runs one forward per micro-batch
+                if calls and hasattr(mt, "reset_mod_stats"):
+                    mt.reset_mod_stats()
+                calls.append(1)
+                return step_fn(*args)
+
+            optimizer_step(model, optimizer, micro, each_micro_batch, teacher=teacher, step=step, accelerator=acc,
+                           fsdp=fsdp, replicated=list(replicated), grad_clip=grad_clip)
+
+        return _measure(model, optimizer, teacher, fsdp, run_step)
+
+
+def _place_teacher(teacher, teacher_mode: str, fsdp: bool, world_size: int):
+    from elastic.parallel import shard_frozen
+
+    teacher.requires_grad_(False).eval()
+    if fsdp and teacher_mode == "shard" and world_size > 1:
+        shard_frozen(teacher, torch.device("cpu"))
+    return teacher
+
+
+def _micro_batches(grad_accum: int, micro_batches: int | None) -> int:
+    return int(micro_batches) if micro_batches else min(max(1, int(grad_accum)), 2)
+
+
+# ------------------------------------------------------------------------------------------------ the rows
+
+
+def rehearse_distill(student_config: dict, teacher_config: dict, *, row: str = "distill", world_size: int, strategy: str,
+                     teacher_mode: str, seq_len: int, micro_batch: int, grad_accum: int, checkpointing: bool,
+                     loss_chunk: int, temperature: float = 1.0, lm_weight: float = 0.0, mixed_precision: str = "bf16",
+                     grad_clip: float | None = 1.0, micro_batches: int | None = None) -> Rehearsal:
+    """One distill step (`stages.distill.make_step_fn` on `losses.KDStudent`): an fp32 student trained
+    against a frozen bf16 teacher, as `stages.distill.run` sets them up."""
+    from elastic.losses import KDStudent
+    from elastic.stages.distill import make_step_fn
+    from elastic.train import TrainConfig, prepare_model
+
+    t0 = time.perf_counter()
+    fsdp = strategy == "fsdp" and world_size > 1
+    n_micro = _micro_batches(grad_accum, micro_batches)
+    with fake_world(world_size if fsdp else 1):
+        student = _build_meta(_hf_config(student_config), torch.float32)
+        model = KDStudent(student, temperature=temperature, lm_weight=lm_weight, chunk_size=loss_chunk)
+        teacher = _place_teacher(_build_meta(_hf_config(teacher_config), torch.bfloat16), teacher_mode, fsdp, world_size)
+        prepare_model(model, gradient_checkpointing=checkpointing, fsdp=fsdp, device=torch.device("cpu"),
+                      mixed_precision=mixed_precision)
+        peak = _run(model, (TrainConfig(max_steps=1, grad_clip=grad_clip),), teacher=teacher,
+                    step_fn=make_step_fn(lm_weight), step=0, batch_shape=(micro_batch, seq_len),
+                    vocab=int(student_config["vocab_size"]), micro_batches=n_micro, fsdp=fsdp,
+                    mixed=mixed_precision in ("bf16", "bfloat16"), grad_clip=grad_clip)
+    return _result(row, peak, world_size, strategy, n_micro, grad_accum, t0)
+
+
+def rehearse_search(parent_config: dict, search_cfg, *, row: str = "search", world_size: int, strategy: str,
+                    teacher_mode: str, micro_batch: int, grad_accum: int, checkpointing: bool, seed: int = 0,
+                    mixed_precision: str = "bf16", micro_batches: int | None = None) -> Rehearsal:
+    """One search step (`stages.search.make_search_model` + its `make_step_fn`): the whole parent in fp32,
+    importance-ordered and masked by the router's draw, against the frozen bf16 parent as teacher. A plan
+    has no importance ranking: the identity order (the order changes no size)."""
+    from omegaconf import OmegaConf
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from elastic.models import family_for
+    from elastic.models.family import Ranking
+    from elastic.stages.search import make_search_model, make_step_fn, param_groups_fn
+    from elastic.train import TrainConfig, prepare_model
+
+    t0 = time.perf_counter()
+    fsdp = strategy == "fsdp" and world_size > 1
+    n_micro = _micro_batches(grad_accum, micro_batches)
+    c = copy.deepcopy(search_cfg) if OmegaConf.is_config(search_cfg) else OmegaConf.create(search_cfg)
+    # the logged router choices read tensor values (fake here) every log_choices_every steps: rehearse a step
+    # that does not log them; step 1 is a router step of the first (uniform) phase, as in the trainer
+    c.log_choices_every = 1_000_000
+    step = 1
+    config = _hf_config(parent_config)
+    with fake_world(world_size if fsdp else 1):
+        parent = _build_meta(config, torch.float32)
+        sizes = family_for(parent).Sizes.from_config(parent.config)
+        sm = make_search_model(parent, Ranking.identity(sizes), c, seed)
+        del parent
+        plan = sm.plan
+
+        def real_draws(*args, **kwargs):  # the draws run on real generators, as in training
+            with unset_fake_temporarily():
+                return plan(*args, **kwargs)
+
+        sm.plan = real_draws
+        sm.set_process(0, world_size if fsdp else 1)
+        teacher = _place_teacher(_build_meta(config, torch.bfloat16), teacher_mode, fsdp, world_size)
+        replicated = list(sm.router.parameters())
+        prepare_model(sm, gradient_checkpointing=checkpointing, fsdp=fsdp, device=torch.device("cpu"),
+                      mixed_precision=mixed_precision, replicated=replicated)
+        tc = TrainConfig(max_steps=int(c.steps), grad_clip=float(c.grad_clip) or None)
+        peak = _run(sm, (tc, param_groups_fn(c)), teacher=teacher, step_fn=make_step_fn(_accelerator(), c), step=step,
+                    batch_shape=(micro_batch, int(c.seq_len)), vocab=int(parent_config["vocab_size"]),
+                    micro_batches=n_micro, fsdp=fsdp, mixed=mixed_precision in ("bf16", "bfloat16"),
+                    grad_clip=tc.grad_clip, replicated=replicated)
+    return _result(row, peak, world_size, strategy, n_micro, grad_accum, t0)
+
+
+def _result(row, peak, world_size, strategy, n_micro, grad_accum, t0) -> Rehearsal:
+    notes = []
+    if strategy == "ddp" and world_size > 1:
+        notes.append("ddp rehearsed as one replica: DDP's gradient buckets are not traced")
+    return Rehearsal(row=row, peak_bytes=peak.pop("total"), by_category=peak, world_size=world_size, strategy=strategy,
+                     micro_batches=n_micro, grad_accum=grad_accum, seconds=time.perf_counter() - t0, notes=notes)
+
+
+def rehearse_rows(cfg, rows: list[StagePlan], *, log=print) -> dict[str, Rehearsal]:
+    """Rehearse every training row of a plan (search, each distill phase; importance has no training step)."""
+    from elastic.plan import _get, distill_student, parent_config, plan_model
+    from elastic.schedule import parse_phases
+
+    pcfg = parent_config(cfg)
+    out: dict[str, Rehearsal] = {}
+    phases = {f"distill {ph.name}": ph for ph in parse_phases(cfg.distill)}
+    mixed = str(_get(cfg, "distill.mixed_precision", "bf16"))
+    mixed = "bf16" if mixed == "auto" else mixed  # auto is bf16 on a GPU, what is rehearsed
+    student_config = None
+    for r in rows:
+        if r.stage not in ("search", "distill"):
+            continue
+        if r.mamba_path != "torch":
+            raise RehearsalError(f"plan.rehearse runs transformers' pure-torch Mamba path (the fused kernels need CUDA), "
+                                 f"but the plan is for the {r.mamba_path} path: set plan.mamba_path=torch")
+        log(f"rehearsing {r.row}: {r.world_size} ranks, {r.strategy}/{r.teacher_mode}, {r.micro_batch} x {r.seq_len}, "
+            f"accumulation {r.grad_accum} ...")
+        if r.stage == "search":
+            res = rehearse_search(pcfg, cfg.search, row=r.row, world_size=r.world_size, strategy=r.strategy,
+                                  teacher_mode=r.teacher_mode, micro_batch=r.micro_batch, grad_accum=r.grad_accum,
+                                  checkpointing=r.checkpointing, seed=int(_get(cfg, "seed", 0)))
+        else:
+            if student_config is None:
+                arch, _src, student_config = distill_student(cfg, plan_model(pcfg).sizes(pcfg))
+                if student_config is None:
+                    student_config = arch.to_config(_hf_config(pcfg)).to_dict()
+            dc = cfg.distill
+            grad_clip = dc.get("grad_clip")
+            res = rehearse_distill(student_config, pcfg, row=r.row, world_size=r.world_size, strategy=r.strategy,
+                                   teacher_mode=r.teacher_mode, seq_len=r.seq_len, micro_batch=r.micro_batch,
+                                   grad_accum=r.grad_accum, checkpointing=r.checkpointing,
+                                   loss_chunk=int(dc.get("loss_chunk_size", 1024)), temperature=float(dc.get("temperature", 1.0)),
+                                   lm_weight=float(dc.get("lm_weight", 0.0)), mixed_precision=mixed,
+                                   grad_clip=float(grad_clip) if grad_clip else None)
+            assert r.row in phases
+        log(f"rehearsed {r.row}: peak {res.peak_gib:.1f} GiB per GPU (plan {r.peak_bytes / GiB:.1f}) in {res.seconds:.0f} s")
+        out[r.row] = res
+    return out
