@@ -174,19 +174,37 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
 
 
 def average_gradients(params: Iterable[nn.Parameter]) -> None:
-    """Average the gradients of replicated (FSDP-ignored) parameters over the processes, as DDP would."""
+    """Average the gradients of replicated (FSDP-ignored) parameters over the processes, as DDP would.
+
+    Every rank enters the same all_reduce whatever it holds: a rank can have no gradient for a parameter (the router
+    when all its micro-batches were full-model ones), and a rank that skipped the collective would pair the others'
+    all_reduce with its next one (wrong sums on gloo, a hang or silent corruption on NCCL). A missing gradient counts
+    as zero in the average, as in DDP; a parameter no rank has a gradient for keeps none (the optimizer skips it).
+    """
     import torch.distributed as dist
 
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or not dist.is_initialized() or dist.get_world_size() == 1:
+    params = list(params)
+    if not params or not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    ref = params[0]
+    # one flat buffer: each parameter's gradient (zeros where missing), then one has-a-gradient count per parameter
+    parts = [p.grad.reshape(-1).to(ref.dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=ref.dtype, device=ref.device)
+             for p in params]
+    present = torch.tensor([float(p.grad is not None) for p in params], dtype=ref.dtype, device=ref.device)
+    flat = torch.cat(parts + [present])
     dist.all_reduce(flat)  # SUM: gloo has no AVG
-    flat /= dist.get_world_size()
     i = 0
-    for g in grads:
-        g.copy_(flat[i : i + g.numel()].view_as(g))
-        i += g.numel()
+    world = dist.get_world_size()
+    counts = flat[-len(params):]
+    for p, n in zip(params, counts.tolist()):
+        g = flat[i : i + p.numel()].view_as(p) / world
+        i += p.numel()
+        if n == 0:
+            continue
+        if p.grad is None:
+            p.grad = g.to(p.dtype)
+        else:
+            p.grad.copy_(g)
 
 
 def save_sharded(path: str | Path, model: nn.Module, optimizer) -> None:
