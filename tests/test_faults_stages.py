@@ -15,6 +15,7 @@ the cleanup of ``except``/``finally`` blocks cannot tidy up what a SIGKILL would
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -119,7 +120,8 @@ def snapshot(root: Path) -> dict:
             text = p.read_text().replace(str(root), "<RUN>")
             out[rel] = _strip(json.loads(text) if p.suffix == ".json" else [json.loads(l) for l in text.splitlines()])
         else:
-            out[rel] = p.read_bytes().replace(str(root).encode(), b"<RUN>")
+            data = p.read_bytes().replace(str(root).encode(), b"<RUN>")
+            out[rel] = re.sub(rb"Time spent on the models: \d+ s", b"Time spent on the models: <T> s", data)  # evaluate's report
     return out
 
 
@@ -136,7 +138,10 @@ def assert_same_files(got: Path, want: Path) -> None:
 
 
 def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of the run directory `src` that refers to its own files (``prune/latest.json`` holds an absolute path)."""
     shutil.copytree(src, dst)
+    for p in dst.rglob("*.json"):
+        p.write_text(p.read_text().replace(str(src), str(dst)))
     return dst
 
 
@@ -382,6 +387,11 @@ def _evaluation(name):
     return __import__(f"elastic.evaluation.{name}", fromlist=["x"])
 
 
+# Known defects of elastic/stages/evaluate.py (owned elsewhere; the fix is one `remove_temps(out, ("results.json",
+# "report", "DONE.json"))` before the first write, and removing RUN/evaluate/logs before `track` logs): strict, so
+# that the fix turns them into failures until these marks go.
+LEAVES_TEMPS = pytest.mark.xfail(strict=True, reason="evaluate leaves a killed run's temporaries (.results.json.*.tmp, .report.*.tmp/)")
+APPENDS_TWICE = pytest.mark.xfail(strict=True, reason="evaluate appends its metrics to logs/metrics.jsonl again on the rerun")
 EVALUATE_CRASHES = {
     "second-model": lambda: Kill(_evaluation("quality"), "chunked_loss", nth=2),
     "results-temp-written": lambda: Kill(os, "replace", named("results.json")),
@@ -389,9 +399,10 @@ EVALUATE_CRASHES = {
     "before-tracking": lambda: Kill(__import__("elastic.stages.evaluate", fromlist=["x"]), "track"),
     "before-done": lambda: Kill(RunDir, "mark_done"),
 }
+EVALUATE_MARKS = {"results-temp-written": LEAVES_TEMPS, "report-half-written": LEAVES_TEMPS, "before-done": APPENDS_TWICE}
 
 
-@pytest.mark.parametrize("point", EVALUATE_CRASHES)
+@pytest.mark.parametrize("point", [pytest.param(p, marks=EVALUATE_MARKS.get(p, ())) for p in EVALUATE_CRASHES])
 def test_evaluate_resumes_after_a_crash(point, prune_run, evaluate_run, toy_parent, tmp_path):
     run_dir = copy_run(prune_run, tmp_path / "run")
     crash_then_resume(make_cfg(toy_parent, run_dir, *EVALUATE, *SMALL), EVALUATE_CRASHES[point]())
