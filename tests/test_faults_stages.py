@@ -248,7 +248,6 @@ EXTRACT_CRASHES = {  # (the fault, how many budgets were finished before it: the
 }
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("point", EXTRACT_CRASHES)
 def test_budget_extraction_resumes_after_a_crash_without_cutting_finished_budgets_again(
         point, search_run, extract_run, toy_parent, tmp_path):
@@ -264,6 +263,18 @@ def test_budget_extraction_resumes_after_a_crash_without_cutting_finished_budget
     pipeline(cfg.copy())
     assert {b: weights[b].stat().st_mtime_ns for b in stamps} == stamps, "a finished budget was cut and written again"
     assert_same_files(run_dir, extract_run)
+
+
+def test_budgets_of_another_search_are_cut_again(extract_run, toy_parent, tmp_path):
+    """Skipping a finished budget must not keep one cut from other weights: here the search ran again (its DONE
+    fingerprint changed) and the extraction must cut every budget anew."""
+    run_dir = copy_run(extract_run, tmp_path / "run")
+    done = run_dir / "search" / "DONE.json"
+    done.write_text(json.dumps(json.loads(done.read_text()) | {"fingerprint": "another-search"}))
+    weights = run_dir / "prune" / "budget-0.5" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    pipeline(make_cfg(toy_parent, run_dir, *EXTRACT, *SMALL))
+    assert weights.stat().st_mtime_ns != stamp
 
 
 # ------------------------------------------------------------------------------------------------ quantize
@@ -292,7 +303,6 @@ QUANTIZE_CRASHES = {
 }
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("point", QUANTIZE_CRASHES)
 def test_quantize_resumes_after_a_crash(point, prune_run, quantize_run, toy_parent, tmp_path):
     run_dir = copy_run(prune_run, tmp_path / "run")
