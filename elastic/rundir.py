@@ -237,6 +237,9 @@ def remove_temps(folder: str | Path, names) -> list[Path]:
     for name in names:
         esc = glob.escape(str(name))
         for p in [*Path(folder).glob(f".{esc}.*.tmp"), *Path(folder).glob(f".{esc}.old")]:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
             gone.append(p)
     return gone

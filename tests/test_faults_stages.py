@@ -42,7 +42,7 @@ class Crash(BaseException):
 
 
 class Kill:
-    """Raise `Crash` at the first call of ``owner.attr`` for which ``when(*args, **kwargs)`` holds (before it runs,
+    """Raise `Crash` at the `nth` call of ``owner.attr`` for which ``when(*args, **kwargs)`` holds (before it runs,
     or right after it returned with ``after=True``); from then on deletions are no-ops, as after a SIGKILL."""
 
     def __init__(self, owner, attr: str, when=None, nth: int = 1, after: bool = False):
