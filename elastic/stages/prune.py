@@ -20,6 +20,10 @@ Output: ``prune/<name>/`` (safetensors weights, config.json derived from the kep
 that ``AutoModelForCausalLM.from_pretrained`` and serving engines load as it is; beside it
 ``<name>.arch.json``, ``<name>.candidates.json``, ``<name>.ranking.safetensors`` and the sidecar;
 ``prune/latest.json`` points at it for the next stage.
+
+After a crash the same command finishes the job without ``force``: it replaces its own unfinished folder (no
+sidecar, or a sidecar with this run's fingerprint), removes a killed run's temporaries, and an extraction skips
+the budgets already cut from the same search; a finished model of another setting under the same name is refused.
 """
 
 from __future__ import annotations
