@@ -222,3 +222,24 @@ class RunDir:
     def clear_done(self, stage: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.done_path(stage).unlink()
+
+
+def remove_temps(folder: str | Path, names) -> list[Path]:
+    """Delete what a killed writer of the artifacts `names` left in `folder` and return it: their temporaries
+    (``.<name>.*.tmp``, files or folders, sidecars' included) and a replaced copy (``.<name>.old``).
+
+    A crash inside Python removes its temporary (see `atomic_dir`); a SIGKILL or a power cut cannot, and
+    every retry would add one more. Call it before writing `names` again, from the one process that writes them.
+    """
+    import glob
+
+    gone = []
+    for name in names:
+        esc = glob.escape(str(name))
+        for p in [*Path(folder).glob(f".{esc}.*.tmp"), *Path(folder).glob(f".{esc}.old")]:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone

@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from elastic.rundir import RunDir, read_json
+from elastic.rundir import RunDir, read_json, remove_temps
 
 STAGE = "export"
 FORMATS = ("gguf",)
@@ -100,6 +100,9 @@ def run(cfg: Any, run: RunDir) -> dict:
 
     out_dir = run.path(STAGE)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a rerun after a crash redoes every file (each replaces its earlier copy whole); the work folder, sidecars
+    # or marker a killed run left half-written go first
+    remove_temps(out_dir, (name, *(f"{name}-{q}.gguf" for q in quants), run.done_path(STAGE).name))
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir))
     try:
         files = gguf.export_gguf(source, name, quants, workdir=work, threads=threads)

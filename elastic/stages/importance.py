@@ -18,13 +18,17 @@ from elastic.inputs import token_batches
 from elastic.arch import sizes_from_config
 from elastic.models.family import Ranking
 from elastic.parent import load_model, load_tokenizer, resolve_device, resolve_parent_path
-from elastic.rundir import RunDir
+from elastic.rundir import RunDir, remove_temps
 
 STAGE = "importance"
+# Everything the stage writes, in order; a rerun after a crash rewrites them all (each write replaces the file
+# whole), so nothing a crashed run left needs reading, only its temporaries removing.
+ARTIFACTS = ("scores.safetensors", "ranking.safetensors", "summary.json")
 
 
 def run(cfg, run: RunDir) -> dict:
     c = cfg.importance
+    remove_temps(run.path(STAGE), (*ARTIFACTS, run.done_path(STAGE).name))
     parent_path = resolve_parent_path(cfg)
     tok = load_tokenizer(parent_path)
     model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))

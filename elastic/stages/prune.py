@@ -20,10 +20,15 @@ Output: ``prune/<name>/`` (safetensors weights, config.json derived from the kep
 that ``AutoModelForCausalLM.from_pretrained`` and serving engines load as it is; beside it
 ``<name>.arch.json``, ``<name>.candidates.json``, ``<name>.ranking.safetensors`` and the sidecar;
 ``prune/latest.json`` points at it for the next stage.
+
+After a crash the same command finishes the job without ``force``: it replaces its own unfinished folder (no
+sidecar, or a sidecar with this run's fingerprint), removes a killed run's temporaries, and an extraction skips
+the budgets already cut from the same search; a finished model of another setting under the same name is refused.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -36,7 +41,7 @@ from elastic.inputs import heldout_loss, token_batches
 from elastic.models import family_for
 from elastic.models.family import Ranking, Sizes
 from elastic.parent import load_model, load_tokenizer, resolve_device, resolve_parent_path
-from elastic.rundir import RunDir, write_json
+from elastic.rundir import RunDir, read_json, remove_temps, write_json
 from elastic.search_space import Space, parse_budget, read_budget
 
 STAGE = "prune"
@@ -111,13 +116,22 @@ def grid_candidates(parent: Sizes, ranking: Ranking, target: int, c: Any) -> lis
 
 
 def save_pruned(run: RunDir, name: str, child, tok, arch: Sizes, ranking: Ranking, record: dict, *, parent: Sizes,
-                config, inputs: dict, overwrite: bool):
+                config, inputs: dict, fingerprint: dict, force: bool):
     """Write ``prune/<name>/`` (weights, config, tokenizer) atomically with its sidecar, and beside it
     ``<name>.arch.json``, ``<name>.candidates.json`` and the child's ``<name>.ranking.safetensors``;
-    point ``prune/latest.json`` at it."""
+    point ``prune/latest.json`` at it.
+
+    An existing ``prune/<name>`` is replaced when `force`, when it has no sidecar (a crash came before the
+    sidecar: unfinished) or when its sidecar's `fingerprint` is this one (a crash came after it, before
+    ``DONE.json``); another run's model of that name is refused, so that no setting silently replaces it."""
     out = run.path("prune", name)
-    with run.artifact_dir(f"prune/{name}", stage=STAGE, config=config, inputs=inputs, overwrite=overwrite,
-                          arch=arch.to_dict(), params=arch.num_params(), parent_params=parent.num_params()) as (tmp, _):
+    if out.exists() and not force and not _replaceable(run, out, fingerprint):
+        raise FileExistsError(f"{out} exists from another prune (other settings or input); force=true replaces it, "
+                              "or set prune.name=<another name>")
+    remove_temps(out.parent, (name, "latest.json"))  # what a killed run left half-written
+    with run.artifact_dir(f"prune/{name}", stage=STAGE, config=config, inputs=inputs, overwrite=True,
+                          fingerprint=fingerprint, arch=arch.to_dict(), params=arch.num_params(),
+                          parent_params=parent.num_params()) as (tmp, _):
         child.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         # ours go beside the folder: serving engines read every *.safetensors inside it as weights
@@ -126,8 +140,32 @@ def save_pruned(run: RunDir, name: str, child, tok, arch: Sizes, ranking: Rankin
         # the child's own ranking (identity on widths, the parent's depth order renumbered) lets a
         # later stage prune it again consistently
         run.save_tensors(str(run.beside(out, "ranking.safetensors")), ranking.child(arch).to_tensors(), stage=STAGE)
-    write_json(run.path("prune/latest.json"), {"name": name, "path": str(out), "arch": arch.to_dict(), "params": arch.num_params()})
+    point_latest(run, name, arch)
     return out
+
+
+def point_latest(run: RunDir, name: str, arch: Sizes) -> None:
+    """``prune/latest.json``: the model the next stage takes."""
+    write_json(run.path("prune/latest.json"), {"name": name, "path": str(run.path("prune", name)), "arch": arch.to_dict(),
+                                               "params": arch.num_params()})
+
+
+def _plain(obj: Any) -> Any:
+    return OmegaConf.to_container(obj, resolve=True) if OmegaConf.is_config(obj) else obj
+
+
+def _replaceable(run: RunDir, out, fingerprint: dict) -> bool:
+    side = run.sidecar_path(out)
+    return not side.exists() or read_json(side).get("fingerprint") == json.loads(json.dumps(fingerprint))
+
+
+def finished(run: RunDir, out, fingerprint: dict) -> bool:
+    """Whether ``prune/<name>`` and everything beside it are complete and made from this very input: an
+    extraction interrupted by a crash skips the budgets it finished."""
+    side = run.sidecar_path(out)
+    beside = [run.beside(out, a) for a in ("arch.json", "candidates.json", "ranking.safetensors")]
+    return (out.is_dir() and all(p.is_file() for p in beside) and side.is_file()
+            and read_json(side).get("fingerprint") == json.loads(json.dumps(fingerprint)))
 
 
 def default_name(arch: Sizes) -> str:
@@ -137,6 +175,7 @@ def default_name(arch: Sizes) -> str:
 
 def run(cfg, run: RunDir) -> dict:
     c = cfg.prune
+    remove_temps(run.path(STAGE), [run.done_path(STAGE).name])  # a marker half-written by a killed run
     if c.target is not None and c.arch is not None:
         raise ArchError("set only one of prune.target (a parameter budget, e.g. 0.6) or prune.arch (explicit sizes)")
     # An explicit target or shape wins over `budget` (which a recipe may set for stage=all): the user
@@ -180,8 +219,12 @@ def run(cfg, run: RunDir) -> dict:
     child = slice_model(model, arch, ranking)
     name = c.name or default_name(arch)
     record.update(arch=arch.to_dict(), params=arch.num_params(), summary=arch.short(), name=name)
-    out = save_pruned(run, name, child, tok, arch, ranking, record, parent=parent, config=c, overwrite=bool(cfg.force),
-                      inputs={"parent": str(parent_path), "ranking": c.ranking})
+    # what the folder is made of: a rerun after a crash replaces its own unfinished output without force
+    fingerprint = {"prune": _plain(c), "parent": _plain(cfg.parent), "parent_path": str(parent_path), "data": _plain(cfg.data),
+                   "seed": cfg.seed, "ranking": (run.done_record("importance") or {}).get("fingerprint")
+                   if c.ranking == "importance" else c.ranking}
+    out = save_pruned(run, name, child, tok, arch, ranking, record, parent=parent, config=c, force=bool(cfg.force),
+                      fingerprint=fingerprint, inputs={"parent": str(parent_path), "ranking": c.ranking})
     print(f"prune: {arch.short()} ({arch.num_params() / parent.num_params():.1%} of the parent) -> {out} [{time.time() - t0:.1f}s]")
     return {"name": name, "path": str(out), "params": arch.num_params(), "parent_params": parent.num_params()}
 
@@ -219,9 +262,21 @@ def extract_budgets(cfg, run: RunDir) -> dict:
     ranking = Ranking.from_tensors(load_file(str(run.beside(ckpt, "ranking.safetensors"))))
     parent = sizes_from_config(model)
     slice_model = family_for(model).slice_model
+    search = (run.done_record("search") or {}).get("fingerprint")  # which search made the checkpoint's weights
     router = None
     out = {}
     for b in budgets:
+        name = (cfg.prune.name if cfg.prune.name and len(budgets) == 1 else None) or f"budget-{b:g}"
+        # the budget's model depends on the search's weights, the budget and how they were loaded; a budget
+        # finished by an extraction that then crashed is not cut again (`finished` checks this fingerprint)
+        fingerprint = {"search": search, "source": str(ckpt), "budget": b, "dtype": str(cfg.parent.dtype)}
+        path = run.path(STAGE, name)
+        if search is not None and not cfg.force and finished(run, path, fingerprint):
+            arch = sizes_from_dict(read_json(run.beside(path, "arch.json")))
+            point_latest(run, name, arch)
+            print(f"prune: budget {b:g} already extracted by this search -> {path}")
+            out[f"{b:g}"] = {"name": name, "path": str(path), "params": arch.num_params(), "parent_params": parent.num_params()}
+            continue
         match = [k for k in trained if abs(k - b) < 1e-9]
         if match:
             arch = sizes_from_dict(trained[match[0]]["arch"])
@@ -245,11 +300,10 @@ def extract_budgets(cfg, run: RunDir) -> dict:
             rule = "router argmax (interpolated budget input)"
         arch.check_within(parent)
         child = slice_model(model, arch, ranking)
-        name = (cfg.prune.name if cfg.prune.name and len(budgets) == 1 else None) or f"budget-{b:g}"
         rec = {"budget": b, "rule": rule, "source": str(ckpt), "arch": arch.to_dict(), "params": arch.num_params(),
                "parent_params": parent.num_params(), "summary": arch.short(), "name": name}
         path = save_pruned(run, name, child, tok, arch, ranking, rec, parent=parent, config={"budget": b},
-                           overwrite=True, inputs={"search": str(ckpt)})
+                           force=True, fingerprint=fingerprint, inputs={"search": str(ckpt)})
         print(f"prune: budget {b:g} -> {arch.short()} ({arch.num_params() / parent.num_params():.1%} of the parent) -> {path}")
         out[f"{b:g}"] = {"name": name, "path": str(path), "params": arch.num_params(), "parent_params": parent.num_params()}
     return {"extracted": out}

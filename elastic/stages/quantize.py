@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from elastic.fp8 import EXPORT_DTYPES, QuantizeError
-from elastic.rundir import RunDir, read_json, write_json
+from elastic.rundir import RunDir, read_json, remove_temps, write_json
 
 STAGE = "quantize"
 
@@ -149,6 +149,9 @@ def run(cfg: Any, run: RunDir) -> dict:
           f"{sum(len(b) for b in calib)} x {seq_len} tokens [{time.time() - t0:.1f}s]")
 
     out = run.path(STAGE, name)
+    # a rerun after a crash redoes the whole quantization (the export replaces any earlier one whole): only
+    # the temporaries a killed run left (the folder, the report, a sidecar or the marker half-written) need removing
+    remove_temps(out.parent, (name, run.done_path(STAGE).name))
     report: dict[str, Any] = {
         "source": str(source), "export": str(out), "preset": c.preset, "globs": globs, "unmatched_globs": unmatched,
         "dtype": str(c.dtype), "kv_cache": bool(c.kv_cache), "device": str(device),
