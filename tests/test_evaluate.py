@@ -257,6 +257,138 @@ def test_report_lists_every_model_plots_and_failures(evaluated):
     assert (out / "logs" / "metrics.jsonl").exists() and list((out / "logs").rglob("events.out.tfevents*"))
 
 
+# ------------------------------------------------------------------------------------------------ figures fail alone
+# Which figure fails for which model: every kind fails once, for one model, and stands for the other.
+INJECTED = {"parent": ("heldout", "task/elastic_winowhy", "peak_memory"),
+            "child": ("cost", "passkey", "speed", "task/elastic_social_iqa")}
+THIRD_PARTY = "Expected gradient function to be set\n  (raised inside a library)"  # two lines: the report keeps one
+
+
+def _inject(mp, parent_hidden: int, fail: dict[str, tuple[str, ...]]) -> None:
+    """Make each figure's function raise an AssertionError for the models `fail` names, else run it."""
+    from elastic.stages import evaluate as stage
+
+    def who(model) -> str:
+        return "parent" if model.config.hidden_size == parent_hidden else "child"
+
+    def wrap(owner, attr: str, model_of) -> None:
+        real = getattr(owner, attr)
+
+        def fake(*args, **kwargs):
+            name, k = model_of(*args)
+            if k in fail.get(name, ()):
+                raise AssertionError(THIRD_PARTY)
+            return real(*args, **kwargs)
+
+        mp.setattr(owner, attr, fake)
+
+    wrap(stage.cost, "static_cost", lambda arch, folder, *a: ("parent" if arch.hidden_size == parent_hidden else "child", "cost"))
+    wrap(stage.quality, "chunked_loss", lambda model, *a: (who(model), "heldout"))
+    wrap(stage.lmeval, "evaluate_task", lambda lm, td, *a: (who(lm.model), "task/" + next(iter(td["tasks"]))))
+    wrap(stage.passkey, "evaluate", lambda model, *a: (who(model), "passkey"))
+    wrap(stage.cost, "throughput", lambda model, *a: (who(model), "speed"))
+    wrap(stage.cost, "peak_memory", lambda model, *a: (who(model), "peak_memory"))
+
+
+@pytest.fixture(scope="module")
+def injected(family, toy_parent, tmp_path_factory):
+    """The stage on the parent and the child with figures failing as `INJECTED` says; its stdout."""
+    import contextlib
+    import io
+
+    run_dir = tmp_path_factory.mktemp("injected")
+    cfg = make_cfg(toy_parent, run_dir, f"evaluate.models=[{toy_parent},{family / 'prune' / 'child'}]",
+                   "evaluate.task_limit=4", "evaluate.passkey.lengths=[48]", "evaluate.cost.lengths=[32]")
+    parent_hidden = json.loads((Path(toy_parent) / "config.json").read_text())["hidden_size"]
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        _inject(mp, parent_hidden, INJECTED)
+        summary = pipeline(cfg)["evaluate"]
+    return summary, run_dir / "evaluate", out.getvalue()
+
+
+def test_each_failing_figure_is_lost_alone(injected):
+    summary, out, log = injected
+    results = json.loads((out / "results.json").read_text())
+    models = {m["name"]: m for m in results["models"]}
+    assert [m["status"] for m in models.values()] == ["ok", "ok"]  # both loaded: neither fails whole
+    one_line = "AssertionError: Expected gradient function to be set (raised inside a library)"
+    for name, keys in INJECTED.items():
+        m = models[name]
+        assert set(m["failed_figures"]) == set(keys)
+        for key in keys:
+            assert m["failed_figures"][key]["error"] == one_line
+            assert "Traceback" in m["failed_figures"][key]["traceback"]  # kept for whoever debugs it
+    parent, child = models["parent"], models["child"]
+    # what did not fail is there, for each model
+    assert "heldout" not in parent and child["heldout"]["loss"] > 0
+    assert set(parent["tasks"]) == {"elastic_social_iqa"} and set(child["tasks"]) == {"elastic_winowhy"}
+    assert parent["passkey"] and "passkey" not in child
+    assert parent["speed"] and "speed" not in child
+    assert child["peak_memory"][0]["peak_bytes"] > 0 and "peak_memory" not in parent
+    assert parent["cost"]["params"] > 0 and "cost" not in child
+    # the stage still succeeds: quality figures exist
+    assert summary["failed"] == [] and summary["models"] == 2
+    assert {n: set(k) for n, k in summary["failed_figures"].items()} == {n: set(k) for n, k in INJECTED.items()}
+    assert summary["heldout_loss"].keys() == {"child"} and summary["best"] == "child"
+    # one line per failure in the log, and no traceback
+    for name, keys in INJECTED.items():
+        for key in keys:
+            label = report_label(key)
+            assert log.count(f"[evaluate] {name}: {label} FAILED: {one_line}\n") == 1
+    assert "Traceback" not in log
+
+
+def report_label(key: str) -> str:
+    from elastic.evaluation.report import figure_name
+
+    return figure_name(key)
+
+
+def test_report_shows_each_failed_figure_with_its_reason(injected):
+    _, out, _ = injected
+    md, html = (out / "report" / "report.md").read_text(), (out / "report" / "report.html").read_text()
+    section = md.split("## Failed figures")[1].split("\n## ")[0]
+    for name, keys in INJECTED.items():
+        for key in keys:
+            line = f"- **{name}**, {report_label(key)}: AssertionError: Expected gradient function to be set"
+            assert line in section
+            assert f"<b>{name}</b>, {report_label(key)}: AssertionError" in html
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.split("## Models")[1].split("\n## ")[0].splitlines()
+            if line.startswith("| parent") or line.startswith("| child")}
+    cols = md.split("## Models")[1].split("\n")[2].strip("| ").split(" | ")
+    cells = {n: dict(zip(cols, r.strip("| ").split(" | "))) for n, r in rows.items()}
+    assert cells["parent"]["held-out loss"] == "FAILED" and cells["child"]["held-out loss"] != "FAILED"
+    assert cells["parent"]["elastic_winowhy acc"] == "FAILED" and cells["parent"]["elastic_social_iqa acc"] != "FAILED"
+    assert cells["child"]["params"] == "FAILED" and cells["parent"]["params"] != "FAILED"
+    assert cells["child"]["passkey@48"] == "FAILED" and cells["parent"]["passkey@48"] != "FAILED"
+    speed = md.split("## Throughput and memory")[1].split("\n## ")[0]
+    assert "| parent | 32 |" in speed and speed.split("| parent | 32 |")[1].split("\n")[0].rstrip().endswith("| FAILED |")
+    assert "| child | 32 | FAILED | FAILED |" in speed
+    # the plots leave those models out and say why (a note under the figure), the others are drawn
+    assert (out / "report" / "quality_vs_params.png").exists() and (out / "report" / "speed.png").exists()
+    # the trackers get the failures as a table
+    events = list((out / "logs").rglob("events.out.tfevents*"))
+    assert events and any(b"evaluate/failures" in e.read_bytes() for e in events)
+
+
+def test_no_quality_figure_anywhere_fails_the_stage_in_one_line(family, toy_parent, tmp_path):
+    """Held-out loss, every task and the pass key fail for every model: nothing to compare models by.
+    The stage raises EvaluateError (one line for the command line), after writing the report."""
+    quality_keys = ("heldout", "passkey", "task/elastic_social_iqa", "task/elastic_winowhy")
+    cfg = make_cfg(toy_parent, tmp_path, f"evaluate.models=[{toy_parent},{family / 'prune' / 'child'}]",
+                   "evaluate.task_limit=4", "evaluate.passkey.lengths=[48]", "evaluate.cost.lengths=[]", "evaluate.track=false")
+    parent_hidden = json.loads((Path(toy_parent) / "config.json").read_text())["hidden_size"]
+    with pytest.MonkeyPatch.context() as mp:
+        _inject(mp, parent_hidden, {"parent": quality_keys, "child": quality_keys})
+        with pytest.raises(EvaluateError, match="no quality figure .* could be computed for any model") as e:
+            pipeline(cfg)
+    assert "\n" not in str(e.value) and "parent held-out loss: AssertionError" in str(e.value)
+    results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+    assert all(set(m["failed_figures"]) == set(quality_keys) and m["cost"] for m in results["models"])
+    assert "## Failed figures" in (tmp_path / "evaluate" / "report" / "report.md").read_text()
+
+
 @pytest.mark.slow  # lm_eval indexes all of its own tasks on start: ~30 s idle
 def test_lm_eval_command_line_runs_a_shipped_task_with_no_project_code(family):
     """The shipped YAML from the lm_eval CLI, in the task folder, on an exported checkpoint (README command)."""

@@ -360,6 +360,8 @@ NOTES = [
     "Multiple-choice accuracy: lm-evaluation-harness on the task YAMLs shipped in elastic/evaluation/tasks (local data).",
     "Pass key: of several one-token keys (words or digits: evaluate.passkey.keys), the hidden key must get the highest next-token probability; chance = 1 / candidates.",
     "KV cache and Mamba state from the sizes (bf16 values, fp32 SSM state); throughput and peak memory measured at batch 1 in fp32.",
+    "Peak memory of one cached prefill, weights included: torch.cuda.max_memory_allocated on a GPU; on a CPU every tensor alive during the forward, counted once per storage.",
+    "FAILED: measuring that figure raised (the reason is under Failed figures); the model's other figures stand.",
 ]
 
 
