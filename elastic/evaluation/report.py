@@ -15,6 +15,7 @@ import base64
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def _save(fig, path: Path, results: dict | None = None, keys: tuple[str, ...] = 
     missing = [f"{n}: {figure_name(k)} failed ({e})" for n, k, e in figure_failures(results or {"models": []}) if k in keys]
     if missing:
         note = "not shown: " + "; ".join(missing)
-        fig.text(0.01, 0.0, "\n".join(note[i:i + 160] for i in range(0, len(note), 160)), fontsize=7, va="top", color="darkred")
+        fig.text(0.01, 0.0, textwrap.fill(note, 170), fontsize=7, va="top", color="darkred")
     fig.savefig(path, dpi=110, bbox_inches="tight" if missing else None)
     plt.close(fig)
     return path
@@ -139,18 +140,21 @@ def plot_quality_vs_params(results: dict, path: Path) -> Path | None:
 
 
 def plot_memory(results: dict, path: Path) -> Path | None:
+    """From the sizes (left) and measured (right): each panel draws the models that have its figure."""
     models = [m for m in ok_models(results) if m.get("memory_curve")]
-    if not models:
+    measured = [m for m in ok_models(results) if peak_rows(m)]
+    panels = [p for p in (models and "sizes", measured and "measured") if p]
+    if not panels:
         return None
-    measured = [m for m in models if peak_rows(m)]
-    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(11 if measured else 6, 4.2), squeeze=False)
-    ax = axes[0, 0]
-    for m in models:
-        c = m["memory_curve"]
-        ax.plot(c["context"], [b / 2**20 for b in c["bytes"]], marker=".", label=m["name"])
-    _label(ax, "context length (tokens, one sequence)", "MiB (bf16 weights + KV cache + Mamba state)", "Inference memory vs context (from the sizes)", log2x=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + (0.5 if len(panels) == 1 else 0), 4.2), squeeze=False)
+    if models:
+        ax = axes[0, 0]
+        for m in models:
+            c = m["memory_curve"]
+            ax.plot(c["context"], [b / 2**20 for b in c["bytes"]], marker=".", label=m["name"])
+        _label(ax, "context length (tokens, one sequence)", "MiB (bf16 weights + KV cache + Mamba state)", "Inference memory vs context (from the sizes)", log2x=True)
     if measured:
-        ax = axes[0, 1]
+        ax = axes[0, len(panels) - 1]
         for m in measured:
             ax.plot([r["length"] for r in peak_rows(m)], [r["peak_bytes"] / 2**20 for r in peak_rows(m)], marker="o", label=m["name"])
         _label(ax, "context length (tokens)", f"peak MiB during prefill ({results.get('device', 'cpu')}, fp32)", "Measured peak memory", log2x=True)
