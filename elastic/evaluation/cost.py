@@ -18,8 +18,9 @@ moment it is freed. The count starts from the parameters, buffers and inputs, so
 all tensors alive during the forward, the figure ``max_memory_allocated`` gives on a GPU (without the
 allocator's rounding). Module hooks are what broke the previous probe (torch's ``MemTracker``): its
 pre-hook registers a grad hook on every input that requires grad, and transformers 5.25 passes the
-conv weight (a leaf Parameter) into a module of the ``kernels`` package, where that asserts even
-under ``no_grad``. A dispatch mode sees tensors, never modules, so no model layout can trip it.
+conv weight (``conv1d.weight.squeeze(1)``: under ``no_grad`` a view that requires grad yet has no
+grad function) into a module of the ``kernels`` package, where that asserts. A dispatch mode sees
+tensors, never modules, so no model layout can trip it.
 """
 
 from __future__ import annotations
