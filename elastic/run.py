@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from elastic import kernels
 from elastic.stages import ORDER, STANDALONE  # noqa: E402
 
 # Stages that train and may run under a multi-process launch (accelerate / torchrun); every other stage
@@ -57,6 +58,7 @@ def pipeline(cfg: Any) -> dict[str, Any]:
     from elastic.rundir import RunDir
 
     check_launch(cfg.stage)
+    kernels.quiet()  # transformers' kernel-fallback lines, from the toy's build on: each stage says its path once
     if cfg.stage in STANDALONE:  # e.g. stage=plan: reads only the config, writes RUN/<stage>/, no DONE marker
         return {cfg.stage: importlib.import_module(f"elastic.stages.{cfg.stage}").run(cfg, RunDir(cfg.run_dir))}
     implemented = available_stages()

@@ -197,15 +197,13 @@ def preflight(cfg, stage: str, accelerator) -> None:
     """Before a training stage loads anything onto GPUs: log which kernels the family will run (NemotronH:
     which Mamba-2 scan) and refuse a configuration the plan (`elastic.plan`) says does not fit this
     launch's GPUs, naming the term. A family without a memory model is logged as unchecked."""
-    if accelerator.device.type != "cuda":
-        return
     from elastic import kernels
     from elastic.parallel import gpu_memory_bytes
     from elastic.plan import NoMemoryModel, check_stage, parent_config
 
-    line = kernels.describe(parent_config(cfg))
-    if line:
-        accelerator.print(f"[{stage}] {line}")
+    kernels.announce(stage, parent_config(cfg), accelerator.device, printer=accelerator.print)
+    if accelerator.device.type != "cuda":
+        return
     try:
         check_stage(cfg, stage, world_size=accelerator.num_processes, gpu_memory_bytes=gpu_memory_bytes(accelerator.device))
     except NoMemoryModel as e:

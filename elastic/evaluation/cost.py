@@ -5,11 +5,22 @@ Static figures come from `Arch` (the one source of truth for sizes): parameters,
 state; key ``mamba_state_bytes``). Weight bytes are read from the
 safetensors headers of the folder, so an FP8 export counts its 1-byte weights as stored.
 
-Measured figures: prefill tokens/s (one forward of the context), decode tokens/s (greedy steps with
-the cache after that prefill) and peak memory of the prefill, at each context length. On a GPU the
-peak is `torch.cuda.max_memory_allocated` above what was allocated before; on a CPU it is the peak
-of the tensors alive during the forward (weights, cache and activations), tracked by torch's
-`MemTracker` in a separate untimed pass, since the CPU allocator keeps no such counter.
+Measured figures, each its own function so that one failing loses only itself: prefill tokens/s (one
+forward of the context) and decode tokens/s (greedy steps with the cache after that prefill) in
+`throughput`, and the peak memory of one cached prefill in `peak_memory`, at each context length.
+
+Peak memory. On a GPU it is `torch.cuda.max_memory_allocated` after resetting the peak (weights
+included). A CPU allocator keeps no such counter, so `LiveBytes` counts it: a `TorchDispatchMode`
+sees every aten op of the forward, below autograd and without any module hook, and adds the storage
+of each tensor an op returns the first time it sees that storage (views and in-place results share
+their base's storage, so nothing is counted twice); a weakref on the storage subtracts its bytes the
+moment it is freed. The count starts from the parameters, buffers and inputs, so the peak is that of
+all tensors alive during the forward, the figure ``max_memory_allocated`` gives on a GPU (without the
+allocator's rounding). Module hooks are what broke the previous probe (torch's ``MemTracker``): its
+pre-hook registers a grad hook on every input that requires grad, and transformers 5.25 passes the
+conv weight (``conv1d.weight.squeeze(1)``: under ``no_grad`` a view that requires grad yet has no
+grad function) into a module of the ``kernels`` package, where that asserts. A dispatch mode sees
+tensors, never modules, so no model layout can trip it.
 """
 
 from __future__ import annotations
@@ -18,9 +29,12 @@ import inspect
 import json
 import struct
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten
 
 from elastic.models.family import Sizes as Arch  # any family's sizes type
 
@@ -62,34 +76,92 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_bytes(model, ids: torch.Tensor) -> int:
-    """Peak bytes alive during one cached forward of `ids` (weights included)."""
+def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages holding a tensor's data (a wrapper subclass such as DTensor: those of its inner tensors)."""
+    if is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        return [st for a in attrs for st in _storages(getattr(t, a))]
+    if t.device.type == "meta":  # no memory behind it
+        return []
+    return [t.untyped_storage()]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the distinct storages alive while the mode is on, and their high-water mark (`peak`).
+
+    ``LiveBytes(*tensors)`` starts from the storages of `tensors` (weights, inputs); then every op's
+    output storages count from the first op that returns them until they are freed.
+    """
+
+    def __init__(self, *tensors: torch.Tensor):
+        super().__init__()
+        self._live: dict[int, tuple[weakref.ref, int]] = {}  # id(storage) -> (weakref, bytes counted)
+        self.now = self.peak = 0
+        for t in tensors:
+            self._add(t)
+
+    def _add(self, t: torch.Tensor) -> None:
+        for st in _storages(t):
+            key, n = id(st), st.nbytes()
+            if key in self._live:
+                ref, counted = self._live[key]
+                if ref() is st:  # seen before; an in-place resize_ may have changed its size
+                    if n != counted:
+                        self._live[key] = (ref, n)
+                        self.now += n - counted
+                    continue
+            # torch keeps one Python storage object per live storage, so the weakref dies with the memory
+            self._live[key] = (weakref.ref(st, lambda _r, key=key: self._free(key)), n)
+            self.now += n
+        self.peak = max(self.peak, self.now)
+
+    def _free(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.now -= entry[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+    def __exit__(self, *exc):
+        self._live.clear()  # callbacks still pending find nothing to subtract
+        return super().__exit__(*exc)
+
+
+def peak_bytes(model, ids: torch.Tensor) -> int:
+    """Peak bytes alive during one cached forward of `ids` (weights included); see the module docstring."""
     device = ids.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         model(input_ids=ids, use_cache=True)
         return torch.cuda.max_memory_allocated(device)
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    mt = MemTracker()
-    mt.track_external(model)
-    with mt:
+    with LiveBytes(*model.parameters(), *model.buffers(), ids) as live:
         model(input_ids=ids, use_cache=True)
-    peak = mt.get_tracker_snapshot("peak")
-    return int(sum(v.get("Total", 0) for v in peak.values()))
+    return live.peak
+
+
+def _inputs(model, lengths: list[int], vocab: int | None, seed: int):
+    """(length, random token ids on the model's device) per context length."""
+    device = next(model.parameters()).device
+    vocab = vocab or model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    for n in lengths:
+        yield int(n), torch.randint(0, vocab, (1, int(n)), generator=gen).to(device)
 
 
 @torch.no_grad()
-def measure(model, lengths: list[int], decode_tokens: int = 8, repeats: int = 1, vocab: int | None = None, seed: int = 0) -> list[dict]:
-    """Prefill and decode tokens/s (best of `repeats`) and peak memory at each context length (random token ids)."""
+def throughput(model, lengths: list[int], decode_tokens: int = 8, repeats: int = 1, vocab: int | None = None,
+               seed: int = 0) -> list[dict]:
+    """Prefill and decode tokens/s (best of `repeats`) at each context length (random token ids)."""
     device = next(model.parameters()).device
     # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40)
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    vocab = vocab or model.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
     rows = []
-    for n in lengths:
-        ids = torch.randint(0, vocab, (1, int(n)), generator=gen).to(device)
+    for n, ids in _inputs(model, lengths, vocab, seed):
         model(input_ids=ids[:, :8], use_cache=True)  # warm-up: first-call allocations are not the model's cost
         prefill = decode = float("inf")
         for _ in range(max(1, int(repeats))):  # the fastest run counts: other processes only ever slow one down
@@ -106,6 +178,15 @@ def measure(model, lengths: list[int], decode_tokens: int = 8, repeats: int = 1,
             _sync(device)
             decode = min(decode, time.perf_counter() - t0)
             del out, cache
-        rows.append({"length": int(n), "prefill_tokens_per_s": n / prefill,
-                     "decode_tokens_per_s": decode_tokens / decode, "peak_bytes": _peak_bytes(model, ids)})
+        rows.append({"length": n, "prefill_tokens_per_s": n / prefill, "decode_tokens_per_s": decode_tokens / decode})
+    return rows
+
+
+@torch.no_grad()
+def peak_memory(model, lengths: list[int], vocab: int | None = None, seed: int = 0) -> list[dict]:
+    """Peak bytes of one cached prefill at each context length (random token ids; the same ids as `throughput`)."""
+    rows = []
+    for n, ids in _inputs(model, lengths, vocab, seed):
+        model(input_ids=ids[:, :8], use_cache=True)  # warm-up, as for the throughput: lazy workspaces are not the model's
+        rows.append({"length": n, "peak_bytes": int(peak_bytes(model, ids))})
     return rows

@@ -74,8 +74,10 @@ def num_choices(yaml_path: Path) -> float | None:
     return sum(counts) / len(counts) if counts and all(counts) else None
 
 
-def load_tasks(tasks: dict[str, Path]) -> list[dict]:
-    """lm-eval task dicts, one per task folder, built once for all models (indexing a folder costs seconds).
+def load_tasks(tasks: dict[str, Path]) -> dict[str, dict]:
+    """Task name -> its own lm-eval task dict, built once for all models (indexing a folder costs
+    seconds, so one `TaskManager` per folder). One dict per task, so that each task is scored (and may
+    fail) on its own.
 
     Each folder's tasks are built with the working directory in that folder, where their relative
     `data_files` resolve (the datasets are read at this point).
@@ -85,27 +87,29 @@ def load_tasks(tasks: dict[str, Path]) -> list[dict]:
     by_folder: dict[Path, list[str]] = {}
     for name, path in tasks.items():
         by_folder.setdefault(path.parent, []).append(name)
-    out = []
+    out = {}
     for folder, names in by_folder.items():
         with in_folder(folder):
             tm = TaskManager(include_path=str(folder), include_defaults=False)
-            try:
-                out.append(tm.load(names))
-            except Exception as e:  # a data file that is missing or malformed: name the folder and task
-                raise EvaluateError(f"lm-eval tasks {names} in {folder} do not load: {type(e).__name__}: {e}") from None
-    return out
+            for name in names:
+                try:
+                    out[name] = tm.load([name])
+                except Exception as e:  # a data file that is missing or malformed: name the folder and task
+                    raise EvaluateError(f"lm-eval task {name} in {folder} does not load: {type(e).__name__}: {e}") from None
+    return {name: out[name] for name in tasks}  # in the order asked for
 
 
-def evaluate(model, tokenizer, task_dicts: list[dict], *, limit: int | None, batch_size: int = 8) -> dict[str, dict]:
-    """Accuracy (acc, acc_norm, stderr, examples) per task for an already loaded model."""
-    from lm_eval.evaluator import evaluate as lm_evaluate
+def harness(model, tokenizer, batch_size: int = 8):
+    """lm-eval's wrapper around an already loaded model (one per model, shared by its tasks)."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
-    out = {}
-    for task_dict in task_dicts:
-        res = lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
-        for name, r in res["results"].items():
-            out[name] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"),
-                         "examples": int(res["n-samples"][name]["effective"])}
-    return out
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+
+
+def evaluate_task(lm, task_dict: dict, *, limit: int | None) -> dict[str, dict]:
+    """Accuracy (acc, acc_norm, examples) of each task in `task_dict` (one, from `load_tasks`)."""
+    from lm_eval.evaluator import evaluate as lm_evaluate
+
+    res = lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+    return {name: {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"),
+                   "examples": int(res["n-samples"][name]["effective"])} for name, r in res["results"].items()}

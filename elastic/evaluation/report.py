@@ -2,6 +2,11 @@
 
 Everything here reads the plain results dict that the stage writes to ``results.json``, so the
 notebook (``notebooks/report.ipynb``) can redraw the same plots from a finished run directory.
+
+A model either failed whole (``status: failed``, it did not load) or loaded (``status: ok``), and then
+each figure it lacks because measuring it raised is in its ``failed_figures`` (key -> one-line error):
+the tables show such a figure as FAILED, a plot names the models it leaves out and why, and the
+"Failed figures" section lists every one with its reason.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import base64
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,34 @@ from elastic.arch import human_count  # noqa: E402
 
 
 def ok_models(results: dict) -> list[dict]:
+    """The models that loaded (some of their figures may have failed: `figure_failures`)."""
     return [m for m in results["models"] if m.get("status") == "ok"]
+
+
+FAILED = "FAILED"  # a table cell whose figure raised (the reason is under "Failed figures")
+
+# how the report names a figure key of results.json (a task's key is "task/<name>")
+FIGURE_NAMES = {"cost": "static cost", "heldout": "held-out loss", "passkey": "pass key", "speed": "throughput",
+                "peak_memory": "peak memory"}
+
+
+def figure_name(key: str) -> str:
+    return f"task {key.split('/', 1)[1]}" if key.startswith("task/") else FIGURE_NAMES.get(key, key)
+
+
+def figure_error(m: dict, key: str) -> str | None:
+    """The one-line error of a model's figure that failed, else None."""
+    return ((m.get("failed_figures") or {}).get(key) or {}).get("error")
+
+
+def figure_failures(results: dict) -> list[tuple[str, str, str]]:
+    """(model, figure key, one-line error) for every figure that failed in a model that loaded."""
+    return [(m["name"], k, f.get("error", "?")) for m in ok_models(results) for k, f in (m.get("failed_figures") or {}).items()]
+
+
+def peak_rows(m: dict) -> list[dict]:
+    """A model's measured peak memory rows (results.json before the split kept ``peak_bytes`` in ``speed``)."""
+    return m.get("peak_memory") or [r for r in m.get("speed") or [] if "peak_bytes" in r]
 
 
 def human_bytes(n: float | None) -> str:
@@ -50,10 +83,15 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _save(fig, path: Path) -> Path:
-    """Lay out, write and close a figure (every plot of the report ends this way)."""
+def _save(fig, path: Path, results: dict | None = None, keys: tuple[str, ...] = ()) -> Path:
+    """Lay out, write and close a figure (every plot of the report ends this way); below it, the models
+    it leaves out because one of `keys` failed for them, with the reason."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    missing = [f"{n}: {figure_name(k)} failed ({e})" for n, k, e in figure_failures(results or {"models": []}) if k in keys]
+    if missing:
+        note = "not shown: " + "; ".join(missing)
+        fig.text(0.01, 0.0, textwrap.fill(note, 170), fontsize=7, va="top", color="darkred")
+    fig.savefig(path, dpi=110, bbox_inches="tight" if missing else None)
     plt.close(fig)
     return path
 
@@ -70,7 +108,7 @@ def _label(ax, xlabel: str, ylabel: str, title: str, *, log2x: bool = False) -> 
 
 
 def plot_quality_vs_params(results: dict, path: Path) -> Path | None:
-    models = [m for m in ok_models(results) if m.get("heldout")]
+    models = [m for m in ok_models(results) if m.get("heldout") and m.get("cost")]
     if not models:
         return None
     has_tasks = any(mean_task_accuracy(m) is not None for m in models)
@@ -98,26 +136,29 @@ def plot_quality_vs_params(results: dict, path: Path) -> Path | None:
         ax.set_ylabel("multiple-choice accuracy (mean over tasks)")
         ax.set_title("lm-eval accuracy vs size")
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save(fig, path, results, ("cost", "heldout", *{k for _, k, _ in figure_failures(results) if k.startswith("task/")}))
 
 
 def plot_memory(results: dict, path: Path) -> Path | None:
+    """From the sizes (left) and measured (right): each panel draws the models that have its figure."""
     models = [m for m in ok_models(results) if m.get("memory_curve")]
-    if not models:
+    measured = [m for m in ok_models(results) if peak_rows(m)]
+    panels = [p for p in (models and "sizes", measured and "measured") if p]
+    if not panels:
         return None
-    measured = [m for m in models if m.get("speed")]
-    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(11 if measured else 6, 4.2), squeeze=False)
-    ax = axes[0, 0]
-    for m in models:
-        c = m["memory_curve"]
-        ax.plot(c["context"], [b / 2**20 for b in c["bytes"]], marker=".", label=m["name"])
-    _label(ax, "context length (tokens, one sequence)", "MiB (bf16 weights + KV cache + Mamba state)", "Inference memory vs context (from the sizes)", log2x=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + (0.5 if len(panels) == 1 else 0), 4.2), squeeze=False)
+    if models:
+        ax = axes[0, 0]
+        for m in models:
+            c = m["memory_curve"]
+            ax.plot(c["context"], [b / 2**20 for b in c["bytes"]], marker=".", label=m["name"])
+        _label(ax, "context length (tokens, one sequence)", "MiB (bf16 weights + KV cache + Mamba state)", "Inference memory vs context (from the sizes)", log2x=True)
     if measured:
-        ax = axes[0, 1]
+        ax = axes[0, len(panels) - 1]
         for m in measured:
-            ax.plot([r["length"] for r in m["speed"]], [r["peak_bytes"] / 2**20 for r in m["speed"]], marker="o", label=m["name"])
+            ax.plot([r["length"] for r in peak_rows(m)], [r["peak_bytes"] / 2**20 for r in peak_rows(m)], marker="o", label=m["name"])
         _label(ax, "context length (tokens)", f"peak MiB during prefill ({results.get('device', 'cpu')}, fp32)", "Measured peak memory", log2x=True)
-    return _save(fig, path)
+    return _save(fig, path, results, ("cost", "peak_memory"))
 
 
 def plot_passkey(results: dict, path: Path) -> Path | None:
@@ -151,7 +192,7 @@ def plot_passkey(results: dict, path: Path) -> Path | None:
     ax.set_ylabel("needle depth (0 = start)")
     ax.set_title(f"{m['name']}: accuracy by length and depth")
     fig.colorbar(im, ax=ax)
-    return _save(fig, path)
+    return _save(fig, path, results, ("passkey",))
 
 
 def plot_speed(results: dict, path: Path) -> Path | None:
@@ -165,7 +206,7 @@ def plot_speed(results: dict, path: Path) -> Path | None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         _label(ax, "context length (tokens)", "tokens / s", f"{title} throughput ({results.get('device', 'cpu')}, batch 1, fp32)")
-    return _save(fig, path)
+    return _save(fig, path, results, ("speed",))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -215,17 +256,25 @@ PLOTS = (
 )
 
 
-def draw_all(results: dict, out: Path, distill_metrics: list[dict] | None = None) -> list[tuple[str, Path]]:
-    """Every plot the results allow, as (title, png path)."""
+def draw_all(results: dict, out: Path, distill_metrics: list[dict] | None = None,
+             failed: list[tuple[str, str]] | None = None) -> list[tuple[str, Path]]:
+    """Every plot the results allow, as (title, png path). A plot that raises is left out and, when
+    `failed` is a list, added to it as (title, one-line error): a plot never costs the report."""
     drawn = []
-    for fname, title, fn in PLOTS:
-        p = fn(results, out / fname)
+    jobs = [(title, lambda fn=fn, fname=fname: fn(results, out / fname)) for fname, title, fn in PLOTS]
+    if distill_metrics:
+        jobs.append(("Distillation curves", lambda: plot_distill(distill_metrics, out / "distill_curves.png")))
+    for title, job in jobs:
+        try:
+            p = job()
+        except Exception as e:
+            plt.close("all")
+            if failed is None:
+                raise
+            failed.append((title, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+            continue
         if p:
             drawn.append((title, p))
-    if distill_metrics:
-        p = plot_distill(distill_metrics, out / "distill_curves.png")
-        if p:
-            drawn.append(("Distillation curves", p))
     return drawn
 
 
@@ -239,39 +288,68 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def model_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    """One row per model: the figures a user picks a model by."""
-    tasks = sorted({t for m in ok_models(results) for t in (m.get("tasks") or {})})
-    lengths = sorted({r["length"] for m in ok_models(results) for r in (m.get("passkey") or [])})
+    """One row per model: the figures a user picks a model by (FAILED where measuring one raised)."""
+    models = ok_models(results)
+    tasks = sorted({t for m in models for t in (m.get("tasks") or {})} |
+                   {k.split("/", 1)[1] for _, k, _ in figure_failures(results) if k.startswith("task/")})
+    lengths = {r["length"] for m in models for r in (m.get("passkey") or [])}
+    if any(figure_error(m, "passkey") for m in models):  # the asked lengths, so a failed pass key still has columns
+        lengths |= {int(n) for n in ((results.get("settings") or {}).get("passkey") or {}).get("lengths") or []}
+    lengths = sorted(lengths)
     cols = ["model", "params", "non-emb params", "weights", "KV / token (bf16)", "Mamba state / seq",
             "held-out loss", "ppl", *[f"{t} acc" for t in tasks], *[f"passkey@{n}" for n in lengths]]
     rows = []
-    for m in ok_models(results):
-        c = m["cost"]
+    for m in models:
+        c = m.get("cost")
+        if c:
+            sizes = [human_count(c["params"]), human_count(c["non_embedding_params"]), human_bytes(c.get("weight_bytes")),
+                     human_bytes(c["kv_bytes_per_token"]), human_bytes(c["mamba_state_bytes"])]
+        else:
+            sizes = [FAILED if figure_error(m, "cost") else "-"] * 5
+        held = m.get("heldout")
+        loss = [_fmt(held.get("loss")), _fmt(held.get("perplexity"), 1)] if held else [FAILED if figure_error(m, "heldout") else "-"] * 2
+        accs = [_fmt(((m.get("tasks") or {}).get(t) or {}).get("acc")) if t in (m.get("tasks") or {})
+                else (FAILED if figure_error(m, f"task/{t}") else "-") for t in tasks]
         pk = {n: [r["accuracy"] for r in m.get("passkey") or [] if r["length"] == n] for n in lengths}
-        rows.append([
-            m["name"], human_count(c["params"]), human_count(c["non_embedding_params"]), human_bytes(c.get("weight_bytes")),
-            human_bytes(c["kv_bytes_per_token"]), human_bytes(c["mamba_state_bytes"]),
-            _fmt((m.get("heldout") or {}).get("loss")), _fmt((m.get("heldout") or {}).get("perplexity"), 1),
-            *[_fmt(((m.get("tasks") or {}).get(t) or {}).get("acc")) for t in tasks],
-            *[_fmt(sum(v) / len(v), 2) if v else "-" for v in pk.values()],
-        ])
+        pks = [_fmt(sum(v) / len(v), 2) if v else (FAILED if figure_error(m, "passkey") else "-") for v in pk.values()]
+        rows.append([m["name"], *sizes, *loss, *accs, *pks])
     return cols, rows
 
 
 def speed_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per model and measured context: throughput and peak memory, each FAILED on its own."""
     cols = ["model", "context", "prefill tok/s", "decode tok/s", "peak memory"]
-    rows = [[m["name"], str(r["length"]), f"{r['prefill_tokens_per_s']:.0f}", f"{r['decode_tokens_per_s']:.1f}",
-             human_bytes(r["peak_bytes"])] for m in ok_models(results) for r in m.get("speed") or []]
+    rows = []
+    for m in ok_models(results):
+        speed = {r["length"]: r for r in m.get("speed") or []}
+        peak = {r["length"]: r["peak_bytes"] for r in peak_rows(m)}
+        speed_failed, peak_failed = figure_error(m, "speed"), figure_error(m, "peak_memory")
+        lengths = sorted(set(speed) | set(peak))
+        if not lengths and (speed_failed or peak_failed):
+            lengths = [int(n) for n in ((results.get("settings") or {}).get("cost") or {}).get("lengths") or []] or ["-"]
+        for n in lengths:
+            r = speed.get(n)
+            tput = [f"{r['prefill_tokens_per_s']:.0f}", f"{r['decode_tokens_per_s']:.1f}"] if r else [FAILED if speed_failed else "-"] * 2
+            mem = human_bytes(peak[n]) if n in peak else (FAILED if peak_failed else "-")
+            rows.append([m["name"], str(n), *tput, mem])
     return cols, rows
 
 
 def failures(results: dict) -> list[tuple[str, str]]:
+    """(model, one-line error) for every model that failed whole (did not load)."""
     return [(m["name"], m.get("error", "?")) for m in results["models"] if m.get("status") != "ok"]
+
+
+def failure_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Every failure, whole models and single figures, as one table (for the trackers)."""
+    rows = [[n, "model (did not load)", e] for n, e in failures(results)]
+    rows += [[n, figure_name(k), e] for n, k, e in figure_failures(results)]
+    return ["model", "figure", "error"], rows
 
 
 def _md_table(cols: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(v.replace("|", "\\|") for v in r) + " |" for r in rows]  # an error message may hold a |
     return "\n".join(lines)
 
 
@@ -286,25 +364,34 @@ NOTES = [
     "Multiple-choice accuracy: lm-evaluation-harness on the task YAMLs shipped in elastic/evaluation/tasks (local data).",
     "Pass key: of several one-token keys (words or digits: evaluate.passkey.keys), the hidden key must get the highest next-token probability; chance = 1 / candidates.",
     "KV cache and Mamba state from the sizes (bf16 values, fp32 SSM state); throughput and peak memory measured at batch 1 in fp32.",
+    "Peak memory of one cached prefill, weights included: torch.cuda.max_memory_allocated on a GPU; on a CPU every tensor alive during the forward, counted once per storage.",
+    "FAILED: measuring that figure raised (the reason is under Failed figures); the model's other figures stand.",
 ]
 
 
 def write(results: dict, out: Path, distill_metrics: list[dict] | None = None) -> dict[str, Path]:
     """Plots, report.md and report.html (images inlined as base64) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    plots = draw_all(results, out, distill_metrics)
+    plot_fails: list[tuple[str, str]] = []
+    plots = draw_all(results, out, distill_metrics, failed=plot_fails)
     mcols, mrows = model_table(results)
     scols, srows = speed_table(results)
     fails = failures(results)
+    fig_fails = [(n, figure_name(k), e) for n, k, e in figure_failures(results)]
     title = f"elastic evaluation: {results.get('run_dir', '')}"
 
-    md = [f"# {title}", "", f"{len(mrows)} model(s) evaluated, {len(fails)} failed. "
+    md = [f"# {title}", "", f"{len(mrows)} model(s) evaluated, {len(fails)} failed, {len(fig_fails)} figure(s) failed. "
           f"Device: {results.get('device', 'cpu')}. Time spent on the models: {results.get('seconds', 0):.0f} s.", "",
           "## Models", "", _md_table(mcols, mrows), ""]
     if srows:
         md += ["## Throughput and memory", "", _md_table(scols, srows), ""]
     if fails:
         md += ["## Failed", "", *[f"- **{n}**: {e}" for n, e in fails], ""]
+    if fig_fails:
+        md += ["## Failed figures", "", "Each was measured on its own; the model's other figures stand. "
+               "Tracebacks: results.json (`failed_figures`).", "", *[f"- **{n}**, {f}: {e}" for n, f, e in fig_fails], ""]
+    if plot_fails:
+        md += ["## Plots not drawn", "", *[f"- {t}: {e}" for t, e in plot_fails], ""]
     md += ["## Plots", ""] + [f"### {t}\n\n![{t}]({p.name})\n" for t, p in plots]
     md += ["## Notes", "", *[f"- {n}" for n in NOTES], ""]
     (out / "report.md").write_text("\n".join(md))
@@ -317,6 +404,12 @@ def write(results: dict, out: Path, distill_metrics: list[dict] | None = None) -
         parts += ["<h2>Throughput and memory</h2>", _html_table(scols, srows)]
     if fails:
         parts += ["<h2>Failed</h2><ul>"] + [f"<li><b>{html.escape(n)}</b>: {html.escape(e)}</li>" for n, e in fails] + ["</ul>"]
+    if fig_fails:
+        parts += ["<h2>Failed figures</h2><p>Each was measured on its own; the model's other figures stand. "
+                  "Tracebacks: results.json (<code>failed_figures</code>).</p><ul>"]
+        parts += [f"<li><b>{html.escape(n)}</b>, {html.escape(f)}: {html.escape(e)}</li>" for n, f, e in fig_fails] + ["</ul>"]
+    if plot_fails:
+        parts += ["<h2>Plots not drawn</h2><ul>"] + [f"<li>{html.escape(t)}: {html.escape(e)}</li>" for t, e in plot_fails] + ["</ul>"]
     parts += ["<h2>Plots</h2>"] + [f"<h3>{html.escape(t)}</h3>{img(p)}" for t, p in plots]
     parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in NOTES] + ["</ul>"]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"

@@ -9,7 +9,14 @@ Models: the parent, then every exported folder under ``prune/``, ``distill/`` an
 Per model: sizes and memory from its config (`Arch`), held-out loss / perplexity (chunked over
 tokens), multiple-choice accuracy through lm-evaluation-harness on shipped local tasks, pass-key
 retrieval at several context lengths and needle depths, and measured prefill / decode throughput
-and peak memory. A model that fails is listed with its error and the others are still reported.
+and peak memory.
+
+Every figure of every model is measured on its own (`measure_figure`): static cost, held-out loss,
+each lm-eval task, pass key, throughput, peak memory. One that raises is recorded as failed with one
+line (exception type and message; the traceback goes to ``results.json`` only), printed as one line,
+and shown as failed in the report and the trackers; the other figures and models stand. A model that
+does not load has nothing to measure and fails whole. The stage fails (`EvaluateError`) only when no
+quality figure (held-out loss, a task, the pass key) could be computed for any model.
 
 Output (``RUN/evaluate/``): ``results.json`` (rewritten after each model, so a crash keeps what was
 measured), ``report/report.md``, ``report/report.html`` (self-contained, images inlined),
@@ -18,16 +25,18 @@ measured), ``report/report.md``, ``report/report.html`` (self-contained, images 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from elastic import kernels
 from elastic.evaluation import cost, lmeval, passkey, quality, report
 from elastic.evaluation.models import EvaluateError, ModelRef, discover, from_list, load
 from elastic.parent import resolve_device, resolve_parent_path
@@ -62,61 +71,127 @@ def check_lengths(refs: list[ModelRef], ec: Any) -> None:
 
 
 class TextCache:
-    """Held-out rows, the pass-key haystack and keys, built once per tokenizer (every model of a family shares one)."""
+    """Held-out rows and the pass-key haystack and keys, built once per tokenizer (every model of a
+    family shares one); each built on first use, so that a failure counts against its own figure."""
 
     def __init__(self, cfg: Any):
         self.cfg, self.cache = cfg, {}
 
-    def get(self, tokenizer) -> dict:
-        from elastic.inputs import token_rows
-
-        key = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    def _get(self, tokenizer, what: str, build: Callable[[], Any]):
+        key = (hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest(), what)
         if key not in self.cache:
-            ec = self.cfg[STAGE]
-            seq_len = int(ec.heldout_seq_len or self.cfg.data.seq_len)
-            rows = token_rows(self.cfg, tokenizer, "heldout", num_sequences=int(ec.heldout_sequences), seq_len=seq_len)
-            hay = pool = None
-            if ec.passkey.lengths:
-                # contiguous text: packed at the longest length, so each prompt is one run of prose
-                hay = token_rows(self.cfg, tokenizer, "heldout", seq_len=max(int(n) for n in ec.passkey.lengths)).flatten()
-                pool = passkey.keys(tokenizer, str(ec.passkey.get("keys", "words")))
-            self.cache[key] = {"heldout": list(torch.split(rows, int(ec.batch_size))), "haystack": hay, "keys": pool}
+            self.cache[key] = build()
         return self.cache[key]
 
+    def heldout(self, tokenizer) -> list[torch.Tensor]:
+        from elastic.inputs import token_rows
 
-def evaluate_model(ref: ModelRef, cfg: Any, device: torch.device, texts: TextCache, tasks: list, entry: dict) -> None:
-    """Fill `entry` with one model's figures (what is filled before a failure stays)."""
-    ec = cfg[STAGE]
-    arch = ref.arch()
-    bpv = int(ec.cost.bytes_per_value)
-    entry["cost"] = cost.static_cost(arch, ref.path, bytes_per_value=bpv)
-    maxpos = int(ref.config.get("max_position_embeddings") or 4096)
-    contexts = sorted({int(x) for x in np.geomspace(min(128, maxpos), maxpos, int(ec.cost.curve_points))})
-    entry["memory_curve"] = {"context": contexts, "bytes": cost.memory_curve(arch, contexts, bpv)}
+        ec = self.cfg[STAGE]
+        seq_len = int(ec.heldout_seq_len or self.cfg.data.seq_len)
+        return self._get(tokenizer, "heldout", lambda: list(torch.split(
+            token_rows(self.cfg, tokenizer, "heldout", num_sequences=int(ec.heldout_sequences), seq_len=seq_len),
+            int(ec.batch_size))))
 
-    model, tok = load(ref, device)
-    data = texts.get(tok)
+    def passkey(self, tokenizer) -> tuple[torch.Tensor, Any]:
+        """(haystack token ids, keys): contiguous text packed at the longest length, so each prompt is one run of prose."""
+        from elastic.inputs import token_rows
+
+        pk = self.cfg[STAGE].passkey
+        return self._get(tokenizer, "passkey", lambda: (
+            token_rows(self.cfg, tokenizer, "heldout", seq_len=max(int(n) for n in pk.lengths)).flatten(),
+            passkey.keys(tokenizer, str(pk.get("keys", "words")))))
+
+
+MAX_ERROR_CHARS = 400  # one readable line; the full traceback is in results.json
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and its message with the whitespace (newlines) collapsed."""
+    msg = " ".join(str(e).split())
+    if len(msg) > MAX_ERROR_CHARS:
+        msg = msg[:MAX_ERROR_CHARS] + " ..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def measure_figure(entry: dict, key: str, fn: Callable[[], Any], device: torch.device) -> Any:
+    """`fn()`, or None when it raises: then the figure is recorded as failed in `entry` (one line, and
+    the traceback) and said in one line. Its time goes to ``entry["timing"]``."""
     t0 = time.time()
-    entry["heldout"] = quality.chunked_loss(model, data["heldout"], int(ec.loss_chunk_tokens))
-    entry["timing"] = {"heldout_s": round(time.time() - t0, 2)}
+    try:
+        return fn()
+    except Exception as e:  # any library's error or assertion: this figure is lost, not the model or the run
+        err, tb = one_line(e), traceback.format_exc(limit=12)
+    finally:
+        entry.setdefault("timing", {})[f"{key.replace('/', '_')}_s"] = round(time.time() - t0, 2)
+    entry.setdefault("failed_figures", {})[key] = {"error": err, "traceback": tb}
+    print(f"[evaluate] {entry['name']}: {report.figure_name(key)} FAILED: {err}")
+    gc.collect()  # out of the handler, the failed forward's frames are gone: free its tensors for the next figure
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None
+
+
+def evaluate_model(ref: ModelRef, cfg: Any, device: torch.device, texts: TextCache, tasks: dict[str, dict],
+                   entry: dict) -> None:
+    """Fill `entry` with one model's figures, each on its own (`measure_figure`); raises only when the
+    model does not load."""
+    ec = cfg[STAGE]
+    bpv = int(ec.cost.bytes_per_value)
+
+    def static() -> tuple[dict, dict]:
+        arch = ref.arch()
+        maxpos = int(ref.config.get("max_position_embeddings") or 4096)
+        contexts = sorted({int(x) for x in np.geomspace(min(128, maxpos), maxpos, int(ec.cost.curve_points))})
+        return (cost.static_cost(arch, ref.path, bytes_per_value=bpv),
+                {"context": contexts, "bytes": cost.memory_curve(arch, contexts, bpv)})
+
+    got = measure_figure(entry, "cost", static, device)
+    if got is not None:
+        entry["cost"], entry["memory_curve"] = got
+
+    model, tok = load(ref, device)  # nothing can be measured without the model: the caller fails it whole
+    figures: dict[str, Callable[[], Any]] = {
+        "heldout": lambda: quality.chunked_loss(model, texts.heldout(tok), int(ec.loss_chunk_tokens))}
     if tasks:
-        t0 = time.time()
-        entry["tasks"] = lmeval.evaluate(model, tok, tasks, limit=ec.task_limit, batch_size=int(ec.batch_size))
-        entry["timing"]["tasks_s"] = round(time.time() - t0, 2)
+        harness: list = []  # lm-eval's wrapper, made once for all of this model's tasks
+
+        def task_fn(task_dict: dict) -> Callable[[], dict]:
+            def run_task() -> dict:
+                if not harness:
+                    harness.append(lmeval.harness(model, tok, batch_size=int(ec.batch_size)))
+                return lmeval.evaluate_task(harness[0], task_dict, limit=ec.task_limit)
+            return run_task
+
+        figures |= {f"task/{name}": task_fn(td) for name, td in tasks.items()}
     if ec.passkey.lengths:
-        t0 = time.time()
         pk = ec.passkey
-        trials = [passkey.build_trials(data["keys"], data["haystack"], int(n), float(d), int(pk.trials), int(pk.candidates),
-                                      int(cfg.seed))
-                  for n in pk.lengths for d in pk.depths]
-        entry["passkey"] = passkey.evaluate(model, trials, int(ec.batch_size))
-        entry["timing"]["passkey_s"] = round(time.time() - t0, 2)
+
+        def run_passkey() -> list[dict]:
+            hay, pool = texts.passkey(tok)
+            trials = [passkey.build_trials(pool, hay, int(n), float(d), int(pk.trials), int(pk.candidates), int(cfg.seed))
+                      for n in pk.lengths for d in pk.depths]
+            return passkey.evaluate(model, trials, int(ec.batch_size))
+
+        figures["passkey"] = run_passkey
     if ec.cost.lengths:
-        t0 = time.time()
-        entry["speed"] = cost.measure(model, [int(n) for n in ec.cost.lengths], int(ec.cost.decode_tokens),
-                                     repeats=int(ec.cost.get("repeats", 1)), seed=int(cfg.seed))
-        entry["timing"]["speed_s"] = round(time.time() - t0, 2)
+        lengths = [int(n) for n in ec.cost.lengths]
+        figures["speed"] = lambda: cost.throughput(model, lengths, int(ec.cost.decode_tokens),
+                                                   repeats=int(ec.cost.get("repeats", 1)), seed=int(cfg.seed))
+        figures["peak_memory"] = lambda: cost.peak_memory(model, lengths, seed=int(cfg.seed))
+    for key, fn in figures.items():
+        value = measure_figure(entry, key, fn, device)
+        if value is None:
+            continue
+        if key.startswith("task/"):
+            entry.setdefault("tasks", {}).update(value)
+        else:
+            entry[key] = value
     del model
+
+
+def has_quality(m: dict) -> bool:
+    """Whether a model has at least one quality figure (held-out loss, a task, the pass key)."""
+    return bool(m.get("heldout") or m.get("tasks") or m.get("passkey"))
 
 
 def track(cfg: Any, run: RunDir, results: dict) -> None:
@@ -127,20 +202,27 @@ def track(cfg: Any, run: RunDir, results: dict) -> None:
     acc = make_accelerator(device="cpu", **tracking.accelerator_kwargs(cfg.tracking, run.path(STAGE, "logs")))
     tracking.init_trackers(acc, cfg.tracking, run_name=STAGE, config={STAGE: cfg[STAGE]})
     scalars = {}
-    for m in report.ok_models(results):
-        scalars[f"{m['name']}/params"] = m["cost"]["params"]
-        scalars[f"{m['name']}/heldout_loss"] = m["heldout"]["loss"]
+    for m in report.ok_models(results):  # the figures a model has; a failed one is in the tables below
+        if m.get("cost"):
+            scalars[f"{m['name']}/params"] = m["cost"]["params"]
+        if m.get("heldout"):
+            scalars[f"{m['name']}/heldout_loss"] = m["heldout"]["loss"]
         for t, r in (m.get("tasks") or {}).items():
-            scalars[f"{m['name']}/{t}/acc"] = r["acc"]
+            if r.get("acc") is not None:
+                scalars[f"{m['name']}/{t}/acc"] = r["acc"]
         for r in m.get("passkey") or []:
             scalars[f"{m['name']}/passkey/{r['length']}@{r['depth']}"] = r["accuracy"]
     acc.log(scalars, step=0)
-    cols, rows = report.model_table(results)
+    tables = {"evaluate/models": report.model_table(results)}
+    fails = report.failure_table(results)
+    if fails[1]:
+        tables["evaluate/failures"] = fails
     for tracker in acc.trackers:
-        if tracker.name == "wandb":
-            tracker.log_table("evaluate/models", columns=cols, data=rows, step=0)
-        elif tracker.name == "tensorboard":
-            tracker.writer.add_text("evaluate/models", report._md_table(cols, rows), 0)
+        for name, (cols, rows) in tables.items():
+            if tracker.name == "wandb":
+                tracker.log_table(name, columns=cols, data=rows, step=0)
+            elif tracker.name == "tensorboard":
+                tracker.writer.add_text(name, report._md_table(cols, rows), 0)
     acc.end_training()
 
 
@@ -160,7 +242,9 @@ def run(cfg: Any, run: RunDir) -> dict:
     check_lengths(refs, ec)
     tasks = lmeval.find_tasks(list(ec.tasks or []), list(ec.task_dirs or [])) if ec.tasks else {}
     chances = [1 / c for c in (lmeval.num_choices(p) for p in tasks.values()) if c]
-    task_dicts = lmeval.load_tasks(tasks) if tasks else []
+    task_dicts = lmeval.load_tasks(tasks) if tasks else {}
+    for model_type in dict.fromkeys(r.config.get("model_type") for r in refs):  # one line per family (NemotronH: its Mamba path)
+        kernels.announce(STAGE, {"model_type": model_type}, device)
 
     out = run.path(STAGE)
     results: dict[str, Any] = {
@@ -176,9 +260,9 @@ def run(cfg: Any, run: RunDir) -> dict:
         try:
             evaluate_model(ref, cfg, device, texts, task_dicts, entry)
             entry["status"] = "ok"
-        except Exception as e:  # one broken model must not lose the others' results
-            entry["status"], entry["error"] = "failed", f"{type(e).__name__}: {e}"
-            entry["traceback"] = traceback.format_exc(limit=6)
+        except Exception as e:  # the model did not load: nothing of it can be measured, the other models still are
+            entry["status"], entry["error"] = "failed", one_line(e)
+            entry["traceback"] = traceback.format_exc(limit=12)
             print(f"[evaluate] {ref.name} FAILED: {entry['error']}")
         entry["seconds"] = round(time.time() - t0, 1)
         results["models"].append(entry)
@@ -192,18 +276,27 @@ def run(cfg: Any, run: RunDir) -> dict:
     write_json(out / "results.json", results)
     run.write_sidecar(out / "results.json", stage=STAGE, config=ec, inputs={"models": [str(r.path) for r in refs]})
     if ec.get("track", True):
-        track(cfg, run, results)
+        try:
+            track(cfg, run, results)
+        except Exception as e:  # the report is written; a tracker's failure must not turn the stage into a traceback
+            print(f"[evaluate] tracking FAILED: {one_line(e)}")
 
     ok = report.ok_models(results)
     failed = report.failures(results)
-    if not ok:
-        raise EvaluateError(f"every model failed to evaluate (see {out / 'report' / 'report.md'}): "
-                            + "; ".join(f"{n}: {e}" for n, e in failed))
-    best = min(ok, key=lambda m: m["heldout"]["loss"])
+    if not any(has_quality(m) for m in ok):
+        reasons = failed + [(f"{n} {report.figure_name(k)}", e) for n, k, e in report.figure_failures(results)
+                            if k in ("heldout", "passkey") or k.startswith("task/")]
+        raise EvaluateError(f"no quality figure (held-out loss, task, pass key) could be computed for any model "
+                            f"(see {out / 'report' / 'report.md'}): " + "; ".join(f"{n}: {e}" for n, e in reasons))
+    scored = [m for m in ok if m.get("heldout")]
+    figure_fails: dict[str, list[str]] = {}
+    for n, k, _ in report.figure_failures(results):
+        figure_fails.setdefault(n, []).append(k)
     return {
         "report": str(out / "report" / "report.html"),
-        "models": len(ok), "failed": [n for n, _ in failed],
-        "heldout_loss": {m["name"]: round(m["heldout"]["loss"], 4) for m in ok},
-        "best": best["name"], "plots": sorted(k for k in files if k not in ("md", "html")),
+        "models": len(ok), "failed": [n for n, _ in failed], "failed_figures": figure_fails,
+        "heldout_loss": {m["name"]: round(m["heldout"]["loss"], 4) for m in scored},
+        "best": min(scored, key=lambda m: m["heldout"]["loss"])["name"] if scored else None,
+        "plots": sorted(k for k in files if k not in ("md", "html")),
         "seconds": results["seconds"],
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+from elastic import kernels
 from elastic.importance import compute_scores
 from elastic.inputs import token_batches
 from elastic.arch import sizes_from_config
@@ -32,6 +33,7 @@ def run(cfg, run: RunDir) -> dict:
     parent_path = resolve_parent_path(cfg)
     tok = load_tokenizer(parent_path)
     model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))
+    kernels.announce(STAGE, model, model.device)
     arch = sizes_from_config(model)
     batches = token_batches(cfg, tok, "calib", num_sequences=c.num_sequences, batch_size=c.batch_size, seq_len=c.seq_len)
     t0 = time.time()

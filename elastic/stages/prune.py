@@ -36,6 +36,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from elastic import kernels
 from elastic.arch import ArchError, human_count, sizes_from_config, sizes_from_dict
 from elastic.inputs import heldout_loss, token_batches
 from elastic.models import family_for
@@ -190,6 +191,7 @@ def run(cfg, run: RunDir) -> dict:
     parent_path = resolve_parent_path(cfg)
     tok = load_tokenizer(parent_path)
     model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))
+    kernels.announce(STAGE, model, model.device)
     parent = sizes_from_config(model)
     slice_model = family_for(model).slice_model
     ranking = get_ranking(c.ranking, run, parent, cfg.seed)
@@ -258,6 +260,7 @@ def extract_budgets(cfg, run: RunDir) -> dict:
     trained = {float(k): v for k, v in doc["budgets"].items()}
     budgets = parse_budget_list(cfg.budget, list(trained))
     model = load_model(ckpt, cfg.parent.dtype, resolve_device(cfg.device))
+    kernels.announce(STAGE, model, model.device)
     tok = load_tokenizer(ckpt)
     ranking = Ranking.from_tensors(load_file(str(run.beside(ckpt, "ranking.safetensors"))))
     parent = sizes_from_config(model)

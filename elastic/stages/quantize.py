@@ -92,7 +92,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def run(cfg: Any, run: RunDir) -> dict:
-    from elastic import fp8
+    from elastic import fp8, kernels
     from elastic.export_check import check
     from elastic.inputs import heldout_loss, token_batches
     from elastic.parent import load_model, load_tokenizer, resolve_device
@@ -124,6 +124,7 @@ def run(cfg: Any, run: RunDir) -> dict:
     t0 = time.time()
     device = resolve_device(cfg.device)
     model = load_model(source, "float32", device)
+    kernels.announce(STAGE, model, device)
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.to(dtype) if device.type != "cpu" else p.data.to(dtype).to(torch.float32)
