@@ -397,11 +397,6 @@ def _evaluation(name):
     return __import__(f"elastic.evaluation.{name}", fromlist=["x"])
 
 
-# Known defects of elastic/stages/evaluate.py (owned elsewhere; the fix is one `remove_temps(out, ("results.json",
-# "report", "DONE.json"))` before the first write, and removing RUN/evaluate/logs before `track` logs): strict, so
-# that the fix turns them into failures until these marks go.
-LEAVES_TEMPS = pytest.mark.xfail(strict=True, reason="evaluate leaves a killed run's temporaries (.results.json.*.tmp, .report.*.tmp/)")
-APPENDS_TWICE = pytest.mark.xfail(strict=True, reason="evaluate appends its metrics to logs/metrics.jsonl again on the rerun")
 EVALUATE_CRASHES = {
     "second-model": lambda: Kill(_evaluation("quality"), "chunked_loss", nth=2),
     "results-temp-written": lambda: Kill(os, "replace", named("results.json")),
@@ -409,10 +404,9 @@ EVALUATE_CRASHES = {
     "before-tracking": lambda: Kill(__import__("elastic.stages.evaluate", fromlist=["x"]), "track"),
     "before-done": lambda: Kill(RunDir, "mark_done"),
 }
-EVALUATE_MARKS = {"results-temp-written": LEAVES_TEMPS, "report-half-written": LEAVES_TEMPS, "before-done": APPENDS_TWICE}
 
 
-@pytest.mark.parametrize("point", [pytest.param(p, marks=EVALUATE_MARKS.get(p, ())) for p in EVALUATE_CRASHES])
+@pytest.mark.parametrize("point", list(EVALUATE_CRASHES))
 def test_evaluate_resumes_after_a_crash(point, prune_run, evaluate_run, toy_parent, tmp_path):
     run_dir = copy_run(prune_run, tmp_path / "run")
     crash_then_resume(make_cfg(toy_parent, run_dir, *EVALUATE, *SMALL), EVALUATE_CRASHES[point]())

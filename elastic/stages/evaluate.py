@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import shutil
 import time
 import traceback
 from typing import Any, Callable
@@ -40,7 +41,7 @@ from elastic import kernels
 from elastic.evaluation import cost, lmeval, passkey, quality, report
 from elastic.evaluation.models import EvaluateError, ModelRef, discover, from_list, load
 from elastic.parent import resolve_device, resolve_parent_path
-from elastic.rundir import RunDir, atomic_dir, write_json
+from elastic.rundir import RunDir, atomic_dir, remove_temps, write_json
 
 STAGE = "evaluate"
 
@@ -199,6 +200,9 @@ def track(cfg: Any, run: RunDir, results: dict) -> None:
     from elastic import tracking
     from elastic.train import make_accelerator
 
+    # A run killed after logging and before DONE.json logs again when rerun: start the logs afresh, so the rerun's
+    # metrics.jsonl / event files hold one run's rows, as an uninterrupted run's do.
+    shutil.rmtree(run.path(STAGE, "logs"), ignore_errors=True)
     acc = make_accelerator(device="cpu", **tracking.accelerator_kwargs(cfg.tracking, run.path(STAGE, "logs")))
     tracking.init_trackers(acc, cfg.tracking, run_name=STAGE, config={STAGE: cfg[STAGE]})
     scalars = {}
@@ -247,6 +251,7 @@ def run(cfg: Any, run: RunDir) -> dict:
         kernels.announce(STAGE, {"model_type": model_type}, device)
 
     out = run.path(STAGE)
+    remove_temps(out, ("results.json", "report", run.done_path(STAGE).name))  # what a killed run left half written
     results: dict[str, Any] = {
         "run_dir": str(run.root), "device": str(device), "trained_length": trained_length(cfg),
         "task_chance": sum(chances) / len(chances) if chances else None,
