@@ -17,16 +17,17 @@
 # jobs), later installs use the cached wheel (under a minute).
 # The wheel is tuned to the CPU it was built on (GGML_NATIVE, -march=native): delete the cache folder on
 # another CPU.
-# AMX is off (-mno-amx-*): -march=native on a CPU that advertises AMX compiles ggml's AMX matmul kernels
-# (ggml-cpu/amx/mmq.cpp), and these kill the process with SIGILL ("trap invalid opcode", exit 132) when
-# the toy parent is exported. Not a missing arch_prctl(ARCH_REQ_XCOMP_PERM): ggml requests the tile state
-# (ggml_amx_init) and the kernel grants it here. ggml loads its tile configuration once per thread
-# (ggml_tile_config_init's thread_local flag) and never again, so once anything else on that thread resets
-# it (a `tilerelease`, which oneDNN's AMX kernels in PyTorch issue when they finish) the next `tilezero`
-# is an invalid opcode. Measured with a C probe on these VMs: tilezero without the permission -> SIGILL;
-# with it -> runs; after tilerelease -> SIGILL with "trap invalid opcode" in the kernel log, as reported.
-# Without AMX, ggml uses its AVX-512 kernels for the same types; elastic also runs llama.cpp in a child
-# process of its own (elastic/gguf.py, in_child), so a crash is one error line, not a dead Python.
+# AMX is off (-mno-amx-*): -march=native on a CPU that advertises AMX (these VMs do) compiles ggml's AMX
+# matmul kernels (ggml-cpu/amx/mmq.cpp), which killed the export of the toy parent with SIGILL (exit 132,
+# "trap invalid opcode" in the kernel log, no Python traceback). The cause is not a missing
+# arch_prctl(ARCH_REQ_XCOMP_PERM): ggml requests the tile state (ggml_amx_init) and the kernel grants it
+# here, and using AMX without it raises SIGILL with no "trap invalid opcode" line. What gives exactly that
+# line (C probe on these VMs) is a `tilezero` after the tile configuration was reset by a `tilerelease`:
+# ggml loads its configuration once per thread (ggml_tile_config_init's thread_local flag) and never again,
+# so anything else in the process that releases the tiles on that thread breaks its next matmul (PyTorch's
+# oneDNN AMX kernels end with a tilerelease; which caller did it here was not traced). Without AMX ggml
+# runs the same types with its AVX-512 kernels, and elastic runs llama.cpp in a child process of its own
+# (elastic/gguf.py, in_child), so any crash is one error line naming the signal.
 # CMAKE_ARGS adds llama.cpp build options (e.g. -DGGML_CUDA=on on a GPU host; the stamp changes, so it
 # rebuilds).
 set -euo pipefail
