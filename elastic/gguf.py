@@ -286,10 +286,13 @@ def in_child(fn, *args, what: str, **kwargs):
             raise value
     lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
     if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode)
-        desc = (signal.strsignal(sig) or sig.name).lower()
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-proc.returncode}"
+        desc = (signal.strsignal(-proc.returncode) or name).lower()
         said = f" (its last words: {lines[-1][:200]!r})" if lines else ""  # e.g. the GGML_ASSERT behind a SIGABRT
-        raise LlamaCppCrash(f"llama.cpp died with {sig.name} ({desc}) while {what}{said}: {_CRASH_HINTS.get(sig.name, _CRASH_HINT)}")
+        raise LlamaCppCrash(f"llama.cpp died with {name} ({desc}) while {what}{said}: {_CRASH_HINTS.get(name, _CRASH_HINT)}")
     raise LlamaCppCrash(f"llama.cpp's process exited with code {proc.returncode} and no result while {what}: "
                         f"{lines[-1][:200] if lines else 'no output'}")
 
