@@ -75,8 +75,10 @@ if [ -z "$WHEEL" ]; then
   echo "$FLAGS" > "$WHEELS/build-flags.txt"
   WHEEL=$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl | head -n 1)
 fi
-# --force-reinstall: a venv holding the same version built with other flags (an old AMX build) gets this one.
+# --force-reinstall: a venv holding the same version built with other flags (an old AMX build) gets this one;
+# --no-deps keeps its dependencies (numpy, ...) as they are, and the second line adds those still missing.
 "${PIP[@]}" install -q --force-reinstall --no-deps "$WHEEL"
+"${PIP[@]}" install -q "$WHEEL"
 # The [gguf] extra pins the same llama-cpp-python (already satisfied by the wheel) and adds gguf.
 "${PIP[@]}" install -q -e ".[gguf]"
 .venv/bin/python -c "import llama_cpp, gguf; print('gguf extra installed: llama-cpp-python', llama_cpp.__version__, '| converter in $SRC/vendor/llama.cpp')"
