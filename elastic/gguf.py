@@ -19,6 +19,10 @@ without editing llama.cpp's files:
   ``GGUF_CONFIG_AS_WRITTEN`` the child process hands the converter that config.json as written
   instead of its ``AutoConfig`` view, as the converter's own fallback for unreadable configs does.
   Families without such facts (e.g. Llama, which the converter knows natively) go through unchanged.
+
+Everything that runs llama.cpp's native code (quantizing, loading, tokenizing, generating) runs in a child
+Python process (:func:`in_child`), so a crash in llama.cpp (a signal: SIGILL, SIGSEGV, SIGABRT, ...) is one
+`LlamaCppCrash` line naming the signal instead of a dead process without a traceback (or a dead pytest worker).
 """
 
 from __future__ import annotations
@@ -27,10 +31,14 @@ import ctypes
 import json
 import math
 import os
+import pickle
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,6 +73,10 @@ PRETOKENIZER_TEXTS = (
 
 class GGUFError(ValueError):
     """Bad input for the GGUF export (reported as one `elastic: error:` line by `elastic.run`)."""
+
+
+class LlamaCppCrash(GGUFError):
+    """llama.cpp's process died (by a signal, or exiting without a result): one `elastic: error:` line, exit 2."""
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -123,19 +135,26 @@ def pretokenizer_type(tokenizer) -> str:
 
 def check_tokenizer(gguf_path: str | Path, tokenizer) -> None:
     """Raise `GGUFError` unless llama.cpp tokenizes and detokenizes every test text as `tokenizer` does."""
+    refs = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in PRETOKENIZER_TEXTS]
+    got, detok = in_child(_llama_tokenize, str(gguf_path), list(PRETOKENIZER_TEXTS), refs,
+                          what=f"loading the tokenizer of {Path(gguf_path).name}")
+    for text, ref, ids, back in zip(PRETOKENIZER_TEXTS, refs, got, detok):
+        if ids != ref:
+            raise GGUFError(f"llama.cpp tokenizes {text[:30]!r} differently from transformers "
+                            f"({len(ids)} vs {len(ref)} tokens); the GGUF's tokenizer ({gguf_pre(gguf_path)}) does not match")
+        if back != tokenizer.decode(ref).encode():
+            raise GGUFError(f"llama.cpp detokenizes the ids of {text[:30]!r} to other text than transformers does")
+
+
+def _llama_tokenize(path: str, texts: list[str], ids: list[list[int]]) -> tuple[list[list[int]], list[bytes]]:
+    """Child process (`in_child`): llama.cpp's token ids of each text, and its text of each id list."""
     import llama_cpp
 
     with quiet_llama():
-        llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
+        llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
     try:
-        for text in PRETOKENIZER_TEXTS:
-            ref = tokenizer(text, add_special_tokens=False)["input_ids"]
-            got = llm.tokenize(text.encode(), add_bos=False, special=False)
-            if got != ref:
-                raise GGUFError(f"llama.cpp tokenizes {text[:30]!r} differently from transformers "
-                                f"({len(got)} vs {len(ref)} tokens); the GGUF's tokenizer ({gguf_pre(gguf_path)}) does not match")
-            if llm.detokenize(ref) != tokenizer.decode(ref).encode():
-                raise GGUFError(f"llama.cpp detokenizes the ids of {text[:30]!r} to other text than transformers does")
+        return ([llm.tokenize(t.encode(), add_bos=False, special=False) for t in texts],
+                [llm.detokenize(i) for i in ids])
     finally:
         llm.close()
 
@@ -182,12 +201,15 @@ def llama_cpp_dir() -> Path:
 
 
 def llama_cpp_version() -> str:
-    try:
-        import llama_cpp
-    except ImportError:
+    """The installed llama-cpp-python's version, read from its metadata: this process never loads llama.cpp's
+    native library (only `in_child` processes do)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
         raise GGUFError("export.format=gguf needs llama-cpp-python and llama.cpp's converter: run "
-                        "`bash scripts/install.sh --gguf`") from None
-    return llama_cpp.__version__
+                        "`bash scripts/install.sh --gguf`")
+    return md.version("llama_cpp_python")
 
 
 def tool_versions() -> dict[str, str]:
@@ -227,6 +249,71 @@ class quiet_llama:
             errors = [ln.strip() for ln in "".join(self.lines).splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
             raise GGUFError(f"llama.cpp cannot load the GGUF: {'; '.join(errors[-3:]) or exc}") from None
         return False
+
+
+# What a signal that kills llama.cpp's process most likely means, and what to do (the tail of the error line).
+_CRASH_HINTS = {
+    "SIGILL": "this llama.cpp executes an instruction the process cannot run (a build with AMX, or one made for "
+              "another CPU); rebuild it with `bash scripts/install_gguf.sh`, which builds it for this CPU with AMX off",
+    "SIGKILL": "killed from outside, most often by the kernel's out-of-memory killer; free memory or use fewer export.quant types",
+}
+_CRASH_HINT = "a crash inside llama.cpp's native code; rebuild it with `bash scripts/install_gguf.sh`, and report it if it persists"
+
+
+def in_child(fn, *args, what: str, **kwargs):
+    """``fn(*args, **kwargs)`` in a fresh Python process; its result returned, its exception raised here.
+
+    llama.cpp is native code: when it crashes (SIGILL from instructions the CPU or the process may not
+    use, SIGSEGV, SIGABRT from a failed GGML_ASSERT) the process running it dies at once, with no Python
+    traceback -- a user's stage, or a pytest-xdist worker ("node down"). Here only the child dies, and
+    `LlamaCppCrash` says which signal, while doing `what`, and what to do. A fresh interpreter
+    (``python -m elastic.gguf child``), not multiprocessing: fork would copy a process with torch's
+    threads running, and spawn would re-import the caller's ``__main__`` (elastic.run and Hydra, or pytest).
+    The child also keeps PyTorch out of the process that runs ggml's kernels. `fn` must be importable by
+    its name (a module-level function); arguments and result travel pickled.
+    """
+    # the parent's import path (minus the interpreter's own), so the child imports the same elastic and modules
+    paths = [p for p in sys.path if p and not p.startswith((sys.base_prefix, sys.prefix))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    with tempfile.TemporaryDirectory(prefix="elastic-llama-") as tmp:
+        result = Path(tmp) / "result.pickle"
+        proc = subprocess.run([sys.executable, "-m", "elastic.gguf", "child", str(result)], input=pickle.dumps((fn, args, kwargs)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        if result.is_file():  # written (atomically) once fn returned or raised, whatever happened after
+            ok, value = pickle.loads(result.read_bytes())
+            if ok:
+                return value
+            raise value
+    lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-proc.returncode}"
+        desc = (signal.strsignal(-proc.returncode) or name).lower()
+        said = f" (its last words: {lines[-1][:200]!r})" if lines else ""  # e.g. the GGML_ASSERT behind a SIGABRT
+        raise LlamaCppCrash(f"llama.cpp died with {name} ({desc}) while {what}{said}: {_CRASH_HINTS.get(name, _CRASH_HINT)}")
+    raise LlamaCppCrash(f"llama.cpp's process exited with code {proc.returncode} and no result while {what}: "
+                        f"{lines[-1][:200] if lines else 'no output'}")
+
+
+def _child_main(result: str) -> None:
+    """The child of `in_child`: run the pickled call from stdin, write (ok, value or exception) to `result`."""
+    fn, args, kwargs = pickle.load(sys.stdin.buffer)
+    try:
+        out = (True, fn(*args, **kwargs))
+    except Exception as e:  # noqa: BLE001 - every Python error goes back to the parent, raised there
+        if not isinstance(e, GGUFError):  # a bug, not bad input: keep where it happened
+            e.add_note("in llama.cpp's child process:\n" + "".join(traceback.format_exception(e)).rstrip())
+        out = (False, e)
+    try:
+        data = pickle.dumps(out)
+    except Exception:  # noqa: BLE001 - an exception or result that does not pickle
+        data = pickle.dumps((False, GGUFError(f"{type(out[1]).__name__}: {out[1]}")))
+    tmp = f"{result}.part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, result)
 
 
 def stage_source(checkpoint: str | Path, dest: Path) -> Path:
@@ -306,14 +393,21 @@ def _converter_main(argv: Sequence[str]) -> None:
 
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
     """llama.cpp's quantizer (the function behind `llama-quantize`): `src` GGUF -> `dst` of type `quant`."""
+    in_child(_quantize, str(src), str(dst), quant, threads, what=f"quantizing {Path(src).name} to {quant}")
+    if not Path(dst).is_file():
+        raise GGUFError(f"llama.cpp's quantizer wrote no file for {quant}")
+
+
+def _quantize(src: str, dst: str, quant: str, threads: int | None) -> None:
+    """Child process (`in_child`): `llama_model_quantize`."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{QUANTS[quant]}")
     params.nthread = threads or 0
     with quiet_llama() as log:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0 or not dst.is_file():
+        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if rc != 0 or not Path(dst).is_file():
         raise GGUFError(f"llama.cpp's quantizer failed for {quant}: {''.join(log.lines[-3:]).strip() or f'code {rc}'}")
 
 
@@ -393,13 +487,22 @@ def run_hf(model, prompts: list[list[int]], rows, max_new_tokens: int, eos: set[
 
 
 def run_llama(path: Path, prompts: list[list[int]], rows, max_new_tokens: int, eos: set[int], threads: int) -> dict[str, Any]:
-    """The same measurements as `run_hf`, with llama.cpp (llama-cpp-python) running the GGUF file."""
+    """The same measurements as `run_hf`, with llama.cpp (llama-cpp-python) running the GGUF file in a child
+    process (`in_child`); `rows` is an [N, T] tensor or list of id lists."""
+    rows = rows.tolist() if hasattr(rows, "tolist") else [list(r) for r in rows]  # plain ids: the child needs no torch
+    return in_child(_run_llama, str(path), [list(p) for p in prompts], rows, max_new_tokens, sorted(eos), threads,
+                    what=f"loading and running {Path(path).name}")
+
+
+def _run_llama(path: str, prompts: list[list[int]], rows: list[list[int]], max_new_tokens: int, eos: list[int],
+               threads: int) -> dict[str, Any]:
+    """Child process (`in_child`): greedy tokens and tokens/s on `prompts`, held-out NLL of `rows`."""
     import llama_cpp
     import numpy as np
 
-    n_ctx = max(rows.shape[1], max(map(len, prompts)) + max_new_tokens)
+    n_ctx = max(max(map(len, rows)), max(map(len, prompts)) + max_new_tokens)
     with quiet_llama():
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+        llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
                               n_threads_batch=threads, logits_all=True, verbose=False)
     try:
         def step(ids: list[int]):
@@ -410,10 +513,10 @@ def run_llama(path: Path, prompts: list[list[int]], rows, max_new_tokens: int, e
         for prompt in prompts:
             llm.reset()  # a fresh sequence: llama.cpp clears the KV cache and the Mamba state
             t0 = time.perf_counter()
-            generated.append(_greedy(step, prompt, max_new_tokens, eos))
+            generated.append(_greedy(step, prompt, max_new_tokens, set(eos)))
             seconds += time.perf_counter() - t0
         total, count = 0.0, 0
-        for row in rows.tolist():
+        for row in rows:
             llm.reset()
             llm.eval(row)
             logits = np.asarray(llm.scores[: len(row) - 1], dtype=np.float64)
@@ -506,9 +609,16 @@ def check_table(report: dict[str, Any]) -> str:
 def _main(argv: Sequence[str]) -> None:
     if argv[:1] == ["convert"]:
         _converter_main(argv[1:])
+    elif argv[:1] == ["child"] and len(argv) == 2:
+        _child_main(argv[1])
     else:
-        sys.exit("usage: python -m elastic.gguf convert LLAMA_CPP_DIR PRE as-written|autoconfig MODEL_DIR [converter args]  (used by export_gguf)")
+        sys.exit("usage: python -m elastic.gguf convert LLAMA_CPP_DIR PRE as-written|autoconfig MODEL_DIR [converter args]  (used by export_gguf)\n"
+                 "       python -m elastic.gguf child RESULT_FILE < pickled call  (used by in_child)")
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    # The module as `elastic.gguf`, not `__main__`: the child's functions and GGUFError arrive pickled under
+    # that name, and an exception class of a second copy (`__main__.GGUFError`) would not be the one caught.
+    from elastic.gguf import _main as main
+
+    main(sys.argv[1:])

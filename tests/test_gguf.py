@@ -1,13 +1,20 @@
 """GGUF export: hub-style NemotronH configs, the pre-tokenizer mapping, and the stage run in llama.cpp.
 
 The llama.cpp tests need the gguf extra (`bash scripts/install.sh --gguf`, which the README's test
-command and CI run); without it they skip with that reason instead of passing.
+command and CI run); without it they skip with that reason instead of passing. llama.cpp's native code
+runs only in child processes (`elastic.gguf.in_child`), never in the pytest worker: a crash in it fails
+one test instead of killing the worker.
 """
 
+import importlib.util
 import json
+import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from elastic import toy
-from elastic.gguf import GGUFError, hub_style_config, pretokenizer_type
+from elastic.gguf import GGUFError, LlamaCppCrash, _llama_tokenize, hub_style_config, in_child, llama_cpp_dir, pretokenizer_type
 from elastic.run import CONF_DIR, pipeline
 from tiny import tiny_model, tokens
 
@@ -23,7 +30,9 @@ NEEDS_LLAMA = "llama-cpp-python is not installed: `bash scripts/install.sh --ggu
 
 
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason=NEEDS_LLAMA)
+    """Skip unless llama-cpp-python is installed (found, not imported: its native library stays out of this process)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip(NEEDS_LLAMA)
 
 
 # ------------------------------------------------------------------------------------------------ hub-style config
@@ -144,12 +153,84 @@ def test_export_writes_ggufs_that_llama_cpp_runs_like_transformers(exported, toy
 
 
 def test_llama_cpp_tokenizes_unseen_text_like_transformers(exported, toy_parent):
-    llama = llama_cpp()
     run_dir, _ = exported
     tok = AutoTokenizer.from_pretrained(toy_parent)
     text = "O Romeo, Romeo! wherefore art thou Romeo?\n\tDeny thy father   and refuse thy name; 1599 🌹"
-    llm = llama.Llama(str(run_dir / "export" / "toy-q8_0.gguf"), vocab_only=True, verbose=False)
-    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False)["input_ids"]
+    ref = tok(text, add_special_tokens=False)["input_ids"]
+    (got,), (back,) = in_child(_llama_tokenize, str(run_dir / "export" / "toy-q8_0.gguf"), [text], [ref], what="tokenizing")
+    assert got == ref
+    assert back == text.encode()
+
+
+def _system_info() -> str:
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode()
+
+
+def test_installed_llama_cpp_has_no_amx_kernels():
+    # scripts/install_gguf.sh builds with -mno-amx-*: ggml's AMX kernels killed the toy export with SIGILL on
+    # these AMX CPUs (the README's GGUF section). An old AMX build (cached wheel keyed on other flags) fails here.
+    llama_cpp()
+    info = in_child(_system_info, what="reading llama.cpp's system info")
+    assert "AVX" in info, info  # the CPU backend's feature list is there
+    assert "AMX_INT8 = 1" not in info, info
+
+
+@pytest.fixture
+def no_core_files():
+    """Children of this test dump no core when they die of a signal (the soft limit is inherited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
+def _die_by_sigill(*args) -> None:
+    """Stands in for a llama.cpp call that dies of SIGILL, as ggml's AMX kernels did (takes any arguments)."""
+    signal.raise_signal(signal.SIGILL)
+
+
+@pytest.mark.parametrize("sig, name, desc", [(signal.SIGILL, "SIGILL", "illegal instruction"),
+                                             (signal.SIGSEGV, "SIGSEGV", "segmentation fault")], ids=["SIGILL", "SIGSEGV"])
+def test_llama_cpp_dying_of_a_signal_is_one_error_line_naming_it(sig, name, desc, no_core_files):
+    # the child dies by the signal itself, as a native crash kills a process: no Python exception, no result
+    with pytest.raises(LlamaCppCrash) as e:
+        in_child(signal.raise_signal, sig, what="loading toy-q8_0.gguf")
+    msg = str(e.value)
+    assert msg.startswith(f"llama.cpp died with {name} ({desc}) while loading toy-q8_0.gguf: "), msg
+    assert "\n" not in msg and "bash scripts/install_gguf.sh" in msg
+    assert isinstance(e.value, GGUFError)  # elastic.run prints GGUFErrors as one `elastic: error:` line, exit 2
+
+
+def test_child_returns_results_and_raises_its_errors_here(tmp_path, monkeypatch):
+    assert in_child(divmod, 7, 2, what="dividing") == (3, 1)
+    with pytest.raises(ZeroDivisionError) as e:  # a bug keeps its child traceback, as a note
+        in_child(divmod, 1, 0, what="dividing")
+    assert "in llama.cpp's child process" in "".join(e.value.__notes__)
+    monkeypatch.setenv("ELASTIC_LLAMA_CPP", str(tmp_path))  # the environment reaches the child
+    with pytest.raises(GGUFError, match="llama.cpp's converter is not at") as e:  # bad input stays one line, no note
+        in_child(llama_cpp_dir, what="finding the converter")
+    assert not getattr(e.value, "__notes__", None)
+
+
+def test_export_stage_dying_in_llama_cpp_exits_2_with_one_line(tmp_path, toy_parent, no_core_files):
+    # A user's `stage=export` whose llama.cpp run dies of SIGILL (the AMX crash): the stage's own process
+    # survives and says so in one line, exit 2. The run is replaced by _die_by_sigill in the stage process,
+    # so the child the stage starts for it dies as llama.cpp did.
+    llama_cpp()
+    held = ",".join(toy.toy_files("heldout"))
+    code = ("import sys, elastic.gguf, test_gguf; elastic.gguf._run_llama = test_gguf._die_by_sigill; "
+            "from elastic.run import main; main()")
+    args = [f"run_dir={tmp_path}", "stage=export", "export.format=gguf", "export.quant=[q8_0]", f"export.model={toy_parent}",
+            "export.name=toy", f"data.heldout_files=[{held}]", "export.heldout_sequences=2", "export.seq_len=32",
+            "export.max_new_tokens=4"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "elastic: error: llama.cpp died with SIGILL (illegal instruction) while loading and running toy-q8_0.gguf: "), proc.stderr[-2000:]
+    assert not list(tmp_path.glob("export/**/*.gguf"))  # nothing half-exported
 
 
 def test_unknown_quant_is_one_error_line(tmp_path, toy_parent):
