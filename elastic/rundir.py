@@ -120,9 +120,9 @@ def clean_stale(final: str | Path) -> None:
     final = Path(final)
     if not final.parent.is_dir():
         return
-    pat = _temp_name(final.name)
+    pats = (_temp_name(final.name), _temp_name(final.name + SIDE))  # its own temporaries and its sidecar's
     for p in final.parent.iterdir():
-        if pat.match(p.name) or p.name == f".{final.name}.old":
+        if any(pat.match(p.name) for pat in pats) or p.name == f".{final.name}.old":
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -235,7 +235,8 @@ class RunDir:
 
     # ---------------------------------------------------------------- sidecars
     def sidecar_path(self, artifact: str | Path) -> Path:
-        p = Path(artifact)
+        """``<artifact>.meta.json`` beside `artifact` (a path, or one relative to the run)."""
+        p = self.path(str(artifact))
         return p.with_name(p.name + SIDE)
 
     def write_sidecar(self, artifact: str | Path, *, stage: str, config: Any = None, inputs: Any = None, **extra) -> Path:
@@ -316,6 +317,7 @@ class RunDir:
         return self.done_path(stage).exists()
 
     def mark_done(self, stage: str, summary: Any = None, config: Any = None, **extra) -> Path:
+        clean_stale(self.done_path(stage))  # a temporary of a marker write that a crash cut short
         return write_json(
             self.done_path(stage),
             {
