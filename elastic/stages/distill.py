@@ -25,11 +25,21 @@ Inputs: the student ``distill.student`` or else ``RUN/prune/latest.json``'s chec
 ``parent.path`` (or the toy parent). Outputs: ``RUN/distill/<phase>/`` plain Hugging Face
 checkpoints (``from_pretrained`` with no project code) with ``.meta.json`` sidecars; each phase
 starts from the previous one's output. While a phase runs, ``RUN/distill/checkpoints/<phase>/``
-holds its resumable checkpoints (removed once the phase's model is written, unless
-``keep_checkpoints_after``); ``RUN/distill/logs/`` holds metrics.
+holds its resumable checkpoints, the last step's included (removed once the phase's model is written
+and scored, unless ``keep_checkpoints_after``); ``RUN/distill/logs/`` holds metrics.
 
-A finished phase is not redone (its sidecar fingerprint must match this run; ``force=true``
-retrains). Bad input -- vocabularies that differ, a sequence longer than a model's
+Phase handoff: the next phase loads the written output (the parent's dtype: bf16 for the 9B) as fp32
+masters with a fresh AdamW, not phase 1's fp32 masters and moments. The output folder is the one
+contract between phases (a crash in phase 2 needs nothing else of phase 1, and phase 1's optimizer
+state, ~3x the model, need not be kept), and phase 2 has its own warmup and schedule anyway; the cost
+of the bf16 rounding is measured on the toy in the README ("Stages").
+
+Order per phase, so that a crash anywhere loses nothing: train (checkpointing the last step too),
+write the model with a sidecar saying ``evaluated: false``, score it on held-out rows (the in-memory
+fp32 weights), rewrite the sidecar with the scores, then remove the checkpoints. A finished phase
+(sidecar fingerprint of this run, ``evaluated``) is not redone (``force=true`` retrains); a written
+but unscored one resumes its last checkpoint (no step left) and scores the same weights; a folder
+without a sidecar is crash debris and is retrained over. Bad input -- vocabularies that differ, a sequence longer than a model's
 ``max_position_embeddings``, no data left, a checkpoint folder of another run -- stops with one
 error before anything is written.
 """
