@@ -164,6 +164,7 @@ def test_distill_crash_then_rerun_equals_the_uninterrupted_run(world, distill_re
     assert not [p.name for p in (tmp_path / "distill").iterdir() if p.name.startswith(".")]  # no crash debris
 
 
+@pytest.mark.faults  # ~55 s: an uninterrupted reference and two subprocess runs that each import torch
 def test_distill_killed_by_sigkill_resumes_to_the_uninterrupted_result(world, tmp_path):
     """A real `kill -9` of `python -m elastic.run stage=distill` once phase 1's first checkpoint is on disk."""
     from hydra import compose, initialize_config_dir
