@@ -33,6 +33,11 @@ it ``search/elastic.ranking.safetensors``, ``elastic.router.safetensors``, ``ela
 the router's argmax architecture, ``params``, ``parent_params``, the cost when the resource is memory, the
 held-out loss of the hard-masked model), ``search/widths.png`` (chosen sizes per budget over
 training) and ``search/logs/`` (tensorboard / wandb offline / metrics.jsonl).
+
+Crash-resume: checkpoints (the last step's included) stay until ``archs.json``, written last with the run's
+fingerprint in its sidecar, is on disk; the weights are written before any scoring. So a rerun after a crash
+resumes training, or resumes the last checkpoint with no step left and rewrites the outputs, or -- every
+output written, only DONE missing -- returns without training; each path gives the uninterrupted results.
 """
 
 from __future__ import annotations
