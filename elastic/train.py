@@ -24,12 +24,15 @@ in sequences). Micro-step ``a`` of process ``r`` takes rows ``(a*W + r)*m ... +m
 batch, ``W`` = world size), so W processes with ``B/(m*W)`` accumulation steps see exactly the rows
 one process sees with ``B/m``: the loss curve does not depend on the number of GPUs.
 
-Checkpoints (``checkpoint_every`` steps) go to ``checkpoint_dir/step_<N>/``: written into a hidden
-temporary folder by every process (``Accelerator.save_state``: model, optimizer, RNG states; FSDP
-sharded), completed by ``trainer_state.json`` (step, per-step metrics, data position, scheduler,
-run fingerprint) and renamed into place only then; a crash mid-write leaves no ``step_*`` folder.
-On start, the newest complete checkpoint is resumed (``resume=None``), after checking that its
-fingerprint matches this run's; later steps then give bit-identical losses on the same hardware.
+Checkpoints (``checkpoint_every`` steps, and always the last step) go to ``checkpoint_dir/step_<N>/``:
+written into a hidden temporary folder by every process (``Accelerator.save_state``: model, optimizer,
+RNG states of python, numpy, torch and CUDA; FSDP sharded), fsynced, completed by ``trainer_state.json``
+(step, per-step metrics, data position, scheduler, run fingerprint) and renamed into place only then; a
+crash mid-write leaves no ``step_*`` folder. On start, the newest complete checkpoint is resumed
+(``resume=None``), after checking that its fingerprint matches this run's: weights, optimizer moments,
+RNG streams, the scheduler and the data position all continue, so later steps give bit-identical losses
+on the same hardware. The last step's checkpoint means a crash in what follows training (writing the
+model, scoring it) costs no training: the rerun resumes at ``max_steps`` and runs no step.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from elastic.rundir import write_json
+from elastic.rundir import fsync_dir, fsync_tree, write_json
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0          # max global grad norm; None/0 = no clipping
     gradient_checkpointing: bool = False   # recompute activations in backward (HF models inside `model`)
-    checkpoint_every: int = 0              # save a resumable checkpoint every N steps; 0 = never
+    checkpoint_every: int = 0              # save a resumable checkpoint every N steps and at the last; 0 = never
     keep_checkpoints: int = 2              # newest checkpoints kept on disk
     resume: bool | None = None             # None: resume if a checkpoint exists; True: must; False: start over
     log_every: int = 1                     # tracker logging period in steps
@@ -334,14 +337,19 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, trainer_state
         torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     else:
         accelerator.save_state(str(tmp))  # model, optimizer, RNG of every process
+    # each process makes what it wrote durable (on a shared filesystem only the writer's fsync flushes its
+    # cache); fsyncing a file another process already flushed costs nothing
+    fsync_tree(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if extra:
             torch.save(extra, tmp / EXTRA_FILE)
+            fsync_tree(tmp)
         # trainer_state.json last: a folder without it is not a checkpoint
         write_json(tmp / STATE_FILE, trainer_state)  # fsynced: a renamed folder always has a whole state
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(checkpoint_dir)  # the rename itself, before older checkpoints go
         for _, old in _step_dirs(checkpoint_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -25,11 +25,21 @@ Inputs: the student ``distill.student`` or else ``RUN/prune/latest.json``'s chec
 ``parent.path`` (or the toy parent). Outputs: ``RUN/distill/<phase>/`` plain Hugging Face
 checkpoints (``from_pretrained`` with no project code) with ``.meta.json`` sidecars; each phase
 starts from the previous one's output. While a phase runs, ``RUN/distill/checkpoints/<phase>/``
-holds its resumable checkpoints (removed once the phase's model is written, unless
-``keep_checkpoints_after``); ``RUN/distill/logs/`` holds metrics.
+holds its resumable checkpoints, the last step's included (removed once the phase's model is written
+and scored, unless ``keep_checkpoints_after``); ``RUN/distill/logs/`` holds metrics.
 
-A finished phase is not redone (its sidecar fingerprint must match this run; ``force=true``
-retrains). Bad input -- vocabularies that differ, a sequence longer than a model's
+Phase handoff: the next phase loads the written output (the parent's dtype: bf16 for the 9B) as fp32
+masters with a fresh AdamW, not phase 1's fp32 masters and moments. The output folder is the one
+contract between phases (a crash in phase 2 needs nothing else of phase 1, and phase 1's optimizer
+state, ~3x the model, need not be kept), and phase 2 has its own warmup and schedule anyway; the cost
+of the bf16 rounding is measured on the toy in the README ("Stages").
+
+Order per phase, so that a crash anywhere loses nothing: train (checkpointing the last step too),
+write the model with a sidecar saying ``evaluated: false``, score it on held-out rows (the in-memory
+fp32 weights), rewrite the sidecar with the scores, then remove the checkpoints. A finished phase
+(sidecar fingerprint of this run, ``evaluated``) is not redone (``force=true`` retrains); a written
+but unscored one resumes its last checkpoint (no step left) and scores the same weights; a folder
+without a sidecar is crash debris and is retrained over. Bad input -- vocabularies that differ, a sequence longer than a model's
 ``max_position_embeddings``, no data left, a checkpoint folder of another run -- stops with one
 error before anything is written.
 """
@@ -265,16 +275,23 @@ def run(cfg: Any, run: RunDir) -> dict:
         spec = data_spec(cfg, ph)
         fp = _fingerprint(cfg, teacher_path, source, ph, spec)
         n_steps = ph.steps(cap)
+        ckpt_dir = run.path(STAGE, "checkpoints", ph.name)
+        keep_after = bool(dcfg.get("keep_checkpoints_after", False))
         if out.exists() and not cfg.force:
-            side = run.sidecar_path(out)
-            saved = read_json(side).get("fingerprint") if side.exists() else None
-            if saved != json.loads(json.dumps(fp)):
+            # a folder without its sidecar is crash debris (never another run's result): retrained over
+            saved = run.read_sidecar(out) if run.is_complete(out) else None
+            if saved is not None and saved.get("fingerprint") != json.loads(json.dumps(fp)):
                 raise DistillError(f"{out} exists from another run (other teacher, student or data); "
                                    "force=true replaces it, or use another run_dir")
-            acc.print(f"[distill] {ph.name}: already trained ({out}); skipping")
-            summary["phases"][ph.name] = read_json(side).get("metrics", {})
-            source, step_offset = out, step_offset + n_steps
-            continue
+            # `evaluated` false: the model was written, then the run died before its held-out score; the
+            # phase reruns from its final-step checkpoint (no training left) to score the same fp32 weights
+            if saved is not None and saved.get("evaluated", True):  # sidecars without the key predate it: finished
+                acc.print(f"[distill] {ph.name}: already trained ({out}); skipping")
+                summary["phases"][ph.name] = saved.get("metrics", {})
+                if main and not keep_after:  # a crash after the sidecar may have left them
+                    clear_checkpoints(ckpt_dir)
+                source, step_offset = out, step_offset + n_steps
+                continue
 
         # FSDP moves each process's shard to the device itself: the whole student never sits on one GPU
         student = load_model(source, dtype="float32", device="cpu" if strategy == "fsdp" else acc.device)
@@ -294,34 +311,43 @@ def run(cfg: Any, run: RunDir) -> dict:
         )
         eval_bs = int(dcfg.get("eval_batch_size") or ph.micro_batch_size)
         before = evaluate(acc, model, teacher, heldout, eval_bs)
-        ckpt_dir = run.path(STAGE, "checkpoints", ph.name)
         result = train(model, make_step_fn(lm_weight), batches, tcfg, accelerator=acc, checkpoint_dir=ckpt_dir,
                        teacher=teacher, fingerprint=fp, strategy=strategy, mixed_precision=mixed)
-        after = evaluate(acc, result.model, teacher, heldout, eval_bs)
         metrics = {
             "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
             "final_train_loss": result.losses[-1], "resumed_from": result.resumed_from,
-            "heldout_before": before, "heldout_after": after, "world_size": acc.num_processes,
+            "heldout_before": before, "world_size": acc.num_processes,
         }
+        meta = dict(stage=STAGE, config=_plain(dcfg), inputs={"teacher": str(teacher_path), "student": str(source)},
+                    phase=asdict(ph), fingerprint=fp)
+
+        # The trained model is written BEFORE it is scored: scoring may fail (memory, data) and must not cost
+        # the training. Every process gathers (FSDP: one tensor at a time); main holds one copy, in the
+        # parent's dtype. Reaching here, an existing folder is this run's unfinished one, or force=true.
+        state_dict = gather_state_dict(acc, result.model, prefix="student.", dtype=save_dtype)
+        if main:
+            trained = acc.unwrap_model(result.model).student
+            with run.artifact_dir(out_rel, overwrite=True, metrics=metrics, evaluated=False, **meta) as (tmp, _extra):
+                save_checkpoint(trained.config, state_dict, tmp, dtype=save_dtype, tokenizer=tokenizer)
+        del state_dict  # before scoring: a second copy of the student on the device
+        acc.wait_for_everyone()
+
+        # scored on the in-memory fp32 weights, as an uninterrupted run does: a rerun after a crash before the
+        # sidecar below says `evaluated` resumes the final-step checkpoint and scores the same weights
+        after = evaluate(acc, result.model, teacher, heldout, eval_bs)
+        metrics["heldout_after"] = after
         if after:
             acc.log({f"{ph.name}/eval/{k}": v for k, v in after.items()}, step=step_offset + result.steps)
             acc.print(f"[distill] {ph.name}: held-out CE {before['ce']:.4f} -> {after['ce']:.4f} "
                       f"(teacher {after['teacher_ce']:.4f}), KL {before['kl']:.4f} -> {after['kl']:.4f}")
-
-        # every process (FSDP gathers one tensor at a time); main holds one copy, in the parent's dtype
-        state_dict = gather_state_dict(acc, result.model, prefix="student.", dtype=save_dtype)
         if main:
-            trained = acc.unwrap_model(result.model).student
-            with run.artifact_dir(out_rel, stage=STAGE, config=_plain(dcfg), overwrite=bool(cfg.force),
-                                  inputs={"teacher": str(teacher_path), "student": str(source)},
-                                  phase=asdict(ph), fingerprint=fp, metrics=metrics) as (tmp, _extra):
-                save_checkpoint(trained.config, state_dict, tmp, dtype=save_dtype, tokenizer=tokenizer)
-            if not dcfg.get("keep_checkpoints_after", False):
+            run.write_sidecar(out, metrics=metrics, evaluated=True, **meta)  # atomic: the phase is finished
+            if not keep_after:
                 clear_checkpoints(ckpt_dir)
         acc.wait_for_everyone()
         summary["phases"][ph.name] = metrics
         source, step_offset = out, step_offset + result.steps
-        del model, student, result, state_dict
+        del model, student, result
         acc.free_memory()
 
     acc.end_training()

@@ -33,10 +33,17 @@ it ``search/elastic.ranking.safetensors``, ``elastic.router.safetensors``, ``ela
 the router's argmax architecture, ``params``, ``parent_params``, the cost when the resource is memory, the
 held-out loss of the hard-masked model), ``search/widths.png`` (chosen sizes per budget over
 training) and ``search/logs/`` (tensorboard / wandb offline / metrics.jsonl).
+
+Crash-resume: checkpoints (the last step's included) stay until ``archs.json``, written last with the run's
+fingerprint in its sidecar, is on disk; the weights are written before any scoring. So a rerun after a crash
+resumes training, or resumes the last checkpoint with no step left and rewrites the outputs, or -- every
+output written, only DONE missing -- returns without training; each path gives the uninterrupted results.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from typing import Any, NamedTuple
@@ -343,6 +350,7 @@ def run(cfg, run: RunDir) -> dict:
     from elastic.parent import checkpoint_dtype, load_model, load_tokenizer, resolve_parent_path, save_checkpoint
     from elastic.stages.importance import load_ranking
     from elastic.train import TrainConfig, clear_checkpoints, gather_state_dict, make_accelerator, preflight, train
+    from transformers import AutoConfig
 
     c = cfg.search
     validate_config(c)
@@ -350,6 +358,19 @@ def run(cfg, run: RunDir) -> dict:
     parent_path = resolve_parent_path(cfg)
     tok = load_tokenizer(parent_path)
     ranking = load_ranking(run)
+    parent = sizes_from_config(AutoConfig.from_pretrained(parent_path))
+    # what the checkpoints and the outputs belong to (compared on resume, and before skipping a finished search)
+    fingerprint = {
+        "parent": str(parent_path), "parent_arch": parent.to_dict(),
+        "search": OmegaConf.to_container(c, resolve=True) | {"resume": None, "fail_at_step": None},
+        "seed": int(cfg.seed), "data": stream_spec(cfg, "search", int(c.seq_len)),
+        "ranking": hashlib.sha256(run.path("importance/ranking.safetensors").read_bytes()).hexdigest()[:16],
+    }
+    done = finished(run, fingerprint)
+    if done is not None and not cfg.get("force", False):
+        # every output was written (archs.json is the last) but the run died before DONE: nothing to redo
+        print(f"[search] outputs already written by this run (force=true reruns it): {run.path('search/archs.json')}")
+        return _summary(run, done, time.time() - t0)
 
     tcfg = cfg.get("tracking") or OmegaConf.create({"backends": list(c.get("tracking_backends") or [])})
     from accelerate.utils import DistributedDataParallelKwargs
@@ -366,7 +387,6 @@ def run(cfg, run: RunDir) -> dict:
                             rank=acc.process_index, world_size=acc.num_processes)
 
     teacher = load_model(parent_path, cfg.parent.dtype, "cpu").requires_grad_(False)
-    parent = sizes_from_config(teacher)
     ranking.validate(parent)
     student_src = load_model(parent_path, "float32", "cpu")
     sm = make_search_model(student_src, ranking, c, int(cfg.seed))
@@ -380,11 +400,6 @@ def run(cfg, run: RunDir) -> dict:
         resume=c.resume, log_every=int(c.log_every), seed=int(cfg.seed), desc="search",
         fail_at_step=c.get("fail_at_step"), gradient_checkpointing=bool(c.get("gradient_checkpointing", False)),
     )
-    fingerprint = {
-        "parent": str(parent_path), "parent_arch": parent.to_dict(),
-        "search": OmegaConf.to_container(c, resolve=True) | {"resume": None, "fail_at_step": None},
-        "seed": int(cfg.seed), "data": stream_spec(cfg, "search", int(c.seq_len)),
-    }
     result = train(sm, make_step_fn(acc, c), batches, tc, accelerator=acc, checkpoint_dir=run.path("search/checkpoints"),
                    teacher=teacher, param_groups=param_groups_fn(c), fingerprint=fingerprint, strategy=strategy,
                    mixed_precision=mixed, replicated_params=lambda m: list(m.router.parameters()))
@@ -423,26 +438,44 @@ def run(cfg, run: RunDir) -> dict:
                 rec["heldout_loss"] = heldout_loss(child, held)
                 del child
 
-    # under data parallelism every process holds the same router: one writes, all wait for it
+    # under data parallelism every process holds the same router: one writes, all wait for it. archs.json goes
+    # last (with the fingerprint in its sidecar): once it exists every output does, and a rerun skips the search
     if acc.is_main_process:
         doc = {
             "resource": sm.cost.resource, "parent_params": parent.num_params(), "parent_cost": sm.cost.full,
             "parent_heldout_loss": archs_parent, "checkpoint": "search/elastic", "steps": result.steps,
             "tokens": result.tokens, "strategy": strategy, "budgets": {f"{b:g}": rec for b, rec in archs.items()},
         }
-        run.save_json("search/archs.json", doc, **meta)
         run.save_json("search/history.json", result.history, **meta)
         labels = {a.name: a.label for a in parent.axes()} | {"depth": "layers dropped"}
         plot_choices(result.history, sm.router.budgets, run.path("search/widths.png"), labels)
+        run.save_json("search/archs.json", doc, fingerprint=fingerprint, **meta)
+        # only now: until archs.json exists a rerun resumes the final-step checkpoint (no training left)
         clear_checkpoints(run.path("search/checkpoints"))
     acc.wait_for_everyone()
     acc.end_training()  # last: it also tears down the process group the barrier above needs
     for b, rec in archs.items():
         flag = "" if rec["within_band"] else f"  (outside the {sm.band:.0%} band!)"
         acc.print(f"search: budget {b:g}: {rec['summary']} = {rec['ratio'] * b:.1%} of the parent's {sm.cost.resource}{flag}")
+    return _summary(run, {"steps": result.steps, "budgets": {f"{b:g}": r for b, r in archs.items()}}, time.time() - t0)
+
+
+def finished(run: RunDir, fingerprint: dict) -> dict | None:
+    """archs.json of a search with this fingerprint whose outputs are all written, or None."""
+    from elastic.rundir import read_json, to_jsonable
+
+    archs = run.path("search/archs.json")
+    if not (run.is_complete(archs) and run.is_complete("search/elastic")):
+        return None
+    if run.read_sidecar(archs).get("fingerprint") != json.loads(json.dumps(to_jsonable(fingerprint))):
+        return None
+    return read_json(archs)
+
+
+def _summary(run: RunDir, doc: dict, seconds: float) -> dict:
     return {
-        "archs": str(run.path("search/archs.json")), "steps": result.steps, "seconds": round(time.time() - t0, 1),
-        "budgets": {f"{b:g}": {"params": r["params"], "ratio": round(r["ratio"], 4)} for b, r in archs.items()},
+        "archs": str(run.path("search/archs.json")), "steps": doc["steps"], "seconds": round(seconds, 1),
+        "budgets": {b: {"params": r["params"], "ratio": round(r["ratio"], 4)} for b, r in doc["budgets"].items()},
     }
 
 
