@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TrainConfig", "TrainResult", "StepBatches", "ResumeError", "SimulatedCrash", "train",
     "make_accelerator", "default_param_groups", "latest_checkpoint", "clear_checkpoints",
-    "gather_state_dict", "memory_gb", "preflight",
+    "gather_state_dict", "memory_gb", "preflight", "PlacementError", "check_placement",
 ]
 
 StepFn = Callable[[torch.Tensor, nn.Module, Any, int], "tuple[torch.Tensor, Mapping[str, Any]]"]
@@ -78,6 +78,29 @@ class ResumeError(ValueError):
 
 class SimulatedCrash(RuntimeError):
     """Raised by `TrainConfig.fail_at_step` (tests kill a run mid-phase with it)."""
+
+
+class PlacementError(RuntimeError):
+    """A model and the batch it is about to run on are on different devices (a stage forgot to move or shard
+    it): named here in one line instead of torch's device-mismatch error deep inside a kernel."""
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # `cuda` (no index: the current device) matches any `cuda:i`; the loops always place on an indexed one
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_placement(module: Any, batch: torch.Tensor, where: str, name: str = "model") -> None:
+    """Raise `PlacementError` naming `where`, the module and both devices unless every parameter of `module`
+    (an FSDP shard counts where its local part lives) is on `batch`'s device. Costs a walk over the parameter
+    list, no device work; a module without parameters, or not a module, passes."""
+    if not isinstance(module, nn.Module):
+        return
+    for pname, p in module.named_parameters():
+        if not _same_device(p.device, batch.device):
+            raise PlacementError(
+                f"[{where}] the {name} ({type(module).__name__}, parameter {pname}) is on {p.device} but its batch is on "
+                f"{batch.device}: the stage must move or shard the {name} onto {batch.device} before it runs")
 
 
 class Stateful(Protocol):
@@ -200,17 +223,22 @@ def preflight(cfg, stage: str, accelerator) -> None:
     """Before a training stage loads anything onto GPUs: log which kernels the family will run (NemotronH:
     which Mamba-2 scan) and refuse a configuration the plan (`elastic.plan`) says does not fit this
     launch's GPUs, naming the term. A family without a memory model is logged as unchecked."""
+    preflight_device(cfg, stage, accelerator.device, accelerator.num_processes, printer=accelerator.print)
+
+
+def preflight_device(cfg, stage: str, device: torch.device, world_size: int = 1, printer: Callable = print) -> None:
+    """`preflight` for a stage without an accelerator (importance: one process on `device`)."""
     from elastic import kernels
     from elastic.parallel import gpu_memory_bytes
     from elastic.plan import NoMemoryModel, check_stage, parent_config
 
-    kernels.announce(stage, parent_config(cfg), accelerator.device, printer=accelerator.print)
-    if accelerator.device.type != "cuda":
+    kernels.announce(stage, parent_config(cfg), device, printer=printer)
+    if device.type != "cuda":
         return
     try:
-        check_stage(cfg, stage, world_size=accelerator.num_processes, gpu_memory_bytes=gpu_memory_bytes(accelerator.device))
+        check_stage(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes(device))
     except NoMemoryModel as e:
-        accelerator.print(f"[{stage}] {e}")
+        printer(f"[{stage}] {e}")
 
 
 def default_param_groups(model: nn.Module) -> list[dict]:
@@ -308,17 +336,41 @@ def clear_checkpoints(checkpoint_dir: str | Path) -> None:
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts as dotted keys -> JSON of the leaf (lists and scalars are leaves)."""
+    if isinstance(d, Mapping) and d:
+        out: dict[str, str] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(d, sort_keys=True, default=str)}
+
+
+def fingerprint_diff(saved: Mapping | None, current: Mapping | None) -> list[str]:
+    """The dotted keys (``search.lr``, ``data.seq_len``) whose values differ between two fingerprints."""
+    a, b = _flat(dict(saved or {})), _flat(dict(current or {}))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def describe_diff(saved: Mapping | None, current: Mapping | None, limit: int = 6) -> str:
+    """``key: checkpoint X vs now Y; ...`` for the keys `fingerprint_diff` finds, on one line."""
+    a, b = _flat(dict(saved or {})), _flat(dict(current or {}))
+    diff = fingerprint_diff(saved, current)
+    text = "; ".join(f"{k}: checkpoint {a.get(k, 'absent')} vs now {b.get(k, 'absent')}" for k in diff[:limit])
+    return text + (f"; and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
 def check_fingerprint(saved: Mapping | None, current: Mapping | None, where: Path) -> None:
-    """Refuse to resume a checkpoint written by a run with other inputs (teacher, student, data)."""
+    """Refuse to resume a checkpoint written by a run with other inputs (teacher, student, data, a setting that
+    changes the trajectory), naming every key that differs. Callers fingerprint only what changes the
+    trajectory, so settings a rerun after a crash may need to change (activation checkpointing, loss chunk,
+    logging and checkpoint periods, evaluation size) resume."""
     if not current:
         return
-    saved = saved or {}
-    diff = sorted(k for k in set(saved) | set(current) if json.dumps(saved.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True))
-    if diff:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:4])
+    if fingerprint_diff(saved, current):
         raise ResumeError(
-            f"{where} belongs to another run ({detail}); point the run elsewhere, or set resume=false to "
-            "start over (its checkpoints will be replaced)"
+            f"{where} belongs to another run ({describe_diff(saved, current)}); change these back to resume, point "
+            "the run elsewhere, or set resume=false to start over (its checkpoints will be replaced)"
         )
 
 
@@ -399,15 +451,24 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, param_groups: ParamGroups
 
 
 def optimizer_step(model: nn.Module, optimizer, micro: list[torch.Tensor], step_fn: StepFn, *, teacher: Any, step: int,
-                   accelerator, fsdp: bool, replicated: list | tuple = (), grad_clip: float | None = None):
+                   accelerator, fsdp: bool, replicated: list | tuple = (), grad_clip: float | None = None,
+                   where: str = "train"):
     """One optimizer step over this process's micro-batches: forward + backward of each (gradients
     accumulated, each loss divided by the micro-batch count), replicated gradients averaged, clipping,
-    ``optimizer.step()`` and ``zero_grad``. Returns (metric sums, metric counts, grad norm or None)."""
+    ``optimizer.step()`` and ``zero_grad``. Returns (metric sums, metric counts, grad norm or None).
+
+    Nothing here reads a device value back to the host: a metric that is a tensor is summed on the device
+    (``float(loss)`` per micro-batch would stall the CPU until the GPU caught up, and FSDP needs the CPU to
+    run ahead to issue the next block's all-gather while this one computes). `train` reads the sums back
+    once per ``log_every`` steps."""
     device = accelerator.device
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor | float] = {}
     counts: dict[str, int] = {}  # a metric some micro-batches lack (a per-budget loss) averages over those that have it
     for i, mb in enumerate(micro):
         mb = mb.to(device, non_blocking=True)
+        if i == 0:  # a model or teacher left off the device: one line naming both devices, not a kernel's error
+            check_placement(model, mb, where, "model")
+            check_placement(teacher, mb, where, "teacher")
         sync = i == len(micro) - 1
         if fsdp:
             # Gradient sync stays on for every micro-batch: each backward reduce-scatters its gradients into the
@@ -422,8 +483,9 @@ def optimizer_step(model: nn.Module, optimizer, micro: list[torch.Tensor], step_
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 loss, metrics = step_fn(mb, model, teacher, step)
                 accelerator.backward(loss / len(micro))
-        for k, v in {"loss": float(loss.detach()), **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in {"loss": loss, **metrics}.items():
+            v = v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else float(v)
+            sums[k] = sums[k] + v if k in sums else v
             counts[k] = counts.get(k, 0) + 1
     grad_norm = None
     if fsdp:
@@ -437,6 +499,19 @@ def optimizer_step(model: nn.Module, optimizer, micro: list[torch.Tensor], step_
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums, counts, grad_norm
+
+
+def _read_back(pending: list[dict]) -> None:
+    """Every device tensor among the pending steps' metric sums and grad norms becomes a float, all read back
+    in ONE transfer (the window's one host sync)."""
+    cells = [(p["sums"], k) for p in pending for k, v in p["sums"].items() if isinstance(v, torch.Tensor)]
+    cells += [(p, "grad_norm") for p in pending if isinstance(p.get("grad_norm"), torch.Tensor)]
+    if not cells:
+        return
+    dev = cells[0][0][cells[0][1]].device
+    vals = torch.stack([d[k].detach().to(dev, torch.float64).reshape(()) for d, k in cells]).cpu().tolist()
+    for (d, k), v in zip(cells, vals):
+        d[k] = v
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -458,6 +533,7 @@ def train(
     strategy: str = "auto",
     mixed_precision: str = "no",
     replicated_params: Callable[[nn.Module], list] | None = None,
+    on_prepared: Callable[[nn.Module], Any] | None = None,
 ) -> TrainResult:
     """Train `model` for ``cfg.max_steps`` optimizer steps; see the module docstring.
 
@@ -468,6 +544,10 @@ def train(
     ``strategy="fsdp"`` shards `model` with FSDP2 (`elastic.parallel.shard_model`, ``mixed_precision``
     "bf16" or "no") instead of handing it to accelerate (one process, or DDP); ``replicated_params(model)``
     names parameters kept whole on every process (their gradients are averaged like DDP's).
+
+    ``on_prepared(model)`` runs on every process once the model is where it trains (on the device; under
+    FSDP sharded, so a forward there is collective) and before a checkpoint's weights are restored: the
+    place to score the starting weights (distill's held-out "before"), never the unsharded host copy.
     """
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
@@ -508,6 +588,8 @@ def train(
     optimizer, scheduler, n_trained = make_optimizer(model, cfg, param_groups)
     if not fsdp:
         model, optimizer = accelerator.prepare(model, optimizer)
+    if on_prepared is not None:
+        on_prepared(model if fsdp else accelerator.unwrap_model(model))
 
     history: list[dict] = []
     start = 0
@@ -548,49 +630,70 @@ def train(
     tokens_per_step = batches.tokens_per_step
     device = accelerator.device
     step = start
+    # Steps whose metrics are still on the device: read back (one host sync, one collective) only when they
+    # are needed -- a tracker log step, a checkpoint, the last step, or every step for an `on_step_end` hook
+    pending: list[dict] = []
+    window_start = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal window_start
+        if not pending:
+            return
+        keys = sorted(set().union(*(p["sums"] for p in pending)))
+        _read_back(pending)
+        # token means over the micro-batches of all processes that report a metric (every micro-batch
+        # has the same token count); processes may report different keys (search: each draws its own
+        # budgets), so the union of keys is agreed first and a key a process lacks counts 0 there
+        if world > 1:
+            keys = sorted(set(gather_object(keys)))
+        tot = torch.tensor([[p["sums"].get(k, 0.0) for k in keys] for p in pending], dtype=torch.float64, device=device)
+        num = torch.tensor([[p["counts"].get(k, 0) for k in keys] for p in pending], dtype=torch.float64, device=device)
+        if world > 1:
+            tot, num = accelerator.reduce(tot, reduction="sum"), accelerator.reduce(num, reduction="sum")
+        tot, num = tot.cpu().tolist(), num.cpu().tolist()
+        # throughput over the window: a step's own wall time means nothing while the CPU runs ahead of the GPU
+        tps = tokens_per_step * len(pending) / max(time.perf_counter() - window_start, 1e-9)
+        for p, t_row, n_row in zip(pending, tot, num):
+            rec = {k: t / n for k, t, n in zip(keys, t_row, n_row) if n}
+            rec.update(p["rec"], tokens_per_s=tps)
+            if p.get("grad_norm") is not None:
+                rec["grad_norm"] = float(p["grad_norm"])
+            history.append(rec)
+            if cfg.log_every and (rec["step"] % cfg.log_every == 0 or rec["step"] == cfg.max_steps):
+                accelerator.log({f"{cfg.log_prefix}{k}": v for k, v in rec.items() if k != "step"},
+                                step=cfg.step_offset + rec["step"])
+            if on_step_end is not None:
+                on_step_end(rec["step"], rec)
+        last = history[-1]
+        bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tps:.0f}",
+                        refresh=False)
+        pending.clear()
+        window_start = time.perf_counter()
+
     try:
         while step < cfg.max_steps:
-            t0 = time.perf_counter()
             micro = batches.next_step()
             lrs = [g["lr"] for g in optimizer.param_groups]
             sums, counts, grad_norm = optimizer_step(model, optimizer, micro, step_fn, teacher=teacher, step=step,
                                                      accelerator=accelerator, fsdp=fsdp, replicated=replicated,
-                                                     grad_clip=cfg.grad_clip)
+                                                     grad_clip=cfg.grad_clip, where=cfg.desc)
             scheduler.step()
             step += 1
-
-            # token means over the micro-batches of all processes that report a metric (every micro-batch
-            # has the same token count); processes may report different keys (search: each draws its own
-            # budgets), so the union of keys is agreed first and a key a process lacks counts 0 there
-            keys = sorted(sums)
-            if world > 1:
-                keys = sorted(set(gather_object(keys)))
-            tot = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
-            num = torch.tensor([counts.get(k, 0) for k in keys], dtype=torch.float64, device=device)
-            if world > 1:
-                tot, num = accelerator.reduce(tot, reduction="sum"), accelerator.reduce(num, reduction="sum")
-            rec = {k: float(t / n) for k, t, n in zip(keys, tot, num)}
-            dt = time.perf_counter() - t0
-            rec.update(step=step, lr=lrs[0], tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt,
-                       mem_gb=memory_gb(device))
-            if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
+            rec = dict(step=step, lr=lrs[0], tokens=step * tokens_per_step, mem_gb=memory_gb(device))
             for g, lr in zip(optimizer.param_groups[1:], lrs[1:]):
                 if g.get("name"):
                     rec[f"lr_{g['name']}"] = lr
-            history.append(rec)
+            pending.append({"sums": sums, "counts": counts, "grad_norm": grad_norm, "rec": rec})
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lrs[0]:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                            refresh=False)
-            if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                accelerator.log({f"{cfg.log_prefix}{k}": v for k, v in rec.items() if k != "step"},
-                                step=cfg.step_offset + step)
-            if on_step_end is not None:
-                on_step_end(step, rec)
 
             # the last step is checkpointed too: what runs after training (saving, scoring) may still fail,
             # and a rerun then starts from the trained model instead of the last periodic checkpoint
-            if ckpt_dir is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            checkpoint = (ckpt_dir is not None and cfg.checkpoint_every
+                          and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps))
+            if (on_step_end is not None or checkpoint or step == cfg.max_steps
+                    or (cfg.log_every and step % cfg.log_every == 0)):
+                flush()  # a checkpoint holds the history up to its step
+            if checkpoint:
                 trainer_state = {
                     "step": step,
                     "max_steps": cfg.max_steps,

@@ -166,13 +166,18 @@ def evaluate(accelerator, model, teacher, rows: torch.Tensor | None, batch_size:
 
     if rows is None:
         return {}
+    from elastic.train import check_placement
+
     was_training = model.training
     model.eval()
     sums = {"ce": 0.0, "kl": 0.0, "teacher_ce": 0.0}
     n = 0
     head = teacher.get_output_embeddings()
-    for batch in torch.split(rows, batch_size):
+    for i, batch in enumerate(torch.split(rows, batch_size)):
         batch = batch.to(accelerator.device)
+        if i == 0:  # defect 1 of issue #20: an unsharded host student scored with batches on the GPU
+            check_placement(model, batch, "distill evaluate", "student")
+            check_placement(teacher, batch, "distill evaluate", "teacher")
         th = hidden_states(teacher, batch)
         out = model(batch, th, head.weight, lm_weight=0.5)
         t_out = chunked_kd_loss(th, None, head, labels=next_token_labels(batch), lm_weight=1.0)
@@ -310,9 +315,16 @@ def run(cfg: Any, run: RunDir) -> dict:
             step_offset=step_offset,
         )
         eval_bs = int(dcfg.get("eval_batch_size") or ph.micro_batch_size)
-        before = evaluate(acc, model, teacher, heldout, eval_bs)
+        before: dict[str, float] = {}
+
+        def score_start(prepared, heldout=heldout, eval_bs=eval_bs, before=before):
+            # the starting weights are scored where they train: under FSDP the sharded student on every process
+            # (collectively), never the whole host copy loaded before sharding (issue #20, defect 1)
+            before.update(evaluate(acc, prepared, teacher, heldout, eval_bs))
+
         result = train(model, make_step_fn(lm_weight), batches, tcfg, accelerator=acc, checkpoint_dir=ckpt_dir,
-                       teacher=teacher, fingerprint=fp, strategy=strategy, mixed_precision=mixed)
+                       teacher=teacher, fingerprint=fp, strategy=strategy, mixed_precision=mixed,
+                       on_prepared=score_start)
         metrics = {
             "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
             "final_train_loss": result.losses[-1], "resumed_from": result.resumed_from,
