@@ -152,24 +152,28 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
     """Global L2 grad norm of sharded (DTensor) and replicated gradients together, clipped to `max_norm`.
 
     ``torch.nn.utils.clip_grad_norm_`` refuses a mix of DTensor and plain gradients (the search's
-    router is replicated next to the sharded model), so the two parts' norms are combined here; the
-    scale is applied as a Python float, which both kinds of gradient accept.
+    router is replicated next to the sharded model), so the two parts' norms are combined here. Everything
+    stays on the device (the scale is a tensor, 1 when no clipping is needed): reading the norm back to the
+    host every step would stall the CPU until the GPU caught up (issue #20, defect 7).
     """
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.experimental import implicit_replication
     from torch.nn.utils import get_total_norm
 
     grads = [p.grad for p in params if p.grad is not None]
-    sq = torch.zeros((), dtype=torch.float64)
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    sq = None
     for part in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
         if part:
             n = get_total_norm(part, 2.0)
-            n = n.full_tensor() if isinstance(n, DTensor) else n
-            sq = sq + n.detach().double().cpu().pow(2)
+            n = (n.full_tensor() if isinstance(n, DTensor) else n).detach().double().pow(2)
+            sq = n if sq is None else sq + n.to(sq.device)
     total = sq.sqrt()
-    coef = float(max_norm) / (float(total) + 1e-6)
-    if coef < 1.0:
+    coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+    with implicit_replication():  # a plain scalar tensor scaling DTensor gradients
         for g in grads:
-            g.mul_(coef)
+            g.mul_(coef.to(g.device, g.dtype))
     return total
 
 

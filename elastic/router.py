@@ -194,7 +194,8 @@ class Router(nn.Module):
             g = -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
             y = F.softmax((lg * scale + g) / tau, dim=-1)
             if hard:
-                y_hard = F.one_hot(y.argmax(), y.numel()).to(y.dtype)
+                # scatter, not F.one_hot: one_hot range-checks its index on the host (a device sync off CUDA)
+                y_hard = torch.zeros_like(y).scatter_(0, y.argmax().unsqueeze(0), 1.0)
                 y = y_hard - y.detach() + y
             out[a] = y
         return out

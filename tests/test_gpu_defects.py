@@ -8,11 +8,13 @@ one-process gloo group, where `fully_shard` really shards (DTensors), in-process
 
 import contextlib
 import sys
+import traceback
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_distill import VOCAB, make_cfg, run_stage, student_model, teacher_model, world  # noqa: E402,F401
@@ -103,3 +105,83 @@ def test_training_step_names_the_module_and_both_devices():
     with pytest.raises(PlacementError, match=r"the teacher \(NemotronHForCausalLM, .*\) is on meta but its batch is on cpu"):
         optimizer_step(student, opt, micro, make_step_fn(0.0), teacher=teacher.to("meta"), step=0, accelerator=acc,
                        fsdp=False)
+
+
+# ------------------------------------------------------------------------------------------------ defect 7
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (`.item()`, `float(t)`, `int(t)`, `bool(t)`: all
+    `aten._local_scalar_dense`), per training step. On a GPU each one waits for every queued kernel. Not
+    counted: AdamW's step counters (host tensors by design in torch), transformers' own packed-sequence check,
+    the data stream (host rows, before they go to the device) and the search's budget draws (a CPU generator):
+    none of them waits for device work."""
+
+    def __init__(self):
+        super().__init__()
+        self.per_step: list[list[str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and self.per_step:
+            frames = traceback.extract_stack()
+            if not any("/torch/optim/" in f.filename or "/transformers/" in f.filename or f.filename.endswith("elastic/data.py")
+                       or (f.filename.endswith("stages/search.py") and f.name == "plan") for f in frames):
+                mine = [f for f in frames if "/elastic/" in f.filename]
+                self.per_step[-1].append(f"{Path(mine[-1].filename).name}:{mine[-1].lineno}" if mine else "?")
+        return func(*args, **(kwargs or {}))
+
+
+def _count_host_reads(monkeypatch, model, step_fn, teacher, *, steps=4, micro=2, log_every=4):
+    from elastic import train as T
+    from elastic.data import Mixture, PackedRows
+
+    reads = HostReads()
+    real_next = T.StepBatches.next_step
+
+    def next_step(self):  # a new step begins: its reads (and those of the read-back after it) go to a new list
+        reads.per_step.append([])
+        return real_next(self)
+
+    monkeypatch.setattr(T.StepBatches, "next_step", next_step)
+    rows = torch.randint(0, VOCAB, (64, 24), generator=torch.Generator().manual_seed(0))
+    batches = T.StepBatches(Mixture([PackedRows(rows, seed=0)], [1.0], seed=0), batch_size=2 * micro, micro_batch_size=2)
+    cfg = T.TrainConfig(max_steps=steps, log_every=log_every, grad_clip=1.0)
+    with reads:
+        result = T.train(model, step_fn, batches, cfg, accelerator=T.make_accelerator(device="cpu"), teacher=teacher)
+    return reads.per_step, result
+
+
+def test_distill_steps_read_nothing_back_between_log_steps(monkeypatch):
+    """Defect 7: ``float(loss)`` and ``float(metric)`` per micro-batch made the CPU wait for the GPU on every
+    micro-batch. Losses and metrics are summed on the device and read back once per log window."""
+    from elastic.losses import KDStudent
+    from elastic.stages.distill import make_step_fn
+
+    per_step, result = _count_host_reads(monkeypatch, KDStudent(student_model(), chunk_size=40), make_step_fn(0.0),
+                                         teacher_model().requires_grad_(False))
+    assert per_step[:3] == [[], [], []], per_step  # steps 1-3: no read at all (the old loop: 4 per step)
+    assert len(result.history) == 4 and all(h["loss"] > 0 and "kl" in h and "grad_norm" in h for h in result.history)
+
+
+def test_search_steps_read_nothing_back_between_log_steps(monkeypatch):
+    """The search's step: its KL, budget loss and cost ratio stay tensors; the router's decode for the choice
+    log runs once per logged step, not on every micro-batch."""
+    from omegaconf import OmegaConf
+
+    from elastic.arch import sizes_from_config
+    from elastic.models.nemotron_h import Ranking
+    from elastic.run import CONF_DIR
+    from elastic.stages.search import make_search_model, make_step_fn
+    from elastic.train import make_accelerator
+    from tiny import tiny_model
+
+    model = tiny_model("M-*M-M-", vocab_size=VOCAB)
+    c = OmegaConf.load(CONF_DIR / "search/default.yaml")
+    c.steps, c.log_choices_every, c.settle_share = 8, 8, 0.0
+    c.granularity.hidden, c.granularity.ffn = 16, 32
+    sm = make_search_model(model, Ranking.random(sizes_from_config(model), torch.Generator().manual_seed(0)), c, seed=0)
+    teacher = tiny_model("M-*M-M-", vocab_size=VOCAB, seed=1).requires_grad_(False)
+    per_step, result = _count_host_reads(monkeypatch, sm, make_step_fn(make_accelerator(device="cpu"), c), teacher,
+                                         steps=8, log_every=8)
+    assert per_step[1:7] == [[]] * 6, per_step  # step 1 logs the choices (log_choices_every), step 8 too
+    assert len(result.history) == 8 and all("kl" in h for h in result.history)

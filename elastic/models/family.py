@@ -607,6 +607,10 @@ class ElasticBase(nn.Module):
         state = {a: p for a, p in probs.items() if a != "depth"}
         depth = probs.get("depth")
         state["gates"] = None if depth is None else depth.to(self.depth_keep.dtype) @ self.depth_keep
+        if depth is not None and not state["gates"].requires_grad:
+            # which layers a hard mask skips, read back once per forward rather than once per block (a host sync
+            # per block keeps the CPU from running ahead of the GPU; issue #20, defect 7)
+            state["gates_host"] = state["gates"].tolist()
         self._state = state
 
     def set_full(self) -> None:
@@ -690,9 +694,10 @@ def gated_block_forward(block, orig, st, index, elastic, hidden_states, *args, *
         return call(hidden_states)
     g = gates[index]
     if not g.requires_grad:
-        if float(g) == 0.0:
+        host = state["gates_host"][index] if "gates_host" in state else float(g)
+        if host == 0.0:
             return hidden_states  # a dropped layer: its input passes through the residual
-        if float(g) == 1.0:
+        if host == 1.0:
             return call(hidden_states)
     out = call(hidden_states)
     return hidden_states + g.to(out.dtype) * (out - hidden_states)

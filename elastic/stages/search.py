@@ -182,7 +182,7 @@ class SearchModel(nn.Module):
             self.elastic.set_probs(**probs)
             bl, ratio = budget_loss(self.cost.expected(probs), budget, self.cost.full, self.band)
             bl = bl.float()
-            info["ratio"] = float(ratio)
+            info["ratio"] = ratio.detach() if isinstance(ratio, torch.Tensor) else float(ratio)  # no host sync
         try:
             hidden = hidden_states(self.elastic.model, input_ids)  # masked final norm included
             kd = None
@@ -277,11 +277,14 @@ def make_step_fn(accelerator, c):
         kd, bl, info = out.kd, out.budget_loss, out.info
         loss = kd.loss + lam * bl
         name = budget_name(info["budget"])
-        m = {"kl": float(kd.kl), f"kl/{name}": float(kd.kl), "tau": info["tau"], "logit_scale": info["scale"]}
+        # metrics stay tensors: the loop sums them on the device and reads them back once per log window
+        kl = kd.kl.detach() if isinstance(kd.kl, torch.Tensor) else kd.kl
+        m = {"kl": kl, f"kl/{name}": kl, "tau": info["tau"], "logit_scale": info["scale"]}
         if info["budget"] is not None:
-            m.update({"budget_loss": float(bl.detach()), f"budget_loss/{name}": float(bl.detach()), f"cost_ratio/{name}": info["ratio"]})
-        if step % log_choices_every == 0 or step == int(c.steps) - 1:
-            sm = accelerator.unwrap_model(model)
+            m.update({"budget_loss": bl.detach(), f"budget_loss/{name}": bl.detach(), f"cost_ratio/{name}": info["ratio"]})
+        sm = accelerator.unwrap_model(model)
+        # the router does not change within a step: its decode (which reads the router back) once, on micro-batch 0
+        if sm._micro == 0 and (step % log_choices_every == 0 or step == int(c.steps) - 1):
             for b in sm.router.budgets:  # what extraction would cut out now (the in-band decode of the router)
                 idx, _ = sm.router.constrained_argmax(b, sm.cost, sm.band)
                 for axis, i in idx.items():
