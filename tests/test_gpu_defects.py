@@ -185,3 +185,29 @@ def test_search_steps_read_nothing_back_between_log_steps(monkeypatch):
                                          steps=8, log_every=8)
     assert per_step[1:7] == [[]] * 6, per_step  # step 1 logs the choices (log_choices_every), step 8 too
     assert len(result.history) == 8 and all("kl" in h for h in result.history)
+
+
+# ------------------------------------------------------------------------------------------------ defect 8
+
+
+def test_importance_refuses_what_does_not_fit_before_loading_the_parent(tmp_path, monkeypatch):
+    """Defect 8: importance ran no pre-flight; on a GPU that cannot hold the 9B's importance pass it read the
+    parent (minutes) and then ran out of memory. Now the plan refuses it first, naming the term and the fix."""
+    import elastic.parallel
+    from elastic.plan import GiB, PlanError
+    from elastic.rundir import RunDir
+    from elastic.stages import importance
+    from test_plan import _cfg, _parent_dir
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the parent was read before the pre-flight check")
+
+    monkeypatch.setattr(importance, "load_model", must_not_run)
+    monkeypatch.setattr(importance, "load_tokenizer", must_not_run)
+    monkeypatch.setattr(importance, "resolve_parent_path", lambda cfg: Path(cfg.parent.path))  # no weight check
+    monkeypatch.setattr(elastic.parallel, "gpu_memory_bytes", lambda device: 24 * GiB)  # a 24 GB card
+    parent = _parent_dir(tmp_path, "nemotron-nano-9b-v2.config.json")  # config.json only: no weights to read
+    cfg = _cfg("nemotron_9b_to_4b", parent, "device=cuda", f"run_dir={tmp_path / 'run'}")
+    with pytest.raises(PlanError, match=r"^importance: .*overflow 24 GiB per GPU"):
+        importance.run(cfg, RunDir(cfg.run_dir))
+    assert not (tmp_path / "run" / "importance").exists() or not any((tmp_path / "run" / "importance").iterdir())

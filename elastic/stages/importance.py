@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import time
 
-from elastic import kernels
 from elastic.importance import compute_scores
 from elastic.inputs import token_batches
 from elastic.arch import sizes_from_config
 from elastic.models.family import Ranking
 from elastic.parent import load_model, load_tokenizer, resolve_device, resolve_parent_path
 from elastic.rundir import RunDir, remove_temps
+from elastic.train import preflight_device
 
 STAGE = "importance"
 # Everything the stage writes, in order; a rerun after a crash rewrites them all (each write replaces the file
@@ -31,9 +31,12 @@ def run(cfg, run: RunDir) -> dict:
     c = cfg.importance
     remove_temps(run.path(STAGE), (*ARTIFACTS, run.done_path(STAGE).name))
     parent_path = resolve_parent_path(cfg)
+    device = resolve_device(cfg.device)
+    # as search and distill do: say which kernels run, and refuse what the plan says does not fit this GPU,
+    # before the parent is read (minutes for the 9B) or anything is written
+    preflight_device(cfg, STAGE, device)
     tok = load_tokenizer(parent_path)
-    model = load_model(parent_path, cfg.parent.dtype, resolve_device(cfg.device))
-    kernels.announce(STAGE, model, model.device)
+    model = load_model(parent_path, cfg.parent.dtype, device)
     arch = sizes_from_config(model)
     batches = token_batches(cfg, tok, "calib", num_sequences=c.num_sequences, batch_size=c.batch_size, seq_len=c.seq_len)
     t0 = time.time()
