@@ -352,11 +352,11 @@ def fingerprint_diff(saved: Mapping | None, current: Mapping | None) -> list[str
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def describe_diff(saved: Mapping | None, current: Mapping | None, limit: int = 6) -> str:
-    """``key: checkpoint X vs now Y; ...`` for the keys `fingerprint_diff` finds, on one line."""
+def describe_diff(saved: Mapping | None, current: Mapping | None, limit: int = 6, then: str = "checkpoint") -> str:
+    """``key: <then> X vs now Y; ...`` for the keys `fingerprint_diff` finds, on one line."""
     a, b = _flat(dict(saved or {})), _flat(dict(current or {}))
     diff = fingerprint_diff(saved, current)
-    text = "; ".join(f"{k}: checkpoint {a.get(k, 'absent')} vs now {b.get(k, 'absent')}" for k in diff[:limit])
+    text = "; ".join(f"{k}: {then} {a.get(k, 'absent')} vs now {b.get(k, 'absent')}" for k in diff[:limit])
     return text + (f"; and {len(diff) - limit} more" if len(diff) > limit else "")
 
 

@@ -370,6 +370,23 @@ def test_stage_killed_mid_phase_resumes_to_the_uninterrupted_result(world, tmp_p
         assert resumed["phases"][phase]["heldout_after"] == full["phases"][phase]["heldout_after"]
 
 
+def test_resume_accepts_settings_that_keep_the_trajectory_and_names_those_that_do_not(world, tmp_path):
+    """Issue #20, defect 4: after an out-of-memory crash the fix is often activation checkpointing, a smaller loss
+    chunk or micro-batch, fewer evaluation sequences: the run resumes across them. A change of the trajectory
+    (the learning rate) is refused, and the refusal names the key with both values."""
+    from elastic.train import ResumeError, SimulatedCrash
+
+    with pytest.raises(SimulatedCrash):
+        run_stage(make_cfg(world, tmp_path / "run", fail_at_step=3))  # checkpoint at step 2
+    with pytest.raises(ResumeError, match=r"optimizer\.lr: checkpoint 0\.002 vs now 0\.003") as e:
+        run_stage(make_cfg(world, tmp_path / "run", **{"phases.0.lr": 3.0e-3}))
+    assert "\n" not in str(e.value)
+    harmless = {"gradient_checkpointing": True, "loss_chunk_size": 8, "eval_sequences": 2, "eval_batch_size": 1,
+                "log_every": 2, "checkpoint_every": 1, "keep_checkpoints": 1, "phases.0.micro_batch_size": 1}
+    resumed = run_stage(make_cfg(world, tmp_path / "run", **harmless))
+    assert resumed["phases"]["phase1"]["resumed_from"] == 2 and resumed["phases"]["phase1"]["steps"] == 4
+
+
 def test_lm_only_baseline_and_mixture_sources(world, tmp_path):
     extra = write_docs(tmp_path / "extra", 3, seed=9)
     sources = [{"name": "post", "files": str(world["text"] / "*.txt"), "weight": 0.7},

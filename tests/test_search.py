@@ -92,6 +92,29 @@ def test_resume_reproduces_losses_and_refuses_another_parent(search_run, toy_par
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in full], rel=1e-6, abs=1e-7)
 
 
+def test_resume_accepts_settings_that_keep_the_trajectory_and_names_those_that_do_not(search_run, toy_parent, tmp_path,
+                                                                                       capsys):
+    """Issue #20, defect 4: the fingerprint held every search.* key, so turning on activation checkpointing after an
+    out-of-memory crash (or a smaller loss chunk, fewer eval sequences, other logging or checkpoint periods)
+    restarted the search from step 0. Those resume now, to the uninterrupted run's losses; a key that changes
+    the trajectory is refused with its name and both values."""
+    full = read_json(search_run / "search/history.json")
+    shutil.copytree(search_run / "importance", tmp_path / "importance")
+    with pytest.raises(SimulatedCrash):
+        pipeline(make_cfg(toy_parent, tmp_path, "stage=search", *SEARCH, "+search.fail_at_step=6"))  # checkpoint at 4
+    with pytest.raises(ResumeError, match=r"search\.lr: checkpoint 0\.001 vs now 0\.002") as e:
+        pipeline(make_cfg(toy_parent, tmp_path, "stage=search", *SEARCH, "search.lr=2e-3"))
+    assert "\n" not in str(e.value)
+    harmless = ["search.gradient_checkpointing=true", "search.loss_chunk_size=16", "search.eval_sequences=2",
+                "search.log_every=3", "search.checkpoint_every=3", "search.log_choices_every=3"]
+    capsys.readouterr()
+    pipeline(make_cfg(toy_parent, tmp_path, "stage=search", *SEARCH, *harmless))
+    assert "resuming at step 4/10" in capsys.readouterr().out
+    resumed = read_json(tmp_path / "search/history.json")
+    assert [h["loss"] for h in resumed[:4]] == [h["loss"] for h in full[:4]]  # the step-4 checkpoint's, bit-identical
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in full], rel=1e-4, abs=1e-6)
+
+
 def test_streamed_mixture_search_resumes_exactly(search_run, toy_parent, tmp_path):
     from elastic import toy
 

@@ -190,15 +190,26 @@ def evaluate(accelerator, model, teacher, rows: torch.Tensor | None, batch_size:
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def _fingerprint(cfg: Any, teacher: Path, student_in: Path, phase: Phase, spec: dict) -> dict:
-    """What makes a checkpoint or a phase output belong to this run (compared on resume / skip)."""
+def _fingerprint(cfg: Any, teacher: Path, student_in: Path, phase: Phase, spec: dict, steps: int) -> dict:
+    """What makes a checkpoint or a phase output belong to this run (compared on resume / skip): every input of
+    the trajectory, and only those. Memory, speed and bookkeeping settings -- gradient_checkpointing,
+    loss_chunk_size, micro_batch_size (the same global batch, split otherwise), eval_sequences / eval_batch_size,
+    log_every, checkpoint_every, keep_checkpoints -- are left out: a rerun after an out-of-memory crash may
+    change them and still resumes."""
+    d = cfg.distill
     return {
         "teacher": str(teacher),
         "teacher_config": config_hash(teacher),
         "student_config": config_hash(student_in),
         "phase": phase.name,
         "data": spec,
-        "loss": {"temperature": float(cfg.distill.get("temperature", 1.0)), "lm_weight": float(cfg.distill.get("lm_weight", 0.0))},
+        "loss": {"temperature": float(d.get("temperature", 1.0)), "lm_weight": float(d.get("lm_weight", 0.0))},
+        "optimizer": {"lr": float(phase.lr), "warmup_steps": int(phase.warmup_steps), "steps": int(steps),
+                      "min_lr_ratio": float(d.get("min_lr_ratio", 0.1)), "weight_decay": float(d.get("weight_decay", 0.0)),
+                      "betas": [float(b) for b in d.get("betas", (0.9, 0.95))],
+                      "grad_clip": None if d.get("grad_clip") is None else float(d.grad_clip)},
+        "precision": {"teacher_dtype": str(d.get("teacher_dtype", "auto")),
+                      "mixed_precision": str(d.get("mixed_precision", "auto"))},
     }
 
 
@@ -223,8 +234,8 @@ def run(cfg: Any, run: RunDir) -> dict:
     from elastic.parent import load_model, load_tokenizer, resolve_parent_path, torch_dtype
     from elastic.parallel import resolve_strategy, resolve_teacher_mode, shard_frozen
     from elastic.parent import checkpoint_dtype, save_checkpoint
-    from elastic.train import (TrainConfig, StepBatches, clear_checkpoints, gather_state_dict, make_accelerator,
-                               preflight, train)
+    from elastic.train import (TrainConfig, StepBatches, clear_checkpoints, describe_diff, gather_state_dict,
+                               make_accelerator, preflight, train)
 
     dcfg = cfg.distill
     if run.is_done(STAGE) and not cfg.force:
@@ -278,15 +289,15 @@ def run(cfg: Any, run: RunDir) -> dict:
         out = run.path(out_rel)
         mixture, heldout = data.pop(ph.name)
         spec = data_spec(cfg, ph)
-        fp = _fingerprint(cfg, teacher_path, source, ph, spec)
         n_steps = ph.steps(cap)
+        fp = _fingerprint(cfg, teacher_path, source, ph, spec, n_steps)
         ckpt_dir = run.path(STAGE, "checkpoints", ph.name)
         keep_after = bool(dcfg.get("keep_checkpoints_after", False))
         if out.exists() and not cfg.force:
             # a folder without its sidecar is crash debris (never another run's result): retrained over
             saved = run.read_sidecar(out) if run.is_complete(out) else None
             if saved is not None and saved.get("fingerprint") != json.loads(json.dumps(fp)):
-                raise DistillError(f"{out} exists from another run (other teacher, student or data); "
+                raise DistillError(f"{out} exists from another run ({describe_diff(saved.get('fingerprint'), fp, then='written with')}); "
                                    "force=true replaces it, or use another run_dir")
             # `evaluated` false: the model was written, then the run died before its held-out score; the
             # phase reruns from its final-step checkpoint (no training left) to score the same fp32 weights

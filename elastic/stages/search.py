@@ -330,6 +330,19 @@ def plot_choices(history: list[dict], budgets, path, labels: dict[str, str]) -> 
     plt.close(fig)
 
 
+# search.* keys that do not change the trajectory (weights, router, draws) of a run: memory and speed
+# (activation checkpointing, the loss's chunk), logging, checkpointing and the final scoring. A run resumes
+# across a change of these -- after an out-of-memory crash the first fix is often one of them -- while any
+# other key (a new one included, until it is listed here) makes its checkpoints another run's.
+HARMLESS_KEYS = ("resume", "fail_at_step", "gradient_checkpointing", "loss_chunk_size", "eval_sequences", "log_every",
+                 "log_choices_every", "checkpoint_every", "tracking_backends")
+
+
+def trajectory_settings(c) -> dict:
+    """The `search` section minus `HARMLESS_KEYS`: the part of the resume fingerprint it contributes."""
+    return {k: v for k, v in OmegaConf.to_container(c, resolve=True).items() if k not in HARMLESS_KEYS}
+
+
 def validate_config(c) -> None:
     check_budgets(c.budgets)
     for key in ("full_model_share", "hard_prob", "phase1_share", "settle_share"):
@@ -362,14 +375,15 @@ def run(cfg, run: RunDir) -> dict:
     tok = load_tokenizer(parent_path)
     ranking = load_ranking(run)
     parent = sizes_from_config(AutoConfig.from_pretrained(parent_path))
-    # what the checkpoints and the outputs belong to (compared on resume, and before skipping a finished search)
+    # what the checkpoints belong to (compared on resume): the trajectory's inputs only
     fingerprint = {
-        "parent": str(parent_path), "parent_arch": parent.to_dict(),
-        "search": OmegaConf.to_container(c, resolve=True) | {"resume": None, "fail_at_step": None},
+        "parent": str(parent_path), "parent_arch": parent.to_dict(), "search": trajectory_settings(c),
         "seed": int(cfg.seed), "data": stream_spec(cfg, "search", int(c.seq_len)),
         "ranking": hashlib.sha256(run.path("importance/ranking.safetensors").read_bytes()).hexdigest()[:16],
     }
-    done = finished(run, fingerprint)
+    # what the outputs belong to (compared before skipping a finished search): the scores depend on the eval size too
+    outputs_fingerprint = fingerprint | {"eval_sequences": int(c.eval_sequences)}
+    done = finished(run, outputs_fingerprint)
     if done is not None and not cfg.get("force", False):
         # every output was written (archs.json is the last) but the run died before DONE: nothing to redo
         print(f"[search] outputs already written by this run (force=true reruns it): {run.path('search/archs.json')}")
@@ -452,7 +466,7 @@ def run(cfg, run: RunDir) -> dict:
         run.save_json("search/history.json", result.history, **meta)
         labels = {a.name: a.label for a in parent.axes()} | {"depth": "layers dropped"}
         plot_choices(result.history, sm.router.budgets, run.path("search/widths.png"), labels)
-        run.save_json("search/archs.json", doc, fingerprint=fingerprint, **meta)
+        run.save_json("search/archs.json", doc, fingerprint=outputs_fingerprint, **meta)
         # only now: until archs.json exists a rerun resumes the final-step checkpoint (no training left)
         clear_checkpoints(run.path("search/checkpoints"))
     acc.wait_for_everyone()
