@@ -38,6 +38,7 @@ TEACHER_MODES = ("auto", "replicate", "shard")
 __all__ = [
     "STRATEGIES", "TEACHER_MODES", "ParallelError", "block_class_names", "is_sharded", "shard_model", "shard_frozen",
     "full_state_dict", "clip_grad_norm", "average_gradients", "save_sharded", "load_sharded", "resolve_strategy",
+    "is_main_rank", "build_on_meta", "materialize", "skeleton", "load_frozen",
 ]
 
 
@@ -209,6 +210,77 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
             p.grad = g.to(p.dtype)
         else:
             p.grad.copy_(g)
+
+
+# ------------------------------------------------------------------------------------------------ loading on one process
+# Every process reading the checkpoint costs a node 8 host copies of each model (the 9B search: bf16 teacher, fp32
+# student and its importance-reordered copy, ~90 GB per process, ~720 GB per node) and 16 reads of the files. Under
+# FSDP only process 0 reads the weights; the others build the same module with its parameters on the meta device
+# (no memory, no read), every process shards it, allocates only its own shards on the GPU, and process 0's tensors
+# are broadcast into them one at a time (torch.distributed.checkpoint's set_model_state_dict, broadcast_from_rank0).
+
+
+def is_main_rank() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def build_on_meta(build):
+    """``build()`` with its parameters created on the meta device and its buffers (masks, rotary tables: small, and
+    not all in a state dict) real, on the CPU. Anything `build` moves or copies stays meta."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> nn.Module:
+    """Give `model`'s meta parameters memory on `device` (under FSDP only this process's shards) and fill every
+    parameter and persistent buffer from `full_state`, which process 0 passes (its whole state dict, on the host)
+    and the others leave None; collective. Tensors that were not meta (buffers, the search's replicated router)
+    keep their values where process 0 sends none. Returns `model`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    real = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta}
+    if len(real) < len(list(model.parameters())) + len(list(model.buffers())):
+        model.to_empty(device=device)
+        for name, t in real.items():  # to_empty emptied these too
+            mod, _, leaf = name.rpartition(".")
+            getattr(model.get_submodule(mod), leaf).data.copy_(t)
+    del real
+    set_model_state_dict(model, full_state or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+    return model
+
+
+def skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of checkpoint `path`'s config.json, parameters on the meta device, in eval mode as
+    `parent.load_model` returns it: what the processes other than 0 build instead of reading the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    return build_on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype)).eval()
+
+
+def load_frozen(path: str | Path, dtype: torch.dtype, device: torch.device, *, shard: bool) -> nn.Module:
+    """A frozen model (the teacher) on every process: whole on each GPU, or sharded (`shard_frozen`), read from
+    disk by process 0 only and broadcast (one process: an ordinary load)."""
+    import torch.distributed as dist
+
+    from elastic.parent import load_model
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        model = load_model(path, dtype=dtype, device="cpu" if shard else device).requires_grad_(False)
+        return shard_frozen(model, device) if shard else model
+    full = load_model(path, dtype=dtype, device="cpu").state_dict() if is_main_rank() else None
+    model = skeleton(path, dtype).requires_grad_(False)
+    if shard:
+        shard_frozen(model, device)
+    materialize(model, full, device)
+    del full  # process 0's host copy, consumed
+    return model
 
 
 def save_sharded(path: str | Path, model: nn.Module, optimizer) -> None:

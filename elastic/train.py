@@ -545,9 +545,10 @@ def train(
     "bf16" or "no") instead of handing it to accelerate (one process, or DDP); ``replicated_params(model)``
     names parameters kept whole on every process (their gradients are averaged like DDP's).
 
-    ``on_prepared(model)`` runs on every process once the model is where it trains (on the device; under
-    FSDP sharded, so a forward there is collective) and before a checkpoint's weights are restored: the
-    place to score the starting weights (distill's held-out "before"), never the unsharded host copy.
+    ``on_prepared(model)`` runs on every process once the model is prepared (under FSDP sharded, so a forward
+    there is collective), before the optimizer exists and before a checkpoint's weights are restored: the
+    place to fill a model built on the meta device from process 0's weights (`parallel.materialize`) and to
+    score the starting weights where they train (distill's held-out "before"), never an unsharded host copy.
     """
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
@@ -585,11 +586,11 @@ def train(
     replicated = list(replicated_params(model)) if fsdp and replicated_params else []
     prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, fsdp=fsdp, device=accelerator.device,
                   mixed_precision=mixed_precision, replicated=replicated)
+    if on_prepared is not None:  # before the optimizer holds the parameters: the hook may give meta ones memory
+        on_prepared(model)
     optimizer, scheduler, n_trained = make_optimizer(model, cfg, param_groups)
     if not fsdp:
         model, optimizer = accelerator.prepare(model, optimizer)
-    if on_prepared is not None:
-        on_prepared(model if fsdp else accelerator.unwrap_model(model))
 
     history: list[dict] = []
     start = 0

@@ -7,6 +7,7 @@ one-process gloo group, where `fully_shard` really shards (DTensors), in-process
 """
 
 import contextlib
+import json
 import sys
 import traceback
 import types
@@ -17,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script (the 2-process worker): this checkout's package
 from test_distill import VOCAB, make_cfg, run_stage, student_model, teacher_model, world  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,3 +213,63 @@ def test_importance_refuses_what_does_not_fit_before_loading_the_parent(tmp_path
     with pytest.raises(PlanError, match=r"^importance: .*overflow 24 GiB per GPU"):
         importance.run(cfg, RunDir(cfg.run_dir))
     assert not (tmp_path / "run" / "importance").exists() or not any((tmp_path / "run" / "importance").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ defect 5
+
+
+def _losses(run: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run / "distill/logs/metrics.jsonl").read_text().splitlines()]
+    return [x[k] for x in lines for k in ("phase1/loss", "phase2/loss") if k in x]
+
+
+@pytest.mark.slow
+def test_two_process_distill_reads_the_weights_on_process_0_only(world, tmp_path):
+    """Defect 5: every process read the teacher and the student from disk and held them whole on the host (the
+    9B -> 4B: ~54 GB per process, 8 per node). Under 2-process FSDP (sharded teacher) process 1 now reads no
+    weights at all -- `from_pretrained` runs on process 0 only, once per model, and the others get their shards
+    by broadcast -- while the losses and held-out scores stay those of one unsharded process."""
+    from launch import launch_two_processes
+
+    one = run_stage(make_cfg(world, tmp_path / "one"))
+    proc = launch_two_processes(__file__, str(tmp_path / "two"), str(world["root"]), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2 (FSDP2" in proc.stdout + proc.stderr and "shard)" in proc.stdout + proc.stderr
+    reads = {r: json.loads((tmp_path / "two" / f"reads_{r}.json").read_text()) for r in (0, 1)}
+    assert reads[1] == [], reads[1]
+    # process 0: the teacher once, then each phase's input student once
+    assert [Path(p).name for p in reads[0]] == ["teacher", "student", "phase1"], reads[0]
+    two = _losses(tmp_path / "two")
+    assert len(two) == 6 and max(abs(a - b) for a, b in zip(_losses(tmp_path / "one"), two)) < 1e-5
+    summary = json.loads((tmp_path / "two/distill/DONE.json").read_text())["summary"]
+    for phase in ("phase1", "phase2"):
+        a, b = one["phases"][phase]["heldout_before"], summary["phases"][phase]["heldout_before"]
+        assert all(abs(a[k] - b[k]) < 1e-4 for k in a), (phase, a, b)
+
+
+def _worker(out: Path, root: Path) -> None:
+    """One process of the 2-process distill run, counting its checkpoint reads. (On gloo the "device" is the host
+    too, so what a process holds cannot tell the host copy from the shards: the reads can.)"""
+    import os
+
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    reads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counted(cls, path, *args, **kwargs):
+        reads.append(str(path))
+        return real(cls, path, *args, **kwargs)
+
+    AutoModelForCausalLM.from_pretrained = classmethod(counted)
+    world = {"root": root, "text": root / "text", "teacher": root / "teacher", "student": root / "student"}
+    cfg = make_cfg(world, out)
+    cfg.parallel = OmegaConf.create({"strategy": "fsdp", "teacher": "shard"})
+    run_stage(cfg)
+    (out / f"reads_{os.environ['RANK']}.json").write_text(json.dumps(reads))
+
+
+if __name__ == "__main__":  # `accelerate launch tests/test_gpu_defects.py OUT WORLD_ROOT`
+    torch.set_num_threads(1)
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -232,7 +232,7 @@ def run(cfg: Any, run: RunDir) -> dict:
     from elastic import tracking
     from elastic.losses import KDStudent
     from elastic.parent import load_model, load_tokenizer, resolve_parent_path, torch_dtype
-    from elastic.parallel import resolve_strategy, resolve_teacher_mode, shard_frozen
+    from elastic.parallel import is_main_rank, load_frozen, materialize, resolve_strategy, resolve_teacher_mode, skeleton
     from elastic.parent import checkpoint_dtype, save_checkpoint
     from elastic.train import (TrainConfig, StepBatches, clear_checkpoints, describe_diff, gather_state_dict,
                                make_accelerator, preflight, train)
@@ -273,11 +273,8 @@ def run(cfg: Any, run: RunDir) -> dict:
     save_dtype = checkpoint_dtype(teacher_path)
     mixed = str(dcfg.get("mixed_precision", "auto"))
     mixed = ("bf16" if acc.device.type == "cuda" else "no") if mixed == "auto" else mixed
-    if teacher_mode == "shard":
-        teacher = shard_frozen(load_model(teacher_path, dtype=torch_dtype(t_dtype), device="cpu").requires_grad_(False),
-                               acc.device)
-    else:
-        teacher = load_model(teacher_path, dtype=torch_dtype(t_dtype), device=acc.device).requires_grad_(False)
+    # read by process 0 only and broadcast (issue #20, defect 5: 8 host copies per node otherwise)
+    teacher = load_frozen(teacher_path, torch_dtype(t_dtype), acc.device, shard=teacher_mode == "shard")
     acc.print(f"[distill] teacher {teacher_path} ({t_dtype}, {teacher_mode}), student {student_path}, "
               f"{acc.num_processes} process(es), {strategy}")
 
@@ -309,8 +306,12 @@ def run(cfg: Any, run: RunDir) -> dict:
                 source, step_offset = out, step_offset + n_steps
                 continue
 
-        # FSDP moves each process's shard to the device itself: the whole student never sits on one GPU
-        student = load_model(source, dtype="float32", device="cpu" if strategy == "fsdp" else acc.device)
+        # Several processes: process 0 alone reads the student (fp32, on the host), the others build it on the meta
+        # device; each gets its weights once prepared -- under FSDP only its shards, on the GPU -- and process 0's
+        # host copy goes as soon as it is broadcast (issue #20, defect 5). One process: loaded where it trains.
+        multi = acc.num_processes > 1
+        host = [load_model(source, dtype="float32", device="cpu").state_dict()] if multi and is_main_rank() else [None]
+        student = skeleton(source, torch.float32) if multi else load_model(source, dtype="float32", device=acc.device)
         model = KDStudent(student, temperature=float(dcfg.get("temperature", 1.0)), lm_weight=lm_weight,
                           chunk_size=int(dcfg.get("loss_chunk_size", 1024)))
         batches = StepBatches(mixture, batch_size=ph.batch_size, micro_batch_size=ph.micro_batch_size,
@@ -328,7 +329,11 @@ def run(cfg: Any, run: RunDir) -> dict:
         eval_bs = int(dcfg.get("eval_batch_size") or ph.micro_batch_size)
         before: dict[str, float] = {}
 
-        def score_start(prepared, heldout=heldout, eval_bs=eval_bs, before=before):
+        def score_start(prepared, heldout=heldout, eval_bs=eval_bs, before=before, host=host, multi=multi):
+            if multi:
+                materialize(prepared, {f"student.{k}": v for k, v in host[0].items()} if host[0] is not None else None,
+                            acc.device)
+                host[0] = None  # the host copy is consumed
             # the starting weights are scored where they train: under FSDP the sharded student on every process
             # (collectively), never the whole host copy loaded before sharding (issue #20, defect 1)
             before.update(evaluate(acc, prepared, teacher, heldout, eval_bs))
