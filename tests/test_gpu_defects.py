@@ -224,17 +224,19 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_process_distill_reads_the_weights_on_process_0_only(world, tmp_path):
+@pytest.mark.parametrize("strategy, teacher", [("fsdp", "shard"), ("ddp", "replicate")])
+def test_two_process_distill_reads_the_weights_on_process_0_only(world, tmp_path, strategy, teacher):
     """Defect 5: every process read the teacher and the student from disk and held them whole on the host (the
     9B -> 4B: ~54 GB per process, 8 per node). Under 2-process FSDP (sharded teacher) process 1 now reads no
     weights at all -- `from_pretrained` runs on process 0 only, once per model, and the others get their shards
-    by broadcast -- while the losses and held-out scores stay those of one unsharded process."""
+    by broadcast -- while the losses and held-out scores stay those of one unsharded process. DDP with a
+    replicated teacher (whole models on every GPU) loads the same way."""
     from launch import launch_two_processes
 
     one = run_stage(make_cfg(world, tmp_path / "one"))
-    proc = launch_two_processes(__file__, str(tmp_path / "two"), str(world["root"]), timeout=400)
+    proc = launch_two_processes(__file__, str(tmp_path / "two"), str(world["root"]), strategy, teacher, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "world size 2 (FSDP2" in proc.stdout + proc.stderr and "shard)" in proc.stdout + proc.stderr
+    assert f", {teacher})" in proc.stdout + proc.stderr and f"2 process(es), {strategy}" in proc.stdout + proc.stderr
     reads = {r: json.loads((tmp_path / "two" / f"reads_{r}.json").read_text()) for r in (0, 1)}
     assert reads[1] == [], reads[1]
     # process 0: the teacher once, then each phase's input student once
@@ -247,7 +249,7 @@ def test_two_process_distill_reads_the_weights_on_process_0_only(world, tmp_path
         assert all(abs(a[k] - b[k]) < 1e-4 for k in a), (phase, a, b)
 
 
-def _worker(out: Path, root: Path) -> None:
+def _worker(out: Path, root: Path, strategy: str, teacher: str) -> None:
     """One process of the 2-process distill run, counting its checkpoint reads. (On gloo the "device" is the host
     too, so what a process holds cannot tell the host copy from the shards: the reads can.)"""
     import os
@@ -265,11 +267,11 @@ def _worker(out: Path, root: Path) -> None:
     AutoModelForCausalLM.from_pretrained = classmethod(counted)
     world = {"root": root, "text": root / "text", "teacher": root / "teacher", "student": root / "student"}
     cfg = make_cfg(world, out)
-    cfg.parallel = OmegaConf.create({"strategy": "fsdp", "teacher": "shard"})
+    cfg.parallel = OmegaConf.create({"strategy": strategy, "teacher": teacher})
     run_stage(cfg)
     (out / f"reads_{os.environ['RANK']}.json").write_text(json.dumps(reads))
 
 
-if __name__ == "__main__":  # `accelerate launch tests/test_gpu_defects.py OUT WORLD_ROOT`
+if __name__ == "__main__":  # `accelerate launch tests/test_gpu_defects.py OUT WORLD_ROOT STRATEGY TEACHER`
     torch.set_num_threads(1)
-    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4])
