@@ -290,6 +290,9 @@ class StagePlan:
     activations_other_bytes: float | None = None  # activations with the other checkpointing setting
     notes: list[str] = field(default_factory=list)
     install_hint: str = ""  # the family's command that installs its fused kernels ("" when it has none)
+    host_bytes: float = 0.0  # host RAM of the busiest node (`host_memory`): weights read on process 0 + per-process allowance
+    host_limit_bytes: float | None = None  # plan.host_memory_gib; None = not checked
+    host_note: str = ""
 
     @property
     def peak_bytes(self) -> float:
@@ -304,8 +307,12 @@ class StagePlan:
         return self.gpu_memory_bytes - self.reserve_bytes
 
     @property
+    def host_fits(self) -> bool:
+        return self.host_limit_bytes is None or self.host_bytes <= self.host_limit_bytes
+
+    @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.budget_bytes
+        return self.peak_bytes <= self.budget_bytes and self.host_fits
 
     def term(self, name: str) -> Term:
         return next(t for t in self.terms if t.name == name)
@@ -316,13 +323,19 @@ class StagePlan:
         d["terms"] = {t.name: {"bytes": int(t.bytes), "gib": round(t.gib, 2), "note": t.note} for t in self.terms}
         d["phases"] = {k: round(v / GiB, 2) for k, v in self.phases.items()}
         d.update(peak_bytes=int(self.peak_bytes), peak_gib=round(self.peak_bytes / GiB, 2), peak_phase=self.peak_phase,
-                 budget_gib=round(self.budget_bytes / GiB, 2), fits=self.fits)
+                 budget_gib=round(self.budget_bytes / GiB, 2), fits=self.fits,
+                 host_gib_per_node=round(self.host_bytes / GiB, 1),
+                 host_limit_gib=None if self.host_limit_bytes is None else round(self.host_limit_bytes / GiB, 1))
         if self.activations_other_bytes is not None:
             d["activations_other_gib"] = round(self.activations_other_bytes / GiB, 2)
         return d
 
     def refusal(self) -> str:
         """The PlanError message: the overflowing term, by how much, and what to change."""
+        if self.peak_bytes <= self.budget_bytes:  # the GPUs hold it: the host does not
+            return (f"{self.row}: host RAM {self.host_bytes / GiB:.0f} GiB per node exceeds plan.host_memory_gib "
+                    f"{self.host_limit_bytes / GiB:.0f} ({self.host_note}) -- use nodes with more RAM and raise "
+                    f"plan.host_memory_gib, or fewer processes per node (plan.gpus_per_node)")
         ranked = sorted(self.terms, key=lambda t: -t.bytes)
         big = next((t for t in ranked if self.keys.get(t.name)), ranked[0])
         key = self.keys.get(big.name) or "raise plan.gpu_memory_gib (a larger GPU)"
@@ -572,8 +585,52 @@ def _machine(cfg, world_size, gpu_memory_bytes):
     return n, mem, float(_get(cfg, "plan.reserve_gib", 0)) * GiB
 
 
+# Host RAM a training process needs besides the weights it reads: Python, torch and the CUDA libraries, the CUDA
+# context, data loading. An allowance, not a measurement (no GPU host measured yet); a few GB per process.
+HOST_PER_PROCESS = 4 * GiB
+
+
+def host_memory(cfg, stage: str, parent: Arch, student: Arch | None, world_size: int) -> tuple[float, str]:
+    """(bytes, what) of host RAM on the busiest node of `stage`: process 0 alone reads weights (`parallel.load_frozen`,
+    the stages' `materialize`), one model at a time, and drops each host copy once broadcast or on the GPU; every
+    process of the node adds `HOST_PER_PROCESS`. Before issue #20 every process read every model: the 9B search
+    held ~90 GB per process, ~720 GB per 8-GPU node."""
+    per_node = max(1, min(int(world_size), int(_get(cfg, "plan.gpus_per_node", 8))))
+    p = parent.num_params()
+    if stage == "importance":
+        weights, what = _dtype_bytes(_get(cfg, "parent.dtype", "float32")) * p, "the parent, on its way to the GPU"
+    elif stage == "search":
+        teacher = _dtype_bytes(_get(cfg, "parent.dtype", "float32")) * p
+        weights, what = max(teacher, 2 * FP32 * p), "process 0: the fp32 parent and its importance-reordered copy"
+    else:
+        t_dtype = str(_get(cfg, "distill.teacher_dtype", "auto"))
+        teacher = _dtype_bytes("bfloat16" if t_dtype == "auto" else t_dtype) * p
+        s = FP32 * (student.num_params() if student is not None else p)
+        weights, what = max(teacher, s), ("process 0: the teacher" if teacher >= s else "process 0: the fp32 student")
+    return weights + HOST_PER_PROCESS * per_node, f"{what} + {HOST_PER_PROCESS / GiB:.0f} GiB x {per_node} process(es)"
+
+
+def _with_host(cfg, rows: list[StagePlan], stage: str, parent: Arch, student: Arch | None, n: int) -> list[StagePlan]:
+    limit = _get(cfg, "plan.host_memory_gib")
+    host, what = host_memory(cfg, stage, parent, student, n)
+    for r in rows:
+        r.host_bytes, r.host_note = host, what
+        r.host_limit_bytes = None if limit is None else float(limit) * GiB
+    return rows
+
+
 def _plan(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=None, teacher=None,
           path: str | None = None) -> list[StagePlan]:
+    rows = _plan_gpu(cfg, stage, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes, strategy=strategy,
+                     teacher=teacher, path=path)
+    pcfg = parent_config(cfg)
+    parent = plan_model(pcfg).sizes(pcfg)
+    student = distill_student(cfg, parent)[0] if stage == "distill" else None
+    return _with_host(cfg, rows, stage, parent, student, rows[0].world_size if rows else 1)
+
+
+def _plan_gpu(cfg, stage: str, *, world_size=None, gpu_memory_bytes=None, strategy=None, teacher=None,
+              path: str | None = None) -> list[StagePlan]:
     n, mem, reserve = _machine(cfg, world_size, gpu_memory_bytes)
     pcfg = parent_config(cfg)
     model = plan_model(pcfg)

@@ -275,3 +275,23 @@ def _worker(out: Path, root: Path, strategy: str, teacher: str) -> None:
 if __name__ == "__main__":  # `accelerate launch tests/test_gpu_defects.py OUT WORLD_ROOT STRATEGY TEACHER`
     torch.set_num_threads(1)
     _worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4])
+
+
+def test_plan_shows_host_ram_per_node_and_refuses_above_the_limit(tmp_path):
+    """Defect 5, the plan's side: host RAM per node is a row field (process 0's weights + an allowance per
+    process), the 9B search's is what one process reads (fp32 parent + reordered copy), not 8 processes' worth,
+    and a node below it is refused with the key to change."""
+    from elastic.plan import GiB, HOST_PER_PROCESS, PlanError, check_stage, plan_all
+    from test_plan import _cfg, _parent_dir
+
+    parent = _parent_dir(tmp_path, "nemotron-nano-9b-v2.config.json")
+    doc = plan_all(_cfg("nemotron_9b_to_4b", parent, "plan.mamba_path=kernel", "plan.gpus=16", "plan.gpus_per_node=8"))
+    rows = {r["row"]: r for r in doc["rows"]}
+    p9 = doc["teacher"]["params"]
+    assert rows["search"]["host_gib_per_node"] == pytest.approx((8 * p9 + 8 * HOST_PER_PROCESS) / GiB, abs=0.1)
+    assert rows["distill phase1"]["host_gib_per_node"] < rows["search"]["host_gib_per_node"] < 120  # was ~720
+    assert all(r["host_limit_gib"] == 1024 and r["fits"] for r in doc["rows"])
+    small = _cfg("nemotron_9b_to_4b", parent, "plan.mamba_path=kernel", "plan.host_memory_gib=64")
+    with pytest.raises(PlanError, match=r"^search: host RAM 98 GiB per node exceeds plan.host_memory_gib 64 .*plan.host_memory_gib"):
+        check_stage(small, "search", world_size=8, gpu_memory_bytes=80 * GiB)
+    check_stage(small, "distill", world_size=8, gpu_memory_bytes=80 * GiB)  # ~18 GB of weights + 8 x 4: fits 64

@@ -61,6 +61,9 @@ def _rows_table(doc: dict) -> tuple[list[str], list[list[str]]]:
             line("plan / rehearsal", lambda r: f"{r['peak_gib'] / r['rehearsal_peak_gib']:.2f}" if r.get("rehearsal_peak_gib") else "-"),
         ]
     cells += [
+        # per node, not per GPU: process 0 reads the weights; every process adds its own overhead
+        line("host RAM per node / limit GiB", lambda r: f"{r['host_gib_per_node']:.0f}"
+             + (f" / {r['host_limit_gib']:.0f}" if r.get("host_limit_gib") is not None else "")),
         line("fits", lambda r: "yes" if r["fits"] else "NO"),
         line("tokens per step", lambda r: f"{r['tokens_per_step']:,}"),
         line("steps", lambda r: f"{r['steps']:,}"),

@@ -362,8 +362,9 @@ def validate_config(c) -> None:
 def run(cfg, run: RunDir) -> dict:
     from elastic import tracking
     from elastic.inputs import heldout_loss, stream_spec, token_batches
-    from elastic.parallel import resolve_strategy, resolve_teacher_mode, shard_frozen
-    from elastic.parent import checkpoint_dtype, load_model, load_tokenizer, resolve_parent_path, save_checkpoint
+    from elastic.parallel import is_main_rank, load_frozen, materialize, resolve_strategy, resolve_teacher_mode, skeleton
+    from elastic.parent import (checkpoint_dtype, load_model, load_tokenizer, resolve_parent_path, save_checkpoint,
+                                torch_dtype)
     from elastic.stages.importance import load_ranking
     from elastic.train import TrainConfig, clear_checkpoints, gather_state_dict, make_accelerator, preflight, train
     from transformers import AutoConfig
@@ -403,12 +404,25 @@ def run(cfg, run: RunDir) -> dict:
     batches = train_batches(cfg, tok, int(c.batch_size), int(c.micro_batch_size), int(c.seq_len), int(c.train_sequences),
                             rank=acc.process_index, world_size=acc.num_processes)
 
-    teacher = load_model(parent_path, cfg.parent.dtype, "cpu").requires_grad_(False)
     ranking.validate(parent)
-    student_src = load_model(parent_path, "float32", "cpu")
-    sm = make_search_model(student_src, ranking, c, int(cfg.seed))
-    del student_src
-    teacher = shard_frozen(teacher, acc.device) if teacher_mode == "shard" else teacher.to(acc.device)
+    # Several processes: process 0 alone reads the parent (the bf16 teacher, then the fp32 student and its
+    # importance-reordered copy, ~90 GB for the 9B); the others build both on the meta device and get the weights
+    # by broadcast into their shards (issue #20, defect 5). The teacher's host copy goes once broadcast, the
+    # parent's as soon as it is reordered, the reordered one once broadcast (in `train`'s on_prepared).
+    teacher = load_frozen(parent_path, torch_dtype(cfg.parent.dtype), acc.device, shard=teacher_mode == "shard")
+    multi = acc.num_processes > 1
+    host: list[dict | None] = [None]
+    if multi:
+        if is_main_rank():
+            host[0] = make_search_model(load_model(parent_path, "float32", "cpu"), ranking, c, int(cfg.seed)).state_dict()
+        sm = make_search_model(skeleton(parent_path, torch.float32), ranking, c, int(cfg.seed))
+    else:
+        sm = make_search_model(load_model(parent_path, "float32", "cpu"), ranking, c, int(cfg.seed))
+
+    def fill(prepared):  # the model is sharded (FSDP) or still whole (DDP): its meta parameters get memory here
+        if multi:
+            materialize(prepared, host[0], acc.device)
+            host[0] = None
     tracking.init_trackers(acc, tcfg, run_name="search", config=c)
     sm.set_process(acc.process_index, acc.num_processes)
     tc = TrainConfig(
@@ -419,7 +433,7 @@ def run(cfg, run: RunDir) -> dict:
     )
     result = train(sm, make_step_fn(acc, c), batches, tc, accelerator=acc, checkpoint_dir=run.path("search/checkpoints"),
                    teacher=teacher, param_groups=param_groups_fn(c), fingerprint=fingerprint, strategy=strategy,
-                   mixed_precision=mixed, replicated_params=lambda m: list(m.router.parameters()))
+                   mixed_precision=mixed, replicated_params=lambda m: list(m.router.parameters()), on_prepared=fill)
     sm = acc.unwrap_model(result.model)
     sm.eval()
     archs = chosen_archs(sm)  # the router is whole on every process
