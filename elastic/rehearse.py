@@ -103,19 +103,67 @@ def fake_world(world_size: int):
         dist.destroy_process_group()
 
 
+def _zeros_like_list(t: torch.Tensor):
+    """What ``t.tolist()`` gives for a tensor of zeros, built without a tensor op (none may run on a fake value)."""
+    zero = 0.0 if t.is_floating_point() else 0
+
+    def fill(shape):
+        return zero if not shape else [fill(shape[1:]) for _ in range(shape[0])]
+
+    return fill(tuple(t.shape))
+
+
 @contextlib.contextmanager
 def _fake_values_read_as_zero():
-    """The step reads a few logged numbers with ``float(tensor)`` (the loss, the KL, the grad norm); a fake
-    tensor has no value, so they read as 0.0 here. Nothing the step allocates depends on them (a grad norm
-    of 0 skips clipping's in-place scaling, which allocates nothing)."""
-    from torch._subclasses.fake_tensor import FakeTensor
+    """The step reads a few numbers off tensors (``float`` of the loss, the KL, the grad norm; ``tolist`` of
+    the replicated gradients' per-rank counts in `parallel.average_gradients`); a fake tensor has no value, so
+    they read as zeros here. Nothing the step allocates depends on them (a grad norm of 0 skips clipping's
+    in-place scaling, a count of 0 the router's few-K-parameter gradient copy; both allocate next to nothing)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
 
-    orig = torch.Tensor.__float__
-    torch.Tensor.__float__ = lambda t: 0.0 if isinstance(t, FakeTensor) else orig(t)
+    orig = torch.Tensor.__float__, torch.Tensor.tolist
+
+    def tolist(t):
+        try:
+            return orig[1](t)  # a fake tensor made from a constant (AdamW's step count) still has its values
+        except DataDependentOutputException:
+            return _zeros_like_list(t)
+
+    torch.Tensor.__float__ = lambda t: 0.0 if isinstance(t, FakeTensor) else orig[0](t)
+    torch.Tensor.tolist = lambda t: tolist(t) if isinstance(t, FakeTensor) else orig[1](t)
     try:
         yield
     finally:
-        torch.Tensor.__float__ = orig
+        torch.Tensor.__float__, torch.Tensor.tolist = orig
+
+
+@contextlib.contextmanager
+def _sharding_propagation_untracked():
+    """DTensor's sharding propagation (the slow path, e.g. ``clip_grad_norm_``'s ``_foreach_norm`` over every
+    sharded gradient) derives output metadata by running the op on *global-shape* stand-ins made under the
+    fake mode it detects. On a GPU there is none, so it makes a fresh FakeTensorMode and the stand-ins cost
+    nothing; here it finds the rehearsal's, and the memory tracker would count a global-shape copy of every
+    gradient it sees at once (the 9B's search: 33 GiB fp32, the whole model, at grad clipping -- the 9.5 GiB
+    the first full-depth rehearsal put above the plan). Propagation runs here as on a GPU: outside every
+    active mode (tracker and fake mode), on its own fake tensors; it returns metadata only."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    name = "_propagate_tensor_meta_non_cached"
+    orig = getattr(ShardingPropagator, name, None)
+    if orig is None:  # another torch: nothing to redirect (a peak at grad clipping may then hold the stand-ins)
+        yield
+        return
+
+    def untracked(self, *args, **kwargs):
+        with _disable_current_modes():
+            return orig(self, *args, **kwargs)
+
+    setattr(ShardingPropagator, name, untracked)
+    try:
+        yield
+    finally:
+        setattr(ShardingPropagator, name, orig)
 
 
 @contextlib.contextmanager
@@ -213,7 +261,7 @@ def _run(model, optimizer_args, *, teacher, step_fn, step: int, batch_shape: tup
     from elastic.train import make_optimizer, optimizer_step
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode, _fake_values_read_as_zero(), _unpacked_rows():
+    with mode, _fake_values_read_as_zero(), _unpacked_rows(), _sharding_propagation_untracked():
         model.to_empty(device="cpu")
         teacher.to_empty(device="cpu")
         if not fsdp and mixed:
