@@ -53,7 +53,7 @@ import torch
 
 from elastic.plan import GiB, PlanError, StagePlan
 
-__all__ = ["Rehearsal", "RehearsalError", "fake_world", "rehearse_distill", "rehearse_search", "rehearse_rows"]
+__all__ = ["Rehearsal", "RehearsalError", "fake_world", "frozen_params_take_no_grad_hooks", "rehearse_distill", "rehearse_search", "rehearse_rows"]
 
 
 class RehearsalError(PlanError):
@@ -167,6 +167,34 @@ def _sharding_propagation_untracked():
 
 
 @contextlib.contextmanager
+def frozen_params_take_no_grad_hooks():
+    """Torch's ``MemTracker`` installs gradient hooks on the parameters of every module that runs inside it,
+    and a frozen parameter (the teacher's) refuses one with a RuntimeError. No gradient ever reaches a tensor
+    that does not require one, so such a hook could never fire: while this is active, registering one is a
+    no-op. The teacher can stay frozen, as in training, whatever transformers passes between its modules
+    (5.25 passes the conv weight as a module input, and the tracker hooks a trainable input's gradient)."""
+    from collections import OrderedDict
+
+    from torch.utils.hooks import RemovableHandle
+
+    names = ("register_hook", "register_post_accumulate_grad_hook")
+    orig = {n: getattr(torch.Tensor, n) for n in names}
+
+    def guarded(name):
+        def register(t, hook):
+            return orig[name](t, hook) if t.requires_grad else RemovableHandle(OrderedDict())  # nothing to remove
+        return register
+
+    for n in names:
+        setattr(torch.Tensor, n, guarded(n))
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(torch.Tensor, n, orig[n])
+
+
+@contextlib.contextmanager
 def _unpacked_rows():
     """transformers' packed-sequence detection returns a mask for fake position ids (it cannot read them)
     and the attention then builds an S x S mask; real rows are contiguous 0..S-1, for which it returns None."""
@@ -239,9 +267,9 @@ def _measure(model, optimizer, frozen: torch.nn.Module | None, fsdp: bool, run_s
 
         tensors = tuple(t.to_local() if isinstance(t, DTensor) else t for t in list(frozen.parameters()) + list(frozen.buffers()))
         mt.track_inputs(tensors) if fsdp else mt.track_external(*tensors)
-    # the teacher's weights stay frozen, as in training (flagging them trainable for the trace makes the tracker
-    # hook a conv weight that transformers >= 5.25 passes as a module input under no_grad, and fail)
-    with mt:
+    # the teacher's weights stay frozen, as in training: flagging them trainable for the trace would make the
+    # tracker hook the gradient of a conv weight that transformers >= 5.25 passes as a module input, and fail
+    with mt, frozen_params_take_no_grad_hooks():
         run_step(mt)
     snap = mt.get_tracker_snapshot("peak")
     dev = next(d for d in snap if str(d) == "cpu")
