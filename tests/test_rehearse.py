@@ -133,3 +133,28 @@ def test_gradient_accumulation_under_fsdp_keeps_gradients_sharded():
     # what accumulation adds to the peak: the sharded gradients carried between micro-batches, not the model in fp32
     added = four.peak_bytes - one.peak_bytes
     assert added <= whole_fp32 / 8 + 0.1 * whole_fp32, (added / whole_fp32, {k: v / 2**20 for k, v in four.by_category.items()})
+
+
+def test_gradient_clipping_costs_no_global_copy_of_the_gradients():
+    """DTensor's sharding propagation makes global-shape stand-ins of every sharded gradient for
+    ``clip_grad_norm_``'s norms; on a GPU they are fake (no memory), and the rehearsal must not count them
+    (it did: 33 GiB at the 9B's full depth, the whole model in fp32, above everything the step really holds).
+    Clipping's real cost is a few scalars per gradient."""
+    from elastic.rehearse import rehearse_distill
+
+    # 16 blocks and 32 tokens: the step's transients are small next to the whole model's fp32 gradients, so
+    # counting the stand-ins would move the peak to the clipping
+    config = _config("nemotron-3-nano-4b.config.json", "M-" * 8)
+    config.update(hidden_size=512, intermediate_size=2048, mamba_num_heads=16, mamba_head_dim=32, vocab_size=8192,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, chunk_size=32)
+
+    def rehearse(grad_clip):
+        return rehearse_distill(config, config, world_size=8, strategy="fsdp", teacher_mode="replicate", seq_len=32,
+                                micro_batch=1, grad_accum=1, checkpointing=True, loss_chunk=32, grad_clip=grad_clip)
+
+    from elastic.models.nemotron_h import Arch
+
+    clipped, unclipped = rehearse(1.0), rehearse(None)
+    whole_fp32 = 4 * Arch.from_config(config).num_params()
+    assert clipped.peak_bytes - unclipped.peak_bytes <= 0.01 * whole_fp32, (
+        (clipped.peak_bytes - unclipped.peak_bytes) / whole_fp32, clipped.by_category)
