@@ -37,6 +37,9 @@ What stands in for a GPU here, and what the rehearsal cannot see:
   trace that might be packed); training rows are never packed, so the rehearsal gives it what a real
   run's position ids give: no packed-sequence mask;
 * a ``ddp`` row is rehearsed as one replica: DDP's gradient buckets are not traced (the plan adds them);
+* two things the tracker would count that a GPU run never holds are kept out: DTensor's global-shape
+  stand-ins for sharding propagation (fake on a GPU; `_sharding_propagation_untracked`) and a micro-batch's
+  checkpointed block inputs held past its backward by the tracker's own module hooks (`_tracker_grad_hooks`);
 * left out, as by the plan: the CUDA context, NCCL's own buffers, allocator fragmentation
   (``plan.reserve_gib``).
 """
