@@ -22,7 +22,7 @@ without editing llama.cpp's files:
 
 Everything that runs llama.cpp's native code (quantizing, loading, tokenizing, generating) runs in a child
 Python process (:func:`in_child`), so a crash in llama.cpp (a signal: SIGILL, SIGSEGV, SIGABRT, ...) is one
-`LlamaCppCrash` line naming the signal instead of a dead process without a traceback (or a dead pytest worker).
+`NativeCrash` line naming the signal instead of a dead process without a traceback (or a dead pytest worker).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class GGUFError(ValueError):
     """Bad input for the GGUF export (reported as one `elastic: error:` line by `elastic.run`)."""
 
 
-class LlamaCppCrash(GGUFError):
+class NativeCrash(GGUFError):
     """llama.cpp's process died (by a signal, or exiting without a result): one `elastic: error:` line, exit 2."""
 
 
@@ -266,7 +266,7 @@ def in_child(fn, *args, what: str, **kwargs):
     llama.cpp is native code: when it crashes (SIGILL from instructions the CPU or the process may not
     use, SIGSEGV, SIGABRT from a failed GGML_ASSERT) the process running it dies at once, with no Python
     traceback -- a user's stage, or a pytest-xdist worker ("node down"). Here only the child dies, and
-    `LlamaCppCrash` says which signal, while doing `what`, and what to do. A fresh interpreter
+    `NativeCrash` says which signal, while doing `what`, and what to do. A fresh interpreter
     (``python -m elastic.gguf child``), not multiprocessing: fork would copy a process with torch's
     threads running, and spawn would re-import the caller's ``__main__`` (elastic.run and Hydra, or pytest).
     The child also keeps PyTorch out of the process that runs ggml's kernels. `fn` must be importable by
@@ -275,7 +275,7 @@ def in_child(fn, *args, what: str, **kwargs):
     # the parent's import path (minus the interpreter's own), so the child imports the same elastic and modules
     paths = [p for p in sys.path if p and not p.startswith((sys.base_prefix, sys.prefix))]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    with tempfile.TemporaryDirectory(prefix="elastic-llama-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="elastic-llama_cpp-") as tmp:
         result = Path(tmp) / "result.pickle"
         proc = subprocess.run([sys.executable, "-m", "elastic.gguf", "child", str(result)], input=pickle.dumps((fn, args, kwargs)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -292,8 +292,8 @@ def in_child(fn, *args, what: str, **kwargs):
             name = f"signal {-proc.returncode}"
         desc = (signal.strsignal(-proc.returncode) or name).lower()
         said = f" (its last words: {lines[-1][:200]!r})" if lines else ""  # e.g. the GGML_ASSERT behind a SIGABRT
-        raise LlamaCppCrash(f"llama.cpp died with {name} ({desc}) while {what}{said}: {_CRASH_HINTS.get(name, _CRASH_HINT)}")
-    raise LlamaCppCrash(f"llama.cpp's process exited with code {proc.returncode} and no result while {what}: "
+        raise NativeCrash(f"llama.cpp died with {name} ({desc}) while {what}{said}: {_CRASH_HINTS.get(name, _CRASH_HINT)}")
+    raise NativeCrash(f"llama.cpp's process exited with code {proc.returncode} and no result while {what}: "
                         f"{lines[-1][:200] if lines else 'no output'}")
 
 

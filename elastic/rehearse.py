@@ -37,6 +37,9 @@ What stands in for a GPU here, and what the rehearsal cannot see:
   trace that might be packed); training rows are never packed, so the rehearsal gives it what a real
   run's position ids give: no packed-sequence mask;
 * a ``ddp`` row is rehearsed as one replica: DDP's gradient buckets are not traced (the plan adds them);
+* two things the tracker would count that a GPU run never holds are kept out: DTensor's global-shape
+  stand-ins for sharding propagation (fake on a GPU; `_sharding_propagation_untracked`) and a micro-batch's
+  checkpointed block inputs held past its backward by the tracker's own module hooks (`_tracker_grad_hooks`);
 * left out, as by the plan: the CUDA context, NCCL's own buffers, allocator fragmentation
   (``plan.reserve_gib``).
 """
@@ -53,7 +56,7 @@ import torch
 
 from elastic.plan import GiB, PlanError, StagePlan
 
-__all__ = ["Rehearsal", "RehearsalError", "fake_world", "rehearse_distill", "rehearse_search", "rehearse_rows"]
+__all__ = ["Rehearsal", "RehearsalError", "fake_world", "frozen_params_take_no_grad_hooks", "rehearse_distill", "rehearse_search", "rehearse_rows"]
 
 
 class RehearsalError(PlanError):
@@ -103,19 +106,136 @@ def fake_world(world_size: int):
         dist.destroy_process_group()
 
 
+def _zeros_like_list(t: torch.Tensor):
+    """What ``t.tolist()`` gives for a tensor of zeros, built without a tensor op (none may run on a fake value)."""
+    zero = 0.0 if t.is_floating_point() else 0
+
+    def fill(shape):
+        return zero if not shape else [fill(shape[1:]) for _ in range(shape[0])]
+
+    return fill(tuple(t.shape))
+
+
 @contextlib.contextmanager
 def _fake_values_read_as_zero():
-    """The step reads a few logged numbers with ``float(tensor)`` (the loss, the KL, the grad norm); a fake
-    tensor has no value, so they read as 0.0 here. Nothing the step allocates depends on them (a grad norm
-    of 0 skips clipping's in-place scaling, which allocates nothing)."""
-    from torch._subclasses.fake_tensor import FakeTensor
+    """The step reads a few numbers off tensors (``float`` of the loss, the KL, the grad norm; ``tolist`` of
+    the replicated gradients' per-rank counts in `parallel.average_gradients`); a fake tensor has no value, so
+    they read as zeros here. Nothing the step allocates depends on them (a grad norm of 0 skips clipping's
+    in-place scaling, a count of 0 the router's few-K-parameter gradient copy; both allocate next to nothing)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
 
-    orig = torch.Tensor.__float__
-    torch.Tensor.__float__ = lambda t: 0.0 if isinstance(t, FakeTensor) else orig(t)
+    orig = torch.Tensor.__float__, torch.Tensor.tolist
+
+    def tolist(t):
+        try:
+            return orig[1](t)  # a fake tensor made from a constant (AdamW's step count) still has its values
+        except DataDependentOutputException:
+            return _zeros_like_list(t)
+
+    torch.Tensor.__float__ = lambda t: 0.0 if isinstance(t, FakeTensor) else orig[0](t)
+    torch.Tensor.tolist = lambda t: tolist(t) if isinstance(t, FakeTensor) else orig[1](t)
     try:
         yield
     finally:
-        torch.Tensor.__float__ = orig
+        torch.Tensor.__float__, torch.Tensor.tolist = orig
+
+
+@contextlib.contextmanager
+def _sharding_propagation_untracked():
+    """DTensor's sharding propagation (the slow path, e.g. ``clip_grad_norm_``'s ``_foreach_norm`` over every
+    sharded gradient) derives output metadata by running the op on *global-shape* stand-ins made under the
+    fake mode it detects. On a GPU there is none, so it makes a fresh FakeTensorMode and the stand-ins cost
+    nothing; here it finds the rehearsal's, and the memory tracker would count a global-shape copy of every
+    gradient it sees at once (the 9B's search: 33 GiB fp32, the whole model, at grad clipping -- the 9.5 GiB
+    the first full-depth rehearsal put above the plan). Propagation runs here as on a GPU: outside every
+    active mode (tracker and fake mode), on its own fake tensors; it returns metadata only."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    name = "_propagate_tensor_meta_non_cached"
+    orig = getattr(ShardingPropagator, name, None)
+    if orig is None:  # another torch: nothing to redirect (a peak at grad clipping may then hold the stand-ins)
+        yield
+        return
+
+    def untracked(self, *args, **kwargs):
+        with _disable_current_modes():
+            return orig(self, *args, **kwargs)
+
+    setattr(ShardingPropagator, name, untracked)
+    try:
+        yield
+    finally:
+        setattr(ShardingPropagator, name, orig)
+
+
+@contextlib.contextmanager
+def frozen_params_take_no_grad_hooks():
+    """Torch's ``MemTracker`` installs gradient hooks on the parameters of every module that runs inside it,
+    and a frozen parameter (the teacher's) refuses one with a RuntimeError. No gradient ever reaches a tensor
+    that does not require one, so such a hook could never fire: while this is active, registering one is a
+    no-op. The teacher can stay frozen, as in training, whatever transformers passes between its modules
+    (5.25 passes the conv weight as a module input, and the tracker hooks a trainable input's gradient)."""
+    from collections import OrderedDict
+
+    from torch.utils.hooks import RemovableHandle
+
+    names = ("register_hook", "register_post_accumulate_grad_hook")
+    orig = {n: getattr(torch.Tensor, n) for n in names}
+
+    def guarded(name):
+        def register(t, hook):
+            return orig[name](t, hook) if t.requires_grad else RemovableHandle(OrderedDict())  # nothing to remove
+        return register
+
+    for n in names:
+        setattr(torch.Tensor, n, guarded(n))
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(torch.Tensor, n, orig[n])
+
+
+@contextlib.contextmanager
+def _tracker_grad_hooks():
+    """Yields ``release()``, which removes the gradient hooks the memory tracker's module tracker registered so far.
+
+    The tracker learns where each module's backward starts and ends from multi-gradient hooks on the module's
+    inputs and outputs; each hook's closure holds the autograd nodes it watches, a cycle through C++ that keeps
+    those nodes -- and the tensors they saved -- alive after the backward. Under transformers' activation
+    checkpointing that is every block's input, still held through the next micro-batch (measured: one bf16
+    block input per layer; the 4B student's 49K row peaked 5.9 GiB too high, memory a run without the tracker frees).
+    Removing the hooks once a micro-batch's backward is done frees them, as a real run does."""
+    import gc
+
+    try:
+        from torch.distributed._tools import mod_tracker
+    except ImportError:  # pragma: no cover - a torch without the tracker cannot rehearse anyway
+        yield lambda: None
+        return
+    orig = getattr(mod_tracker, "register_multi_grad_hook", None)
+    handles = []
+
+    def recorded(*args, **kwargs):
+        handle = orig(*args, **kwargs)
+        handles.append(handle)
+        return handle
+
+    def release():
+        for h in handles:
+            h.remove()
+        handles.clear()
+        gc.collect()  # the cycles are Python closures around the nodes
+
+    if orig is None:  # another torch: nothing to release (a later micro-batch may then hold the earlier's inputs)
+        yield lambda: None
+        return
+    mod_tracker.register_multi_grad_hook = recorded
+    try:
+        yield release
+    finally:
+        mod_tracker.register_multi_grad_hook = orig
 
 
 @contextlib.contextmanager
@@ -191,9 +311,9 @@ def _measure(model, optimizer, frozen: torch.nn.Module | None, fsdp: bool, run_s
 
         tensors = tuple(t.to_local() if isinstance(t, DTensor) else t for t in list(frozen.parameters()) + list(frozen.buffers()))
         mt.track_inputs(tensors) if fsdp else mt.track_external(*tensors)
-    # the teacher's weights stay frozen, as in training (flagging them trainable for the trace makes the tracker
-    # hook a conv weight that transformers >= 5.25 passes as a module input under no_grad, and fail)
-    with mt:
+    # the teacher's weights stay frozen, as in training: flagging them trainable for the trace would make the
+    # tracker hook the gradient of a conv weight that transformers >= 5.25 passes as a module input, and fail
+    with mt, frozen_params_take_no_grad_hooks():
         run_step(mt)
     snap = mt.get_tracker_snapshot("peak")
     dev = next(d for d in snap if str(d) == "cpu")
@@ -213,7 +333,8 @@ def _run(model, optimizer_args, *, teacher, step_fn, step: int, batch_shape: tup
     from elastic.train import make_optimizer, optimizer_step
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode, _fake_values_read_as_zero(), _unpacked_rows():
+    with (mode, _fake_values_read_as_zero(), _unpacked_rows(), _sharding_propagation_untracked(),
+          _tracker_grad_hooks() as release_tracker_hooks):
         model.to_empty(device="cpu")
         teacher.to_empty(device="cpu")
         if not fsdp and mixed:
@@ -229,8 +350,10 @@ def _run(model, optimizer_args, *, teacher, step_fn, step: int, batch_shape: tup
             def each_micro_batch(*args):
                 # FSDPMemTracker refuses a second forward of the root in one trace unless its per-module
                 # stats (not the peak) are cleared first: gradient accumulation runs one forward per micro-batch
-                if calls and hasattr(mt, "reset_mod_stats"):
-                    mt.reset_mod_stats()
+                if calls:
+                    release_tracker_hooks()  # the previous micro-batch's backward is over: they have fired
+                    if hasattr(mt, "reset_mod_stats"):
+                        mt.reset_mod_stats()
                 calls.append(1)
                 return step_fn(*args)
 

@@ -53,19 +53,15 @@ def _peak(run_step, *tracked) -> dict[str, int]:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     _init_optimizer(tracked)
+    from elastic.rehearse import frozen_params_take_no_grad_hooks
+
     mt = MemTracker()
-    frozen = [p for m in tracked if isinstance(m, torch.nn.Module) for p in m.parameters() if not p.requires_grad]
     mt.track_external(*tracked)
-    # MemTracker hooks the gradient of every parameter a module uses, and a frozen one refuses a hook; the
-    # teacher only runs under no_grad, so flagging its weights for the traced step changes nothing else
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        with mt:
-            run_step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
+    # MemTracker hooks the gradient of every parameter a module uses, and a frozen one (the teacher's) refuses a
+    # hook: the hook becomes a no-op there instead. Flagging the teacher trainable for the trace fails on
+    # transformers >= 5.25, whose NemotronH passes the conv weight as a module input (the tracker then hooks it)
+    with mt, frozen_params_take_no_grad_hooks():
+        run_step()
     LAST["tracker"] = mt
     snap = mt.get_tracker_snapshot("peak")
     dev = next(d for d in snap if str(d) == "cpu")

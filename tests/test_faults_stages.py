@@ -235,14 +235,15 @@ def extract_run(search_run, toy_parent, tmp_path_factory):
     return run_dir
 
 
-def _is_dir(_self, artifact, **_):
-    return Path(artifact).is_dir()
+def _budget_folder(_self, artifact, **_):
+    return re.fullmatch(r"budget-[0-9.]+", Path(artifact).name) is not None  # the model folder, not its side files
 
 
 EXTRACT_CRASHES = {  # (the fault, how many budgets were finished before it: the rerun must not cut them again)
     "between-budgets": (lambda: Kill(_prune(), "write_json", named("latest.json"), after=True), 1),
     "second-folder-half-written": (lambda: Kill(_prune(), "write_json", lambda p, *a: str(p).endswith(".arch.json"), nth=2), 1),
-    "second-folder-without-sidecar": (lambda: Kill(RunDir, "write_sidecar", _is_dir, nth=2), 1),
+    # the sidecar is written before the folder's rename (elastic/rundir.py): a crash between the two
+    "second-folder-sidecar-before-rename": (lambda: Kill(RunDir, "write_sidecar", _budget_folder, nth=2, after=True), 1),
     "last-budget-before-latest": (lambda: Kill(_prune(), "write_json", named("latest.json"), nth=3), 3),
     "before-done": (lambda: Kill(RunDir, "mark_done"), 3),
 }

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from elastic import toy
-from elastic.gguf import GGUFError, LlamaCppCrash, _llama_tokenize, hub_style_config, in_child, llama_cpp_dir, pretokenizer_type
+from elastic.gguf import GGUFError, NativeCrash, _llama_tokenize, hub_style_config, in_child, llama_cpp_dir, pretokenizer_type
 from elastic.run import CONF_DIR, pipeline
 from tiny import tiny_model, tokens
 
@@ -195,7 +195,7 @@ def _die_by_sigill(*args) -> None:
                                              (signal.SIGSEGV, "SIGSEGV", "segmentation fault")], ids=["SIGILL", "SIGSEGV"])
 def test_llama_cpp_dying_of_a_signal_is_one_error_line_naming_it(sig, name, desc, no_core_files):
     # the child dies by the signal itself, as a native crash kills a process: no Python exception, no result
-    with pytest.raises(LlamaCppCrash) as e:
+    with pytest.raises(NativeCrash) as e:
         in_child(signal.raise_signal, sig, what="loading toy-q8_0.gguf")
     msg = str(e.value)
     assert msg.startswith(f"llama.cpp died with {name} ({desc}) while loading toy-q8_0.gguf: "), msg
