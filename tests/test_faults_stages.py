@@ -29,7 +29,8 @@ from elastic.rundir import RunDir
 
 from test_pipeline import make_cfg
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# every test here is a crash and a rerun (~4 min in all on one core): .ci/run runs them as its second step (-m faults)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.faults]
 
 SMALL = ["importance.num_sequences=8", "importance.batch_size=8", "prune.score_sequences=4", "prune.num_candidates=2",
          "tracking.backends=[]"]
