@@ -336,16 +336,21 @@ class StagePlan:
             return (f"{self.row}: host RAM {self.host_bytes / GiB:.0f} GiB per node exceeds plan.host_memory_gib "
                     f"{self.host_limit_bytes / GiB:.0f} ({self.host_note}) -- use nodes with more RAM and raise "
                     f"plan.host_memory_gib, or fewer processes per node (plan.gpus_per_node)")
+        big, what = self.gpu_advice()
+        return (f"{self.row}: {big.name} {big.gib:.1f} GiB overflow {self.gpu_memory_bytes / GiB:.0f} GiB per GPU "
+                f"(peak {self.peak_bytes / GiB:.1f} GiB > {self.budget_bytes / GiB:.1f} GiB usable after plan.reserve_gib; "
+                f"{self.strategy}, {self.world_size} GPU(s), Mamba {self.mamba_path} path) -- {what}")
+
+    def gpu_advice(self) -> tuple[Term, str]:
+        """The largest term a key can shrink, and what to change to fit the GPU (also said when only the
+        rehearsal of the real step overflows, where the arithmetic's own refusal would speak of host RAM)."""
         ranked = sorted(self.terms, key=lambda t: -t.bytes)
         big = next((t for t in ranked if self.keys.get(t.name)), ranked[0])
-        key = self.keys.get(big.name) or "raise plan.gpu_memory_gib (a larger GPU)"
-        msg = (f"{self.row}: {big.name} {big.gib:.1f} GiB overflow {self.gpu_memory_bytes / GiB:.0f} GiB per GPU "
-               f"(peak {self.peak_bytes / GiB:.1f} GiB > {self.budget_bytes / GiB:.1f} GiB usable after plan.reserve_gib; "
-               f"{self.strategy}, {self.world_size} GPU(s), Mamba {self.mamba_path} path) -- {key}")
+        what = self.keys.get(big.name) or "raise plan.gpu_memory_gib (a larger GPU)"
         hint = self.install_hint if self.mamba_path == "torch" else ""
-        if hint and hint not in key:
-            msg += f" [the fused kernels need far less: {hint}]"
-        return msg
+        if hint and hint not in what:
+            what += f" [the fused kernels need far less: {hint}]"
+        return big, what
 
 
 # ------------------------------------------------------------------------------------------------ the step model

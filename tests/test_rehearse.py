@@ -101,8 +101,12 @@ def test_a_row_the_rehearsal_puts_above_usable_memory_is_refused(tmp_path, monke
                 for r in rows if r.row == "search"}
 
     monkeypatch.setattr(rehearse, "rehearse_rows", too_big)
-    with pytest.raises(PlanError, match=r"^search: the rehearsed step peaks at .* although the plan says"):
+    with pytest.raises(PlanError, match=r"^search: the rehearsed step peaks at .* although the plan says") as err:
         stage.run(cfg, RunDir(cfg.run_dir))
+    # what to change is about the GPU (a key that shrinks the largest term), not the host: the row's own refusal,
+    # written for a row whose GPU memory fits, would have spoken of host RAM
+    advice = str(err.value).split(" -- ", 1)[1]
+    assert "host" not in advice and "plan.host_memory_gib" not in advice, advice
     doc = json.loads((Path(cfg.run_dir) / "plan" / "plan.json").read_text())
     search = next(r for r in doc["rows"] if r["row"] == "search")
     assert search["peak_gib"] <= search["budget_gib"]  # the arithmetic alone would have let it through

@@ -139,7 +139,7 @@ def _rehearse(cfg, doc: dict) -> list[str]:
             if r.fits:  # the plan's own refusal already names the row otherwise
                 refusals.append(f"{r.row}: the rehearsed step peaks at {m.peak_gib:.1f} GiB > {r.budget_bytes / GiB:.1f} GiB usable "
                                 f"per GPU although the plan says {r.peak_bytes / GiB:.1f} GiB ({r.strategy}, {r.world_size} GPU(s)) -- "
-                                + r.refusal().split(" -- ", 1)[-1])
+                                + r.gpu_advice()[1])
     doc["fits"] = all(d["fits"] for d in doc["rows"])
     return refusals
 
