@@ -117,11 +117,11 @@ def _zeros_like_list(t: torch.Tensor):
 
 
 @contextlib.contextmanager
-def _fake_values_read_as_zero():
-    """The step reads a few numbers off tensors (``float`` of the loss, the KL, the grad norm; ``tolist`` of
-    the replicated gradients' per-rank counts in `parallel.average_gradients`); a fake tensor has no value, so
-    they read as zeros here. Nothing the step allocates depends on them (a grad norm of 0 skips clipping's
-    in-place scaling, a count of 0 the router's few-K-parameter gradient copy; both allocate next to nothing)."""
+def fake_values_read_as_zero():
+    """The step reads a few numbers off tensors (``float`` of the loss, the KL, the grad norm; ``tolist``); a
+    fake tensor has no value, so they read as zeros here (`parallel.average_gradients` takes its fake per-rank
+    counts as present on its own). Nothing the step allocates depends on them (a grad norm of 0 skips clipping's
+    in-place scaling, which allocates next to nothing). Also used by the tests' fake-tensor traces (tests/memtrace.py)."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
 
     orig = torch.Tensor.__float__, torch.Tensor.tolist
@@ -333,7 +333,7 @@ def _run(model, optimizer_args, *, teacher, step_fn, step: int, batch_shape: tup
     from elastic.train import make_optimizer, optimizer_step
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with (mode, _fake_values_read_as_zero(), _unpacked_rows(), _sharding_propagation_untracked(),
+    with (mode, fake_values_read_as_zero(), _unpacked_rows(), _sharding_propagation_untracked(),
           _tracker_grad_hooks() as release_tracker_hooks):
         model.to_empty(device="cpu")
         teacher.to_empty(device="cpu")

@@ -12,7 +12,6 @@ it changes. The step is run twice; the second one (optimizer state allocated, gr
 
 from __future__ import annotations
 
-import contextlib
 import types
 
 import torch
@@ -107,20 +106,6 @@ def _to_fake(module: torch.nn.Module, mode) -> None:
                 m._buffers[name] = mode.from_tensor(b)
 
 
-@contextlib.contextmanager
-def _logged_scalars_read_as_zero():
-    """The step reads a few logged numbers with ``float(tensor)`` (the KL, the budget ratio); a fake tensor has
-    no value, so in a trace they read as 0.0. Nothing the step computes depends on them."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    orig = torch.Tensor.__float__
-    torch.Tensor.__float__ = lambda t: 0.0 if isinstance(t, FakeTensor) else orig(t)
-    try:
-        yield
-    finally:
-        torch.Tensor.__float__ = orig
-
-
 def trace_search(parent_config, search_cfg, *, micro_batch: int, checkpointing: bool, seed: int = 0) -> dict[str, int]:
     """Peak bytes by category of one search step: the elastic student (the whole parent, fp32, masked by the
     router's sample) and the frozen bf16 parent as teacher, through ``stages.search.make_search_model`` and
@@ -135,6 +120,8 @@ def trace_search(parent_config, search_cfg, *, micro_batch: int, checkpointing: 
     from elastic.models.nemotron_h import Ranking, arch_of
     from elastic.stages.search import make_search_model, make_step_fn, param_groups_fn
     from elastic.train import _enable_gradient_checkpointing
+
+    from elastic.rehearse import fake_values_read_as_zero
 
     c = search_cfg
     with torch.device("meta"):  # real but uninitialised weights: only shapes matter, and init would cost minutes
@@ -151,7 +138,7 @@ def trace_search(parent_config, search_cfg, *, micro_batch: int, checkpointing: 
             return plan(*args, **kwargs)
 
     sm.plan = real_draws
-    with mode, _logged_scalars_read_as_zero():
+    with mode, fake_values_read_as_zero():
         teacher = _build(parent_config, torch.bfloat16).eval().requires_grad_(False)
         sm.train()
         if checkpointing:
