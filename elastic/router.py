@@ -144,9 +144,12 @@ class AxisRouter(nn.Module):
         self.net = nn.Sequential(nn.Linear(n_budgets, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, n_choices))
         nn.init.normal_(self.net[2].weight, std=init_std)
         nn.init.zeros_(self.net[2].bias)
+        # fixed prior logits per trained budget (zero = none; `Router.set_prior`): added to the network's output, so
+        # the router starts at the prior's choice and leaves it only as far as its trained logits outweigh it
+        self.register_buffer("prior", torch.zeros(n_budgets, n_choices))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x) + x @ self.prior
 
 
 class Router(nn.Module):
@@ -177,6 +180,17 @@ class Router(nn.Module):
         w = (b - bs[hi - 1]) / (bs[hi] - bs[hi - 1])
         x[hi - 1], x[hi] = 1 - w, w
         return x
+
+    def set_prior(self, budget: float, choices: dict[str, int], strength: float) -> None:
+        """Start trained budget `budget` at the architecture `choices` (axis -> choice index, depth included):
+        ``strength`` is added to that choice's logit (before the logit scale), on the budget's one-hot input only."""
+        i = [j for j, t in enumerate(self.budgets) if math.isclose(float(budget), t, rel_tol=0, abs_tol=1e-9)]
+        if not i:
+            raise ArchError(f"a prior needs a trained budget; {budget} is not one of {list(self.budgets)}")
+        for a, k in choices.items():
+            prior = self.routers[a].prior
+            prior[i[0]].zero_()
+            prior[i[0], int(k)] = float(strength)
 
     def logits(self, budget: float) -> dict[str, torch.Tensor]:
         x = self.budget_input(budget)

@@ -34,11 +34,10 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
-from elastic import kernels
-from elastic.arch import ArchError, human_count, sizes_from_config, sizes_from_dict
-from elastic.inputs import heldout_loss, token_batches
+from elastic import grid, kernels
+from elastic.arch import ArchError, sizes_from_config, sizes_from_dict
+from elastic.inputs import token_batches
 from elastic.models import family_for
 from elastic.models.family import Ranking, Sizes
 from elastic.parent import load_model, load_tokenizer, resolve_device, resolve_parent_path
@@ -93,27 +92,7 @@ def counter(c: Any):
 
 def grid_candidates(parent: Sizes, ranking: Ranking, target: int, c: Any) -> list[Sizes]:
     """Every architecture of the grid whose size (`prune.count`) is within the budget band, largest first."""
-    count = counter(c)
-    space = build_space(parent, c)
-    protect = parent.protected(c.protect_kinds)
-    kept = {d: ranking.layers_after_dropping(d, parent.num_layers, protect) for d in space.drops}
-    lo = (1 - float(c.tolerance)) * target
-    out, smallest, largest = [], None, None
-    for sizes, d in space:
-        a = parent.with_sizes(sizes, kept[d])
-        n = count(a)
-        smallest = n if smallest is None else min(smallest, n)
-        largest = n if largest is None else max(largest, n)
-        if lo <= n <= target:
-            out.append(a)
-    if not out:
-        raise ArchError(
-            f"no architecture of the grid has between {human_count(lo)} and {human_count(target)} parameters "
-            f"(the grid spans {human_count(smallest)} .. {human_count(largest)}; widen max_width_prune / max_depth_prune, "
-            "refine granularity or raise tolerance)"
-        )
-    out.sort(key=lambda a: (-count(a), -a.hidden_size, -a.num_layers))
-    return out
+    return grid.candidates(parent, build_space(parent, c), ranking, target, counter(c), float(c.tolerance), c.protect_kinds)
 
 
 def save_pruned(run: RunDir, name: str, child, tok, arch: Sizes, ranking: Ranking, record: dict, *, parent: Sizes,
@@ -208,11 +187,9 @@ def run(cfg, run: RunDir) -> dict:
         cands = cands[: int(c.num_candidates)]
         if int(c.score_sequences) > 0 and len(cands) > 1:
             batches = token_batches(cfg, tok, "heldout", num_sequences=int(c.score_sequences), batch_size=int(c.score_batch_size))
-            scored = []
-            for a in tqdm(cands, desc="prune: scoring candidates", unit="arch"):
-                scored.append((heldout_loss(slice_model(model, a, ranking), batches), a))
+            scored = grid.score(model, cands, ranking, batches, slice_model, desc="prune: scoring candidates")
             record["candidates"] = [{"arch": a.to_dict(), "params": a.num_params(), "heldout_loss": l} for l, a in scored]
-            arch = min(scored, key=lambda t: t[0])[1]
+            arch = grid.best(scored)
         else:
             record["candidates"] = [{"arch": a.to_dict(), "params": a.num_params()} for a in cands]
             arch = cands[0]

@@ -205,7 +205,41 @@ class SearchOutput(NamedTuple):
     info: dict
 
 
-def make_search_model(parent_model, ranking, c, seed: int) -> SearchModel:
+def make_cost(parent, ranking, space: Space, c) -> Cost:
+    """The budget's resource over `space`, depth choices dropping the least important unprotected layers."""
+    protect = parent.protected(c.protect_kinds)
+    kept = [ranking.layers_after_dropping(d, parent.num_layers, protect) for d in space.drops]
+    return Cost(space, kept, c.resource, context=int(c.context), batch=int(c.memory_batch))
+
+
+def grid_prior(parent_model, ranking, c, batches=None) -> dict[float, dict]:
+    """``search.router.prior=grid``: per budget, the shape the prune stage's rule picks from the search's own
+    space (every architecture within the band below the budget, the ``prior_candidates`` largest scored by
+    held-out loss on `batches`; None = the largest, unscored), as choice indices per axis (depth included)."""
+    from elastic import grid
+
+    parent = sizes_from_config(parent_model)
+    space = build_space(parent, c)
+    cost = make_cost(parent, ranking, space, c)
+    slice_model = family_for(parent_model).slice_model
+    out = {}
+    for b in check_budgets(c.budgets):
+        cands = grid.candidates(parent, space, ranking, b * cost.full, cost.of_arch, float(c.band), c.protect_kinds)
+        cands = cands[: max(1, int(c.router.prior_candidates))]
+        scored = None
+        if batches is not None and len(cands) > 1:
+            scored = grid.score(parent_model, cands, ranking, batches, slice_model, desc=f"search: grid prior, budget {b:g}")
+            arch = grid.best(scored)
+        else:
+            arch = cands[0]
+        idx = {a: space.choices[a].index(arch.axis_size(a)) for a in space.choices}
+        idx["depth"] = space.drops.index(parent.num_layers - arch.num_layers)
+        out[b] = {"choices": idx, "arch": arch.to_dict(), "summary": arch.short(), "ratio": cost.of_arch(arch) / (b * cost.full),
+                  "candidates": [{"summary": a.short(), "heldout_loss": l} for l, a in scored] if scored else None}
+    return out
+
+
+def make_search_model(parent_model, ranking, c, seed: int, prior: dict[float, dict] | None = None) -> SearchModel:
     parent = sizes_from_config(parent_model)
     budgets = check_budgets(c.budgets)
     space = build_space(parent, c)
@@ -215,6 +249,8 @@ def make_search_model(parent_model, ranking, c, seed: int) -> SearchModel:
     with torch.random.fork_rng(devices=[]):  # the router's init depends on the seed only, not on what ran before
         torch.manual_seed(int(seed))
         router = Router(budgets, space, hidden=int(r.hidden), init_std=float(r.init_std))
+    for b, rec in (prior or {}).items():
+        router.set_prior(b, rec["choices"], float(r.prior_strength))
     # the temperature and logit scale anneal over the router's part of the run; it is frozen while settling
     router_steps = max(1, int(c.steps) - settle_steps(c))
     schedule = Schedule(router_steps, tau0=float(c.tau0), tau_min=float(c.tau_min),
@@ -412,12 +448,31 @@ def run(cfg, run: RunDir) -> dict:
     teacher = load_frozen(parent_path, torch_dtype(cfg.parent.dtype), acc.device, shard=teacher_mode == "shard")
     multi = acc.num_processes > 1
     host: list[dict | None] = [None]
+
+    def prior_of(model) -> dict | None:
+        """The grid's shape per budget (`search.router.prior`), before the model is reordered into the elastic one."""
+        if c.router.get("prior") in (None, "none"):
+            return None
+        if c.router.prior != "grid":
+            raise ArchError(f"search.router.prior must be null or grid, got {c.router.prior!r}")
+        n = int(c.router.prior_score_sequences)
+        held = token_batches(cfg, tok, "heldout", num_sequences=n, batch_size=int(c.micro_batch_size), seq_len=int(c.seq_len)) if n else None
+        return grid_prior(model, ranking, c, held)
+
     if multi:
+        prior = [None]
         if is_main_rank():
-            host[0] = make_search_model(load_model(parent_path, "float32", "cpu"), ranking, c, int(cfg.seed)).state_dict()
-        sm = make_search_model(skeleton(parent_path, torch.float32), ranking, c, int(cfg.seed))
+            model = load_model(parent_path, "float32", "cpu")
+            prior[0] = prior_of(model)
+            host[0] = make_search_model(model, ranking, c, int(cfg.seed), prior[0]).state_dict()
+        torch.distributed.broadcast_object_list(prior, src=0)  # every process's router starts at the same prior
+        prior = prior[0]
+        sm = make_search_model(skeleton(parent_path, torch.float32), ranking, c, int(cfg.seed), prior)
     else:
-        sm = make_search_model(load_model(parent_path, "float32", "cpu"), ranking, c, int(cfg.seed))
+        model = load_model(parent_path, "float32", "cpu")
+        prior = prior_of(model)
+        sm = make_search_model(model, ranking, c, int(cfg.seed), prior)
+        del model
 
     def fill(prepared):  # the model is sharded (FSDP) or still whole (DDP): its meta parameters get memory here
         if multi:
@@ -476,6 +531,7 @@ def run(cfg, run: RunDir) -> dict:
             "resource": sm.cost.resource, "parent_params": parent.num_params(), "parent_cost": sm.cost.full,
             "parent_heldout_loss": archs_parent, "checkpoint": "search/elastic", "steps": result.steps,
             "tokens": result.tokens, "strategy": strategy, "budgets": {f"{b:g}": rec for b, rec in archs.items()},
+            "prior": {f"{b:g}": rec for b, rec in prior.items()} if prior else None,
         }
         run.save_json("search/history.json", result.history, **meta)
         labels = {a.name: a.label for a in parent.axes()} | {"depth": "layers dropped"}
