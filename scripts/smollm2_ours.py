@@ -72,7 +72,18 @@ def _copy(folder: Path, out: Path) -> Path:
     return out
 
 
-def make_methods(effort: Effort, data_dir: Path, Method, fractions: list[float]):
+def _with_importance(run_dir: Path, shared: Path) -> Path:
+    """`run_dir` holding a copy of the shared run's importance stage: one ranking for every method and seed, while
+    each router search (seed, variant) keeps its own search/ and prune/ folders."""
+    if not (run_dir / "importance" / "DONE.json").exists():
+        shutil.rmtree(run_dir / "importance", ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(shared / "importance", run_dir / "importance")
+    return run_dir
+
+
+def make_methods(effort: Effort, data_dir: Path, Method, fractions: list[float], seeds: tuple[int, ...] = (0,),
+                 router_overrides: tuple[str, ...] = (), random_seeds: tuple[int, ...] = (0, 1, 2)):
     """`Method` entries for the benchmark's registry (its signature: ``fn(parent_dir, target_nonembed, calib,
     seed, *, out, work) -> folder``; `calib` is unused: our stages read their calibration rows from
     ``data.files`` themselves, the same count of rows of the same split)."""
@@ -97,28 +108,35 @@ def make_methods(effort: Effort, data_dir: Path, Method, fractions: list[float])
 
     def router(budgets: list[float]):
         def fn(parent_dir, target, calib, seed, *, out, work):
-            run_dir = shared(work)
-            importance(parent_dir, run_dir)
+            importance(parent_dir, shared(work))
+            run_dir = _with_importance(Path(work), shared(work))  # this seed's own search, the shared ranking
             # once: both budgets come from one search, with as many tokens as the separately
-            # distilled models get together
+            # distilled models get together (the stage skips a search it finished)
             steps = effort.distill_steps * len(budgets)
             _run(_compose(parent_dir, run_dir, data_dir, effort, seed, "stage=search",
                           f"search.budgets=[{','.join(f'{b:g}' for b in budgets)}]", "search.resource=non_embedding_params",
                           f"search.steps={steps}", f"search.batch_size={effort.batch}",
                           f"search.micro_batch_size={effort.micro_batch}", f"search.seq_len={effort.seq_len}",
-                          f"search.lr={effort.lr}", "search.eval_sequences=0", "search.checkpoint_every=0",
-                          f"search.train_sequences={steps * effort.batch}"))
+                          f"search.lr={effort.lr}", "search.eval_sequences=0", f"search.checkpoint_every={max(10, steps // 4)}",
+                          f"search.train_sequences={steps * effort.batch}", *router_overrides))
             parent_nonembed = _nonembed(parent_dir)
             b = min(budgets, key=lambda x: abs(x * parent_nonembed - target))
             res = _run(_compose(parent_dir, run_dir, data_dir, effort, seed, "stage=prune", "force=true", f"budget={b:g}"))
             return _copy(Path(res["prune"]["extracted"][f"{b:g}"]["path"]), Path(out))
         return fn
 
+    def search_tokens(work) -> int:
+        from elastic.rundir import read_json
+
+        return int(read_json(Path(work) / "search" / "archs.json")["tokens"])
+
     return {
-        "ours_grid": Method("ours_grid", grid("importance"), label="ours: importance + grid (prune stage)"),
-        "ours_router": Method("ours_router", router(sorted(fractions)), trained=True,
-                              label="ours: router search, both budgets at once (search + prune stages)"),
-        "random": Method("random", grid("random"), seeds=(0, 1, 2), label="random structured (prune.ranking=random)"),
+        "ours_grid": Method("ours_grid", grid("importance"), seeds=seeds, label="ours: importance + grid (prune stage)"),
+        "ours_router": Method("ours_router", router(sorted(fractions)), seeds=seeds, trained=True, tokens=search_tokens,
+                              variant=" ".join(router_overrides),
+                              label="ours: router search, both budgets at once (search + prune stages)"
+                              + (f" [{' '.join(router_overrides)}]" if router_overrides else "")),
+        "random": Method("random", grid("random"), seeds=random_seeds, label="random structured (prune.ranking=random)"),
     }
 
 

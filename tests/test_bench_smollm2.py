@@ -132,6 +132,19 @@ def test_quick_benchmark_writes_table_plot_and_json(tiny_llama, splits, tmp_path
                                                      "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert abs(rows[1]["nonembed"] / (0.6 * parent["nonembed"]) - 1) <= 0.05  # the grid counts non-embedding params
     assert md.with_suffix(".png").stat().st_size > 0 and "Torch-Pruning, magnitude" in md.read_text()
+    # every row carries its training tokens: a distillation's, and the router's whole search (both budgets' share)
+    distilled = [r for r in rows[1:] if r["method"] != "ours_router"]
+    assert {r["tokens"] for r in distilled} == {bench_smollm2.distill_tokens(bench_smollm2.QUICK)}
+    router = next(r for r in rows if r["method"] == "ours_router")
+    assert router["tokens"] == bench_smollm2.distill_tokens(bench_smollm2.QUICK)  # one budget: the same tokens
+
+    # the same command again picks up where it stopped: finished rows are kept, nothing is pruned or trained again
+    stamp = {r["folder"]: Path(r["folder"], "model.safetensors").stat().st_mtime_ns for r in rows[1:]}
+    assert bench_smollm2.main(["--quick", "--parent", str(tiny_llama), "--methods", methods, "--budgets", "0.6",
+                               "--work", str(tmp_path / "work"), "--data", str(splits), "--out", str(md)]) == 0
+    again = json.loads(md.with_suffix(".json").read_text())["rows"]
+    assert [(r["method"], r["seed"], r["ppl_distilled"]) for r in again] == [(r["method"], r["seed"], r["ppl_distilled"]) for r in rows]
+    assert {f: Path(f, "model.safetensors").stat().st_mtime_ns for f in stamp} == stamp
 
 
 def test_torch_pruning_at_ratio_zero_keeps_the_parent_logits(tiny_llama):
