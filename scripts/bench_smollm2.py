@@ -59,8 +59,8 @@ class Budgets:
 FULL = Budgets(seq_len=256, heldout_rows=64, calib_rows=8, distill_rows=512)
 # what fits a 2-core CPU in about an hour with every method distilled: 6 steps x 8 rows x 128 tokens each
 REDUCED = Budgets(seq_len=128, heldout_rows=48, calib_rows=16, distill_rows=48)
-# benchmarks/smollm2_full.md: 40 steps x 8 rows x 128 tokens = 40,960 per model (the router family: twice that, one run)
-MEDIUM = Budgets(seq_len=128, heldout_rows=48, calib_rows=16, distill_rows=320, lr=3e-4)
+# benchmarks/smollm2_full.md: 24 steps x 8 rows x 128 tokens = 24,576 per model, 4x REDUCED (the router family: twice that, one run)
+MEDIUM = Budgets(seq_len=128, heldout_rows=48, calib_rows=16, distill_rows=192, lr=3e-4)
 QUICK = Budgets(seq_len=64, heldout_rows=4, calib_rows=2, distill_rows=8)
 PRESETS = {"quick": QUICK, "reduced": REDUCED, "medium": MEDIUM, "full": FULL}
 DISTILL_BATCH = 8  # rows per distillation step (and per search step)
