@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -223,9 +224,11 @@ def run(budgets: Budgets, parent_dir: Path, method_names: list[str], fractions: 
                     log(f"{name} {frac:g} seed {s}: done in an earlier run (kept)")
                     continue
                 target = round(frac * parent_nonembed)
-                out = work / name / f"{frac:g}-s{s}"
+                # a variant's folders are its own (one --work holds several router variants and one importance run)
+                tag = f"-v{hashlib.sha1(m.variant.encode()).hexdigest()[:8]}" if m.variant else ""
+                out, mwork = work / name / f"{frac:g}-s{s}{tag}", work / name / f"work-s{s}{tag}"
                 t = time.time()
-                folder = m.fn(parent_dir, target, calib, s, out=out, work=work / name / f"work-s{s}")
+                folder = m.fn(parent_dir, target, calib, s, out=out, work=mwork)
                 prune_s = time.time() - t
                 _loader_files_only(folder)
                 model = _load(folder)
@@ -237,7 +240,7 @@ def run(budgets: Budgets, parent_dir: Path, method_names: list[str], fractions: 
                 del model
                 if m.trained:  # its own training was the distillation: the tokens of the others together
                     row.ppl_distilled, row.ppl = ppl, float("nan")
-                    row.tokens = int(m.tokens(work / name / f"work-s{s}")) if m.tokens else 0
+                    row.tokens = int(m.tokens(mwork)) if m.tokens else 0
                 elif DISTILL is not None and (DISTILL_ONLY is None or name in DISTILL_ONLY):
                     t = time.time()
                     dfolder = DISTILL(parent_dir, folder, distill_rows, s, out=work / name / f"{frac:g}-s{s}-distilled")
