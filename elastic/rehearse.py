@@ -260,14 +260,16 @@ def _hf_config(config: dict):
 
 
 def _build_meta(config, dtype: torch.dtype):
-    """The family's causal LM of `config` on the meta device, its floating tensors in `dtype` (no memory, no init)."""
+    """The family's causal LM of `config` on the meta device, its floating tensors in `dtype` (no memory, no init).
+    `dtype` is passed on: ``from_config`` would otherwise build in the config's own ``torch_dtype`` (a hub
+    config.json says bfloat16), and the fp32 student of the stages would be rehearsed in bf16."""
     from transformers import AutoModelForCausalLM
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     finally:
         torch.set_default_dtype(old)
 

@@ -134,3 +134,17 @@ def test_closed_form_equals_a_built_model_of_a_shrunken_copy(overrides):
     e, k = config["n_routed_experts"], config["num_experts_per_tok"]
     assert s.num_params() == total
     assert s.active_params() == total - routed * (e - k) // e
+
+
+def test_the_rehearsal_builds_the_fp32_student_in_fp32_whatever_the_config_says():
+    """A hub config.json names its dtype (``torch_dtype: bfloat16``); ``from_config`` builds in it unless told,
+    which rehearsed the stages' fp32 student in bf16 -- and, with the MoE router built fp32 regardless, gave
+    FSDP2 a block of mixed dtypes it refuses."""
+    import torch
+
+    from elastic.rehearse import _build_meta, _hf_config
+
+    config = CONFIG | {"hybrid_override_pattern": "ME*", "num_hidden_layers": 3}
+    assert {p.dtype for p in _build_meta(_hf_config(config), torch.float32).parameters()} == {torch.float32}
+    teacher = {n: p.dtype for n, p in _build_meta(_hf_config(config), torch.bfloat16).named_parameters()}
+    assert {n for n, d in teacher.items() if d != torch.bfloat16} == {"model.layers.1.mixer.gate.weight"}  # transformers' own choice
