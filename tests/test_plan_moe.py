@@ -7,6 +7,10 @@ The hand count below is written out term by term from transformers' NemotronH mo
 ``[E, f, h]`` and ``down_proj`` ``[E, h, f]``: relu2 experts have no gate projection) + ``shared_experts``
 (a ``NemotronHMLP`` of width ``moe_shared_expert_intermediate_size``). It is compared with the family's closed
 form (`Sizes.num_params` / `Sizes.active_params`) and with the model transformers builds on the meta device.
+
+The router's ``e_score_correction_bias`` is counted, as issue #22's contract says (total and active both include
+it); transformers holds it as a buffer, so the built model's ``parameters()`` are 128 per MoE layer fewer
+(31,577,937,344: ``num_parameters()``, the model card's "31.6B") and the comparisons add the buffers.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ def _sizes(config: dict):
     from elastic.models import family_for
 
     return family_for(config).Sizes.from_config(config)
+
+
+def _counted(model) -> int:
+    """The built model's parameters plus its routers' correction biases (buffers; counted by the contract)."""
+    return (sum(p.numel() for p in model.parameters())
+            + sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")))
 
 
 def _meta_model(config: dict):
@@ -72,17 +82,17 @@ def hand_count() -> dict[str, int]:
     # MoE: 128 routed experts of width 1856 (relu2: up + down, no gate proj), 6 per token, 1 shared expert of 3712
     experts, top_k, f, shared_f = 128, 6, 1856, 3712
     gate = experts * h  # router weight [128, 2688]
-    correction_bias = experts  # e_score_correction_bias: an nn.Buffer, not a parameter (counted apart below)
+    correction_bias = experts  # e_score_correction_bias [128] (an nn.Buffer in transformers; counted, see the docstring)
     one_expert = f * h + h * f  # up_proj[e] + down_proj[e]
     shared = shared_f * h + h * shared_f  # shared_experts.up_proj + down_proj
     moe_norm = h
-    moe_total = moe_norm + gate + experts * one_expert + shared
-    moe_active = moe_norm + gate + top_k * one_expert + shared
+    moe_total = moe_norm + gate + correction_bias + experts * one_expert + shared
+    moe_active = moe_norm + gate + correction_bias + top_k * one_expert + shared
 
     fixed = embedding + lm_head + norm_f + n_m * mamba + n_a * attention
     return {
         "embedding": embedding, "mamba": mamba, "attention": attention, "moe": moe_total, "moe_active": moe_active,
-        "buffers": n_e * correction_bias,
+        "correction_bias": n_e * correction_bias,
         "total": fixed + n_e * moe_total,
         "active": fixed + n_e * moe_active,
     }
@@ -91,11 +101,11 @@ def hand_count() -> dict[str, int]:
 def test_hand_count_of_the_30b_a3b():
     c = hand_count()
     assert c["mamba"] == 38_744_896 and c["attention"] == 23_399_040
-    assert c["moe"] == 1_297_468_032 and c["moe_active"] == 80_169_600
-    assert c["total"] == 31_577_937_344  # the model card's "31.6B"
-    assert c["active"] == 3_580_073_408  # 3.58B with both vocabulary matrices
+    assert c["moe"] == 1_297_468_160 and c["moe_active"] == 80_169_728
+    assert c["total"] == 31_577_940_288  # the model card's "31.6B" (31,577,937,344 parameters + 2,944 bias entries)
+    assert c["active"] == 3_580_076_352  # 3.58B with both vocabulary matrices: Model Optimizer's "A3.6B" / "3.58B"
     # the card's "3.2B active" leaves the input embedding out (a lookup, no FLOPs): 3.23B
-    assert c["active"] - c["embedding"] == 3_227_751_872
+    assert c["active"] - c["embedding"] == 3_227_754_816
 
 
 def test_family_closed_form_equals_the_hand_count():
@@ -112,10 +122,10 @@ def test_meta_model_of_the_real_config_has_the_hand_count():
     the routed experts' share gives the active count a second way."""
     model = _meta_model(CONFIG)
     c = hand_count()
-    total = sum(p.numel() for p in model.parameters())
+    total = _counted(model)
     routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert sum(p.numel() for p in model.parameters()) == 31_577_937_344 == c["total"] - c["correction_bias"]
     assert total == c["total"]
-    assert sum(b.numel() for b in model.buffers() if b.dim() == 1 and b.numel() == 128) == c["buffers"]
     assert total - routed * (128 - 6) // 128 == c["active"]
 
 
@@ -129,7 +139,7 @@ def test_closed_form_equals_a_built_model_of_a_shrunken_copy(overrides):
     config = CONFIG | overrides | {"num_hidden_layers": len(overrides["hybrid_override_pattern"])}
     model = _meta_model(config)
     s = _sizes(config)
-    total = sum(p.numel() for p in model.parameters())
+    total = _counted(model)
     routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     e, k = config["n_routed_experts"], config["num_experts_per_tok"]
     assert s.num_params() == total
