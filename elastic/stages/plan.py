@@ -48,6 +48,8 @@ def _rows_table(doc: dict) -> tuple[list[str], list[list[str]]]:
         line("sharding (student/teacher)", lambda r: f"{r['strategy']}/{r['teacher_mode']}"),
         line("micro-batch x seq_len", lambda r: f"{r['micro_batch']} x {r['seq_len']}"),
         line("activation checkpointing", lambda r: "yes" if r["checkpointing"] else "no"),
+        # a MoE student touches a fraction of its parameters per token: memory counts them all, FLOPs the active
+        line("student params / active per token", lambda r: f"{r['student_params'] / 1e9:.2f}B / {r['student_active_params'] / 1e9:.2f}B"),
     ]
     cells += [line(f"{t} GiB", lambda r, t=t: f"{r['terms'][t]['gib']:.1f}" if t in r["terms"] else "-") for t in present]
     cells += [
@@ -78,8 +80,10 @@ def _markdown(doc: dict) -> str:
     lines = [
         f"# Plan: {doc['gpus']} x {doc['gpu_memory_gib']:.0f} GiB, Mamba {doc['mamba_path']} path",
         "",
-        f"- teacher / parent: {doc['teacher']['params']:,} parameters ({doc['teacher']['arch']})",
-        f"- student: {doc['student']['params']:,} parameters ({doc['student']['arch']}; {doc['student']['source']})",
+        f"- teacher / parent: {doc['teacher']['params']:,} parameters, {doc['teacher']['active_params']:,} active per token "
+        f"({doc['teacher']['arch']})",
+        f"- student: {doc['student']['params']:,} parameters, {doc['student']['active_params']:,} active per token "
+        f"({doc['student']['arch']}; {doc['student']['source']})",
         f"- per-GPU memory in GiB; usable = GPU memory - plan.reserve_gib ({doc['reserve_gib']:.0f} GiB); "
         "terms: see `elastic/plan.py`",
         f"- search temperature: {doc['tau']['tau_end']:.3f} at the end of {doc['tau']['router_steps']} router steps "
