@@ -7,7 +7,7 @@ parameter count comes from the sizes' ``num_params`` / ``layer_params``.
 
 This module models the training step for any family; what one block keeps and needs comes from the
 family's memory model, reached through the registry (``elastic.models.<family>.plan_model``; NemotronH:
-``elastic/models/nemotron_h_plan.py``): bytes saved per token per layer kind, the sequence mixer's
+``elastic/models/nemotron_h/plan.py``): bytes saved per token per layer kind, the sequence mixer's
 transient workspace on each kernel path, one block's transient, the matmul parameters and the mixer's
 FLOPs, and the grid's largest architecture within a budget. A family without one gets a clear error
 from ``stage=plan`` and an unchecked pre-flight.
@@ -20,15 +20,21 @@ The training step modelled (what ``stages/search.py`` and ``stages/distill.py`` 
   autocast, a bf16 copy of every matmul weight (autocast's weight cache). ``fsdp`` (torch FSDP2
   ``fully_shard`` on every decoder block and the root; ``MixedPrecisionPolicy(param_dtype=bf16,
   reduce_dtype=fp32)``, ``reshard_after_forward=True``): weights, gradients and moments / N, plus the
-  all-gathered bf16 weights of two blocks (current + prefetch) and of the root group (embeddings,
+  all-gathered bf16 weights of two neighbouring blocks (current + prefetch) and of the root group (embeddings,
   the final norm, the LM head), and one block's unsharded gradient (bf16 + its fp32 copy for the reduce).
-* the frozen teacher in bf16: replicated (2 bytes x P per GPU) or FSDP2-sharded (2 P / N + two
-  gathered blocks + its root group).
+* every parameter is sharded alike under FSDP2, a mixture-of-experts layer's routed experts included (no
+  expert parallelism: all of a block's experts are all-gathered for its forward and backward, so the largest
+  block is the MoE one); weights, gradients and AdamW's moments count every expert (`num_params`), the
+  compute only the experts a token is routed to.
+* the frozen teacher in bf16: replicated (2 bytes x P per GPU) or FSDP2-sharded (2 P / N + its root
+  group, and two gathered neighbouring blocks during its own forward only: resharded after it).
 * activations: what autograd keeps for the backward, per layer kind (the family's
   ``saved_per_token``, read off transformers' modules); with activation checkpointing only each
   block's input is kept and one block is recomputed at a time. Under autocast with fp32 weights the
   residual stream is fp32 (NemotronH's block casts its input to the norm weight's dtype); under FSDP's
   bf16 params it is bf16.
+* FLOPs per token come from the parameters a token touches (`Sizes.active_params`, through the family's
+  ``matmul_params``): for a MoE model the routed top-k experts, not all of them; GPU-hours follow.
 * the KD loss: final hidden states of student and teacher, logits ``loss_chunk_size`` tokens at a
   time (``losses.chunked_kd_loss``): about 7 (forward) to 9.5 (backward) fp32 ``chunk x vocab`` tensors at once.
 * the sequence mixer's workspace on the kernel path that runs (``plan.mamba_path``; the family's
@@ -149,7 +155,9 @@ def mamba_path(cfg) -> str:
 def student_arch(cfg, parent: Arch) -> tuple[Arch, str]:
     """The distillation student: ``prune.arch`` (explicit sizes, identity layer ranking), ``prune.target``
     or else ``budget`` (the largest grid architecture within the budget: a plan cannot know the
-    importance ranking, so dropped layers are the last droppable ones)."""
+    importance ranking, so dropped layers are the last droppable ones). A budget counts what its stage
+    counts: ``prune.count`` for ``prune.target``, ``search.resource`` for the searched budget (e.g. a MoE
+    parent's ``active_params``), through the router's closed form (`router.Cost`)."""
     from omegaconf import OmegaConf
 
     from elastic.models.family import Ranking
@@ -173,16 +181,18 @@ def student_arch(cfg, parent: Arch) -> tuple[Arch, str]:
         if budget is None:
             return parent, "parent (no prune.arch, prune.target or budget)"
         target, src, grid = budget, "budget (searched)", cfg.search
-    n = parse_budget(target, parent.num_params())
+    resource = str(_get(cfg, "prune.count", "params") if src == "prune.target" else _get(cfg, "search.resource", "params"))
     g = grid.granularity
     protect = str(grid.get("protect_kinds", "*"))
     space = Space.build(parent, granularity=OmegaConf.to_container(g, resolve=True) if OmegaConf.is_config(g) else dict(g),
                         max_width_prune=float(grid.max_width_prune), max_depth_prune=float(grid.max_depth_prune),
                         protect_kinds=protect)
-    best = _largest_within(parent, space, protect, n)
+    cost = _cost(cfg, space, protect, resource)
+    n = parse_budget(target, cost.full)
+    best = _largest_within(parent, space, protect, n, cost)
     if best is None:
-        raise ArchError(f"no architecture of the grid has at most {human_count(n)} parameters ({src})")
-    return best, f"{src} {target}: largest grid architecture <= {human_count(n)}"
+        raise ArchError(f"no architecture of the grid has at most {human_count(n)} {resource} ({src})")
+    return best, f"{src} {target}: largest grid architecture <= {human_count(n)} {resource}"
 
 
 def distill_student(cfg, parent: Arch) -> tuple[Arch, str, dict | None]:
@@ -205,21 +215,35 @@ def distill_student(cfg, parent: Arch) -> tuple[Arch, str, dict | None]:
     return arch, how, None
 
 
-def _largest_within(parent: Arch, space, protect: str, n: int) -> Arch | None:
-    """The grid architecture with the most parameters <= n: the family's closed form evaluated on the
-    whole width grid at once (float64 is exact for these integers), one depth choice at a time."""
+def _kept_after_drops(parent: Arch, protect: str, d: int) -> tuple[int, ...]:
+    """The layers kept when the last `d` droppable layers go (a plan has no importance ranking)."""
+    droppable = [i for i, k in enumerate(parent.pattern) if k not in protect]
+    dropped = set(droppable[len(droppable) - d:]) if d else set()
+    return tuple(i for i in range(parent.num_layers) if i not in dropped)
+
+
+def _cost(cfg, space, protect: str, resource: str):
+    """The router's cost of `resource` over `space` (`router.Cost`: the closed form every stage counts with)."""
+    from elastic.router import Cost
+
+    kept = [_kept_after_drops(space.parent, protect, d) for d in space.drops]
+    return Cost(space, kept, resource=resource, context=int(_get(cfg, "search.context", 4096)),
+                batch=int(_get(cfg, "search.memory_batch", 1)))
+
+
+def _largest_within(parent: Arch, space, protect: str, n: int, cost) -> Arch | None:
+    """The grid architecture with the largest `cost` <= n (`router.Cost`: parameters, active parameters or
+    memory): the family's closed form evaluated on the whole width grid at once (float64 is exact for
+    these integers), one depth choice at a time."""
     import torch
 
-    droppable = [i for i, k in enumerate(parent.pattern) if k not in protect]
     axes = list(space.choices)
     grid = torch.meshgrid(*[torch.tensor(space.choices[a], dtype=torch.float64) for a in axes], indexing="ij")
     best = None
-    for d in space.drops:
-        dropped = set(droppable[len(droppable) - d:]) if d else set()
-        kept = tuple(i for i in range(parent.num_layers) if i not in dropped)
-        counts = {k: sum(parent.pattern[i] == k for i in kept) for k in parent.KINDS}
+    for j, d in enumerate(space.drops):
+        kept = _kept_after_drops(parent, protect, d)
         sizes = dict(zip(axes, grid))
-        p = parent.params_of(sizes, counts)
+        p = cost.of_sizes(sizes, cost.kind_counts[j])
         p = torch.where((p <= n) & torch.as_tensor(parent.allows(sizes)), p, torch.tensor(-1.0, dtype=torch.float64))
         flat = int(p.argmax())
         if float(p.flatten()[flat]) >= 0 and (best is None or float(p.flatten()[flat]) > best[0]):
@@ -228,7 +252,7 @@ def _largest_within(parent: Arch, space, protect: str, n: int) -> Arch | None:
     if best is None:
         return None
     a = parent.with_sizes(best[1], best[2])
-    assert a.num_params() == int(best[0])
+    assert cost.of_arch(a) == round(best[0])
     return a
 
 
@@ -273,6 +297,8 @@ class StagePlan:
     student: dict
     student_params: int
     teacher_params: int
+    student_active_params: int  # parameters one token touches (== student_params for a dense model): the FLOPs' count
+    teacher_active_params: int
     seq_len: int
     micro_batch: int
     batch_size: int
@@ -368,8 +394,22 @@ def _train_flops_per_token(model, student: Arch, teacher: Arch | None, seq: int,
     return total
 
 
+def _active(a: Arch) -> int:
+    """Parameters one token touches (`Sizes.active_params`; a sizes type without it is dense: all of them)."""
+    return int(a.active_params()) if hasattr(a, "active_params") else a.num_params()
+
+
 def _block_params_max(a: Arch) -> int:
     return max(a.layer_params(k) for k in set(a.pattern))
+
+
+def _block_pair_max(a: Arch) -> int:
+    """The most parameters of two blocks FSDP2 holds gathered at once: the one running and the one prefetched,
+    its neighbour in execution order (forward: the next, backward: the previous). Where large and small blocks
+    alternate (a MoE block of 1.3B parameters between 39M-parameter Mamba blocks) that is one large block and
+    its neighbour, not two large ones."""
+    sizes = [a.layer_params(k) for k in a.pattern]
+    return max((x + y for x, y in zip(sizes, sizes[1:])), default=sum(sizes))
 
 
 def _root_params(a: Arch) -> int:
@@ -378,14 +418,22 @@ def _root_params(a: Arch) -> int:
 
 def _activations(model, a: Arch, shape: Shape, *, residual: int, path: str, elastic: bool, chunk: int,
                  checkpointing: bool) -> float:
+    return max(_activations_by_kind(model, a, shape, residual=residual, path=path, elastic=elastic, chunk=chunk,
+                                    checkpointing=checkpointing).values())
+
+
+def _activations_by_kind(model, a: Arch, shape: Shape, *, residual: int, path: str, elastic: bool, chunk: int,
+                         checkpointing: bool) -> dict[str, float]:
+    """The saved activations while a block of each kind runs its backward: with checkpointing every block's
+    input and that block's rebuilt activations; without, everything (the same for every kind)."""
     t = shape.tokens
     per_layer = {k: model.saved_per_token(a, k, residual=residual, path=path, elastic=elastic, chunk=chunk)
                  for k in set(a.pattern)}
     final = FP32 * a.hidden_size * 2 + BF16 * a.hidden_size  # the final norm's input and output, the loss's bf16 hidden
     if not checkpointing:
-        return t * (sum(per_layer[k] for k in a.pattern) + final)
+        return {k: t * (sum(per_layer[j] for j in a.pattern) + final) for k in per_layer}
     # each block's input is kept; one block's activations are rebuilt at a time in backward
-    return t * (residual * a.hidden_size * a.num_layers + max(per_layer.values()) + final)
+    return {k: t * (residual * a.hidden_size * a.num_layers + v + final) for k, v in per_layer.items()}
 
 
 def _loss_bytes(a: Arch, teacher: Arch | None, shape: Shape, loss_chunk: int, backward: bool) -> float:
@@ -411,31 +459,37 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
     p_s = student.num_params() + extra_params
     div = n if sharded else 1
     residual = BF16 if sharded else FP32
+    a_s = _active(student) + extra_params
+    share = f"; {human_count(p_s)} params, {human_count(a_s)} active per token" if a_s != p_s else ""
     terms = [
-        Term("parameters", FP32 * p_s / div, f"fp32 master weights{' / %d' % n if sharded else ''}"),
+        Term("parameters", FP32 * p_s / div, f"fp32 master weights{' / %d' % n if sharded else ''}{share}"),
         Term("gradients", FP32 * p_s / div, "fp32"),
         Term("optimizer", 2 * FP32 * p_s / div, "AdamW exp_avg + exp_avg_sq, fp32"),
     ]
     if strategy == "ddp" and n > 1:
         terms.append(Term("ddp_buckets", FP32 * p_s, "DDP gradient buckets, about one more fp32 copy of the gradients"))
     if sharded:
-        # all-gathered in bf16: two blocks (current + prefetch) and the root group (embeddings, final norm, LM head:
+        # all-gathered in bf16: two neighbouring blocks (current + prefetch) and the root group (embeddings, final norm, LM head:
         # FSDP2 keeps the root gathered from its forward to the end of its backward); one block's fp32
         # reduce-scatter input (its bf16 gradient cast to reduce_dtype), alive until the next reduce-scatter
-        gathered = BF16 * (2 * _block_params_max(student) + _root_params(student)) + FP32 * _block_params_max(student)
+        gathered = BF16 * (_block_pair_max(student) + _root_params(student)) + FP32 * _block_params_max(student)
         terms.append(Term("fsdp_gathered", gathered,
-                          "bf16 all-gathered: 2 blocks (current + prefetch) + the root group; one block's fp32 reduce-scatter buffer"))
+                          "bf16 all-gathered: 2 neighbouring blocks (current + prefetch) + the root group; one block's fp32 reduce-scatter buffer"))
         weights_fwd = 0.0
     else:
         # autocast's cache of bf16 copies of the fp32 weights a matmul reads (not the embedding: a lookup), kept
         # until the forward leaves autocast
         weights_fwd = BF16 * (p_s - student.vocab_size * student.hidden_size)
         terms.append(Term("bf16_weights", weights_fwd, "autocast's bf16 copies of the fp32 matmul weights (forward only)"))
+    t_gathered = 0.0  # the sharded teacher's two gathered blocks: alive during its own forward only
     if teacher is not None:
         p_t = teacher.num_params()
         if teacher_mode == "shard" and n > 1:
-            t_bytes = BF16 * p_t / n + BF16 * (2 * _block_params_max(teacher) + _root_params(teacher))
-            note = f"frozen bf16, FSDP2-sharded / {n} + 2 gathered blocks + root group"
+            # its root group stays whole (`parallel.shard_frozen`); each block is resharded after its forward
+            t_bytes = BF16 * p_t / n + BF16 * _root_params(teacher)
+            t_gathered = BF16 * _block_pair_max(teacher)
+            note = (f"frozen bf16, FSDP2-sharded / {n} + root group; its 2 gathered blocks "
+                    f"({t_gathered / GiB:.1f} GiB) during its forward")
         else:
             t_bytes = BF16 * p_t
             note = "frozen bf16, replicated"
@@ -452,6 +506,7 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
     tokens = shape.tokens
     ws_f = model.workspace(student, tokens, chunk, path, backward=False)
     ws_b = model.workspace(student, tokens, chunk, path, backward=True)
+    ws_kinds = getattr(model, "WORKSPACE_KINDS", None)  # the kinds whose blocks run the workspace (None: any)
     ws_t = model.workspace(teacher, tokens, teacher_chunk, path, backward=False) if teacher else 0.0
     lt_f = max(model.layer_transient(student, k, tokens, False) for k in set(student.pattern))
     lt_b = max(model.layer_transient(student, k, tokens, True) for k in set(student.pattern))
@@ -477,15 +532,23 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
     else:
         grad_head = FP32 * student.vocab_size * student.hidden_size  # lm_head's gradient: the first one the backward makes
         grad_block = FP32 * _block_params_max(student)
+    # the blocks' backward, one kind at a time: the block in flight's rebuilt activations, unsharded gradient,
+    # workspace and transients belong to one block (a MoE block's 1.3B-parameter gradient never meets the
+    # Mamba scan's workspace)
+    act_k = _activations_by_kind(model, student, shape, residual=residual, path=path, elastic=elastic, chunk=chunk,
+                                 checkpointing=checkpointing)
+    block_bwd = max(act_k[k] + grad_block * student.layer_params(k) / _block_params_max(student)
+                    + (ws_b if ws_kinds is None or k in ws_kinds else 0.0) + model.layer_transient(student, k, tokens, True)
+                    for k in set(student.pattern))
     t_hidden = BF16 * shape.tokens * teacher.hidden_size if teacher else 0.0
     # the step's moments, in order; the peak is the largest (activations are all alive from the end of the
     # forward to the start of the backward; gradients grow while they are freed)
     phases = {
-        "teacher forward": fixed + ws_t + lt_t,
+        "teacher forward": fixed + t_gathered + ws_t + lt_t,
         "student forward": fixed + weights_fwd + act + t_hidden + ws_f + lt_f,
         "loss forward": fixed + weights_fwd + act + loss_f,
         "loss backward": fixed + act + loss_b,  # its first chunk, before lm_head's gradient exists (measured)
-        "blocks backward": fixed + act + t_hidden + grad_head + grad_block + ws_b + lt_b,
+        "blocks backward": fixed + t_hidden + grad_head + block_bwd,
         "optimizer step": fixed + (0.0 if accum > 1 else t["gradients"]),
     }
 
@@ -497,6 +560,7 @@ def plan_training(row: str, stage: str, student: Arch, teacher: Arch | None, *, 
         row=row, stage=stage, world_size=n, gpu_memory_bytes=gpu_memory_bytes, reserve_bytes=reserve_bytes,
         strategy=strategy if n > 1 else "single", teacher_mode=teacher_mode if teacher is not None else "-", mamba_path=path,
         student=student.to_dict(), student_params=p_s, teacher_params=teacher.num_params() if teacher else 0,
+        student_active_params=a_s, teacher_active_params=_active(teacher) if teacher else 0,
         seq_len=shape.seq, micro_batch=shape.batch, batch_size=batch_size,
         grad_accum=accum, steps=steps, tokens_per_step=tokens_per_step,
         tokens=tokens_per_step * steps, checkpointing=checkpointing, flops_per_token=fpt, total_flops=total,
@@ -526,7 +590,7 @@ def plan_inference(row: str, model: Arch, *, shape: Shape, dtype_bytes: int, tok
     return StagePlan(
         row=row, stage="importance", world_size=1, gpu_memory_bytes=gpu_memory_bytes, reserve_bytes=reserve_bytes,
         strategy="single", teacher_mode="-", mamba_path=path, student=model.to_dict(), student_params=model.num_params(),
-        teacher_params=0, seq_len=shape.seq, micro_batch=shape.batch, batch_size=shape.batch, grad_accum=1,
+        teacher_params=0, student_active_params=_active(model), teacher_active_params=0, seq_len=shape.seq, micro_batch=shape.batch, batch_size=shape.batch, grad_accum=1,
         steps=math.ceil(tokens / t), tokens_per_step=t, tokens=tokens, checkpointing=False, flops_per_token=fpt,
         total_flops=flops, gpu_hours=flops / (peak_tflops * 1e12 * mfu) / 3600, terms=terms, phases={"forward": total},
         keys=keys, notes=[f"one process (importance runs on one GPU); {passes} forwards per batch"],
@@ -783,8 +847,8 @@ def plan_all(cfg, *, world_size=None, gpu_memory_bytes=None) -> dict[str, Any]:
     tau = tau_at_router_end(cfg.search)
     return {
         "gpus": n, "gpu_memory_gib": mem / GiB, "reserve_gib": reserve / GiB, "mamba_path": mamba_path(cfg),
-        "teacher": {"params": parent.num_params(), "arch": parent.short()},
-        "student": {"params": student.num_params(), "arch": student.short(), "source": src},
+        "teacher": {"params": parent.num_params(), "active_params": _active(parent), "arch": parent.short()},
+        "student": {"params": student.num_params(), "active_params": _active(student), "arch": student.short(), "source": src},
         "tau": tau, "tau_warning": check_tau_schedule(cfg.search),
         "rows": [r.to_dict() for r in rows], "fits": all(r.fits for r in rows),
         "gpu_hours": sum(r.gpu_hours for r in rows),

@@ -260,14 +260,16 @@ def _hf_config(config: dict):
 
 
 def _build_meta(config, dtype: torch.dtype):
-    """The family's causal LM of `config` on the meta device, its floating tensors in `dtype` (no memory, no init)."""
+    """The family's causal LM of `config` on the meta device, its floating tensors in `dtype` (no memory, no init).
+    `dtype` is passed on: ``from_config`` would otherwise build in the config's own ``torch_dtype`` (a hub
+    config.json says bfloat16), and the fp32 student of the stages would be rehearsed in bf16."""
     from transformers import AutoModelForCausalLM
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     finally:
         torch.set_default_dtype(old)
 
@@ -461,9 +463,28 @@ def _result(row, peak, world_size, strategy, n_micro, grad_accum, t0) -> Rehears
                      micro_batches=n_micro, grad_accum=grad_accum, seconds=time.perf_counter() - t0, notes=notes)
 
 
-def rehearse_rows(cfg, rows: list[StagePlan], *, log=print) -> dict[str, Rehearsal]:
-    """Rehearse every training row of a plan (search, each distill phase; importance has no training step)."""
-    from elastic.plan import _get, distill_student, parent_config, plan_model
+def _host_read_site(err: BaseException) -> str:
+    """``file:line: code`` of the project's innermost frame in `err`'s traceback (where a value was read)."""
+    import traceback
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve().is_relative_to(root)]
+    if not frames:
+        return "outside the project"
+    f = frames[-1]
+    return f"{Path(f.filename).resolve().relative_to(root.parent)}:{f.lineno}: {f.line}"
+
+
+def rehearse_rows(cfg, rows: list[StagePlan], *, log=print, skipped: dict[str, str] | None = None) -> dict[str, Rehearsal]:
+    """Rehearse every training row of a plan (search, each distill phase; importance has no training step).
+
+    A row whose step reads a tensor's value on the host to decide a shape cannot run on fake tensors (they have
+    no values): it is left out with its reason in `skipped` (row -> one line naming the code that read it) and
+    the other rows are rehearsed; without `skipped` the error propagates."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    from elastic.plan import _get, parent_config
     from elastic.schedule import parse_phases
 
     pcfg = parent_config(cfg)
@@ -480,24 +501,41 @@ def rehearse_rows(cfg, rows: list[StagePlan], *, log=print) -> dict[str, Rehears
                                  f"but the plan is for the {r.mamba_path} path: set plan.mamba_path=torch")
         log(f"rehearsing {r.row}: {r.world_size} ranks, {r.strategy}/{r.teacher_mode}, {r.micro_batch} x {r.seq_len}, "
             f"accumulation {r.grad_accum} ...")
-        if r.stage == "search":
-            res = rehearse_search(pcfg, cfg.search, row=r.row, world_size=r.world_size, strategy=r.strategy,
-                                  teacher_mode=r.teacher_mode, micro_batch=r.micro_batch, grad_accum=r.grad_accum,
-                                  checkpointing=r.checkpointing, seed=int(_get(cfg, "seed", 0)))
-        else:
-            if student_config is None:
-                arch, _src, student_config = distill_student(cfg, plan_model(pcfg).sizes(pcfg))
-                if student_config is None:
-                    student_config = arch.to_config(_hf_config(pcfg)).to_dict()
-            dc = cfg.distill
-            grad_clip = dc.get("grad_clip")
-            res = rehearse_distill(student_config, pcfg, row=r.row, world_size=r.world_size, strategy=r.strategy,
-                                   teacher_mode=r.teacher_mode, seq_len=r.seq_len, micro_batch=r.micro_batch,
-                                   grad_accum=r.grad_accum, checkpointing=r.checkpointing,
-                                   loss_chunk=int(dc.get("loss_chunk_size", 1024)), temperature=float(dc.get("temperature", 1.0)),
-                                   lm_weight=float(dc.get("lm_weight", 0.0)), mixed_precision=mixed,
-                                   grad_clip=float(grad_clip) if grad_clip else None)
-            assert r.row in phases
+        try:
+            res = _rehearse_row(cfg, r, pcfg, phases, mixed, student_config)
+        except DataDependentOutputException as err:
+            if skipped is None:
+                raise
+            skipped[r.row] = (f"{r.row}: not rehearsed -- its step reads a tensor's value on the host to size a tensor, "
+                              f"which fake tensors do not have ({_host_read_site(err)})")
+            log(skipped[r.row])
+            continue
+        res, student_config = res
         log(f"rehearsed {r.row}: peak {res.peak_gib:.1f} GiB per GPU (plan {r.peak_bytes / GiB:.1f}) in {res.seconds:.0f} s")
         out[r.row] = res
     return out
+
+
+def _rehearse_row(cfg, r: StagePlan, pcfg: dict, phases: dict, mixed: str, student_config: dict | None):
+    """(the rehearsal of one training row, the distill student's config as built for it)."""
+    from elastic.plan import _get, distill_student, plan_model
+
+    if r.stage == "search":
+        res = rehearse_search(pcfg, cfg.search, row=r.row, world_size=r.world_size, strategy=r.strategy,
+                              teacher_mode=r.teacher_mode, micro_batch=r.micro_batch, grad_accum=r.grad_accum,
+                              checkpointing=r.checkpointing, seed=int(_get(cfg, "seed", 0)))
+    else:
+        if student_config is None:
+            arch, _src, student_config = distill_student(cfg, plan_model(pcfg).sizes(pcfg))
+            if student_config is None:
+                student_config = arch.to_config(_hf_config(pcfg)).to_dict()
+        dc = cfg.distill
+        grad_clip = dc.get("grad_clip")
+        res = rehearse_distill(student_config, pcfg, row=r.row, world_size=r.world_size, strategy=r.strategy,
+                               teacher_mode=r.teacher_mode, seq_len=r.seq_len, micro_batch=r.micro_batch,
+                               grad_accum=r.grad_accum, checkpointing=r.checkpointing,
+                               loss_chunk=int(dc.get("loss_chunk_size", 1024)), temperature=float(dc.get("temperature", 1.0)),
+                               lm_weight=float(dc.get("lm_weight", 0.0)), mixed_precision=mixed,
+                               grad_clip=float(grad_clip) if grad_clip else None)
+        assert r.row in phases
+    return res, student_config

@@ -48,6 +48,8 @@ def _rows_table(doc: dict) -> tuple[list[str], list[list[str]]]:
         line("sharding (student/teacher)", lambda r: f"{r['strategy']}/{r['teacher_mode']}"),
         line("micro-batch x seq_len", lambda r: f"{r['micro_batch']} x {r['seq_len']}"),
         line("activation checkpointing", lambda r: "yes" if r["checkpointing"] else "no"),
+        # a MoE student touches a fraction of its parameters per token: memory counts them all, FLOPs the active
+        line("student params / active per token", lambda r: f"{r['student_params'] / 1e9:.2f}B / {r['student_active_params'] / 1e9:.2f}B"),
     ]
     cells += [line(f"{t} GiB", lambda r, t=t: f"{r['terms'][t]['gib']:.1f}" if t in r["terms"] else "-") for t in present]
     cells += [
@@ -78,8 +80,10 @@ def _markdown(doc: dict) -> str:
     lines = [
         f"# Plan: {doc['gpus']} x {doc['gpu_memory_gib']:.0f} GiB, Mamba {doc['mamba_path']} path",
         "",
-        f"- teacher / parent: {doc['teacher']['params']:,} parameters ({doc['teacher']['arch']})",
-        f"- student: {doc['student']['params']:,} parameters ({doc['student']['arch']}; {doc['student']['source']})",
+        f"- teacher / parent: {doc['teacher']['params']:,} parameters, {doc['teacher']['active_params']:,} active per token "
+        f"({doc['teacher']['arch']})",
+        f"- student: {doc['student']['params']:,} parameters, {doc['student']['active_params']:,} active per token "
+        f"({doc['student']['arch']}; {doc['student']['source']})",
         f"- per-GPU memory in GiB; usable = GPU memory - plan.reserve_gib ({doc['reserve_gib']:.0f} GiB); "
         "terms: see `elastic/plan.py`",
         f"- search temperature: {doc['tau']['tau_end']:.3f} at the end of {doc['tau']['router_steps']} router steps "
@@ -90,6 +94,8 @@ def _markdown(doc: dict) -> str:
         "|" + "---|" * len(head),
     ]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
+    if doc.get("rehearsal_skipped"):
+        lines += ["", "Not rehearsed:", ""] + [f"- {r}" for r in doc["rehearsal_skipped"]]
     refusals = doc.get("_refusals", [r.refusal() for r in doc["_rows"] if not r.fits])
     if refusals:
         lines += ["", "Refused:", ""] + [f"- {r}" for r in refusals]
@@ -118,6 +124,8 @@ def _print(doc: dict) -> None:
     if doc["tau_warning"]:
         con.print(f"[yellow]warning:[/] {doc['tau_warning']}")
     con.print(f"total: {doc['gpu_hours']:,.0f} GPU-hours at the stated MFU")
+    for line in doc.get("rehearsal_skipped", []):
+        con.print(f"[yellow]{line}[/]")
 
 
 def _rehearse(cfg, doc: dict) -> list[str]:
@@ -126,11 +134,15 @@ def _rehearse(cfg, doc: dict) -> list[str]:
     refusals the rehearsal adds."""
     from elastic.rehearse import rehearse_rows
 
-    measured = rehearse_rows(cfg, doc["_rows"])
+    skipped: dict[str, str] = {}
+    measured = rehearse_rows(cfg, doc["_rows"], skipped=skipped)
+    doc["rehearsal_skipped"] = list(skipped.values())  # rows fake tensors cannot run, each with the reason
     refusals = []
     for r, d in zip(doc["_rows"], doc["rows"]):
         m = measured.get(r.row)
         d["rehearsal_peak_gib"] = round(m.peak_gib, 2) if m else None
+        if r.row in skipped:
+            d["rehearsal_skipped"] = skipped[r.row]
         if m is None:
             continue
         d["rehearsal"] = m.to_dict()

@@ -5,11 +5,13 @@ moments) for any family; what one block keeps and needs depends on the family's 
 answered here, read off transformers' NemotronH (5.x) modules under bf16 autocast:
 
 * `saved_per_token`: what autograd keeps per token for one block of a layer kind (``M`` Mamba-2,
-  ``-`` MLP, ``*`` attention), for the scan path that runs (``kernel``: mamba-ssm's fused scan,
+  ``-`` MLP, ``*`` attention, ``E`` MoE: only the token's top-k experts, its router logits and its dispatch
+  rows), for the scan path that runs (``kernel``: mamba-ssm's fused scan,
   ``torch``: transformers' ``mamba2_chunk_scan``) and for the elastic (masked) model of the search.
 * `workspace` / `inference_workspace`: the transient bytes of one Mamba layer's scan beyond what it
   keeps; `layer_transient`: one block's outputs and widest intermediate.
-* `matmul_params` and `mixer_flops_per_token`: the FLOP model.
+* `matmul_params` and `mixer_flops_per_token`: the FLOP model, from the parameters a token touches
+  (`Sizes.active_params`: a MoE layer's router, shared expert and top-k routed experts), never the total.
 * `sizes`: the parent's sizes from its config alone (the students come from `elastic.plan`, generic).
 
 `tests/test_plan.py` checks the resulting peak against fake-tensor traces of the project's own steps.
@@ -18,13 +20,14 @@ answered here, read off transformers' NemotronH (5.x) modules under bf16 autocas
 from __future__ import annotations
 
 from elastic.arch import ArchError
-from elastic.models import nemotron_h_kernels as kernels
-from elastic.models.nemotron_h import Sizes as Arch
+import elastic.models.nemotron_h.kernels as kernels
+from elastic.models.nemotron_h.sizes import Sizes as Arch
 
 SIZES = Arch  # the sizes type this model reads
 FP32, BF16 = 4, 2
 DEFAULT_CHUNK = 128  # transformers' NemotronH default scan chunk (config.chunk_size)
-KINDS = "M-*"  # the layer kinds the model below knows: Mamba-2, MLP, attention
+KINDS = "M-*E"  # the layer kinds the model below knows: Mamba-2, MLP, attention, MoE
+WORKSPACE_KINDS = "M"  # the layer kinds whose blocks run `workspace` (the Mamba-2 scan)
 WORKSPACE_NOTE = "{path} path: one Mamba layer's scan workspace"
 INFERENCE_WORKSPACE_NOTE = "{path} path: one layer's scan workspace (no grad: segment sum, L, G and M in fp32)"
 
@@ -68,17 +71,28 @@ def saved_per_token(a: Arch, kind: str, *, residual: int, path: str, elastic: bo
       model (search) cannot use the fused kernel (its gated norm is masked): transformers' unfused path
       with mamba-ssm's chunk scan keeps ``[z|xBC|dt]``, the conv output, the scan output and the torch
       gated norm.
+    * MoE (transformers' ``NemotronHMoE``, experts on the ``grouped_mm`` path, its default): autocast's bf16 copy
+      of the normed input for the router and one for the shared expert; the router's sigmoid output over all
+      ``E`` experts (bf16), the group mask and the top-k indices and weights; per token ``k`` dispatched rows
+      (``hidden[perm // k]``, read by the up projection), each routed expert's relu and its square (width
+      ``moe_ffn``), the ``k`` down-projected rows before their routing weight, the permutation indices; the
+      shared expert's relu and square. Expert rows are in the weights' dtype (``grouped_mm`` is not autocast:
+      fp32 under ddp, bf16 under FSDP's bf16 params). Only ``k`` experts per token: the total expert count
+      enters through the router's ``E`` columns alone.
     * elastic masks (search): each masked RMSNorm keeps its scale (fp32), the depth gate keeps
-      ``block(x) - x`` (fp32), the MLP keeps its masked activation, the gated norm its scale.
+      ``block(x) - x`` (fp32), the MLP keeps its masked activation, the gated norm its scale; a MoE layer its
+      masked expert activations, the masked shared expert activation and the masked router logits.
     """
     h = a.hidden_size
-    readers = 3 if kind == "*" else 1
+    readers = {"*": 3, "E": 2}.get(kind, 1)
     norm = (FP32 * h * 2 + BF16 * h * readers) if residual == FP32 else (FP32 * h * 2 + BF16 * h)
     if elastic:
         norm += FP32 * h * 2
     if kind == "-":
         f = a.intermediate_size
         return norm + BF16 * f * 2 + (BF16 * f if elastic else 0)
+    if kind == "E":
+        return norm + moe_saved_per_token(a, residual=residual, elastic=elastic)
     if kind == "*":
         q = a.num_attention_heads * a.head_dim
         kv = a.num_key_value_heads * a.head_dim
@@ -99,6 +113,26 @@ def saved_per_token(a: Arch, kind: str, *, residual: int, path: str, elastic: bo
                 + FP32 * nh * chunk + BF16 * nh * chunk * 2)
         return norm + conv + scan + gated + small
     raise ArchError(f"unsupported layer kind {kind!r}")
+
+
+def moe_saved_per_token(a: Arch, *, residual: int, elastic: bool) -> float:
+    """Bytes one MoE layer keeps per token beyond its pre-norm (see `saved_per_token`), by part: `moe_terms`."""
+    return sum(moe_terms(a, residual=residual, elastic=elastic).values())
+
+
+def moe_terms(a: Arch, *, residual: int, elastic: bool = False) -> dict[str, float]:
+    """One MoE layer's saved bytes per token by part: ``router`` (grows with the experts ``E``), ``experts``
+    (the top-k routed experts' rows: ``k`` and ``moe_ffn``, not ``E``), ``shared`` and ``masks`` (search)."""
+    h, e, k = a.hidden_size, a.n_routed_experts, a.num_experts_per_tok
+    f, fs = a.moe_intermediate_size, a.moe_shared_expert_intermediate_size * a.n_shared_experts
+    rows = residual  # grouped_mm runs in the weights' dtype: fp32 master weights (ddp), bf16 under FSDP
+    index = 8  # int64
+    return {
+        "router": BF16 * e + 1 * e + (index * 2 + FP32 * 2) * k,  # sigmoid output, group mask; top-k indices, weights
+        "experts": rows * k * (h + 2 * f + h) + index * k * 2,  # dispatched rows, relu + square, down rows; perm, inverse
+        "shared": BF16 * fs * 2,  # relu(up) and its square
+        "masks": (rows * k * f + BF16 * fs + FP32 * e) if elastic else 0.0,
+    }
 
 
 def _scan_unit(a: Arch, chunk: int) -> int:
@@ -138,15 +172,21 @@ def inference_workspace(a: Arch, tokens: int, chunk: int, path: str) -> float:
 def layer_transient(a: Arch, kind: str, tokens: int, backward: bool) -> float:
     """The largest non-scan transient of one block: its output (fp32 residual) and widest intermediate;
     in backward their gradients as well."""
-    width = {"-": a.intermediate_size, "M": a.mamba_intermediate + a.conv_dim + a.mamba_num_heads,
-             "*": (a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim}[kind]
+    if kind == "E":  # the dispatch buffers: k rows per token of the hidden width (gathered, weighted, reordered)
+        # and of the expert width; the shared expert's width
+        k = a.num_experts_per_tok
+        width = k * (2 * a.hidden_size + a.moe_intermediate_size) + a.moe_shared_expert_intermediate_size
+    else:
+        width = {"-": a.intermediate_size, "M": a.mamba_intermediate + a.conv_dim + a.mamba_num_heads,
+                 "*": (a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim}[kind]
     return tokens * (FP32 * a.hidden_size * 2 + BF16 * width * (3 if backward else 1))
 
 
 def matmul_params(a: Arch) -> int:
-    """Parameters used in matrix products per token: every weight but the embedding lookup and the
-    norms' vectors (one RMSNorm per block and the final one)."""
-    return a.num_params() - a.vocab_size * a.hidden_size - a.hidden_size * (1 + a.num_layers)
+    """Parameters used in matrix products per token: every weight a token touches (`Sizes.active_params`: in a
+    MoE layer the router, the shared expert and ``num_experts_per_tok`` routed experts; every weight of a dense
+    model) but the embedding lookup and the norms' vectors (one RMSNorm per block and the final one)."""
+    return a.active_params() - a.vocab_size * a.hidden_size - a.hidden_size * (1 + a.num_layers)
 
 
 def mixer_flops_per_token(a: Arch, seq: int, chunk: int) -> float:
