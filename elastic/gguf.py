@@ -15,7 +15,7 @@ without editing llama.cpp's files:
 - A family whose transformers config differs from what the converter expects says so in its export
   facts (`elastic.models.<family>.export_facts`): :func:`hub_style_config` hands the config to the
   family's ``llama_cpp_config`` (NemotronH: the hub's ``hybrid_override_pattern`` and no MoE keys for
-  a dense model, see ``elastic/models/nemotron_h_export.py``), and when the family sets
+  a dense model, see ``elastic/models/nemotron_h/export.py``), and when the family sets
   ``GGUF_CONFIG_AS_WRITTEN`` the child process hands the converter that config.json as written
   instead of its ``AutoConfig`` view, as the converter's own fallback for unreadable configs does.
   Families without such facts (e.g. Llama, which the converter knows natively) go through unchanged.

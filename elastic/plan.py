@@ -7,7 +7,7 @@ parameter count comes from the sizes' ``num_params`` / ``layer_params``.
 
 This module models the training step for any family; what one block keeps and needs comes from the
 family's memory model, reached through the registry (``elastic.models.<family>.plan_model``; NemotronH:
-``elastic/models/nemotron_h_plan.py``): bytes saved per token per layer kind, the sequence mixer's
+``elastic/models/nemotron_h/plan.py``): bytes saved per token per layer kind, the sequence mixer's
 transient workspace on each kernel path, one block's transient, the matmul parameters and the mixer's
 FLOPs, and the grid's largest architecture within a budget. A family without one gets a clear error
 from ``stage=plan`` and an unchecked pre-flight.

@@ -424,7 +424,7 @@ def check_masked_sliced(ctx: Ctx):
     import torch
 
     from elastic.models.nemotron_h import Ranking, arch_of, make_arch, slice_model
-    from elastic.models.nemotron_h_elastic import ElasticNemotronH
+    from elastic.models.nemotron_h.masking import ElasticNemotronH
     from elastic.search_space import Space
 
     parent_d, child_d = ctx.config_dict(TEACHER_JSON), ctx.config_dict(STUDENT_JSON)

@@ -5,7 +5,7 @@ import torch
 
 from elastic.arch import ArchError
 from elastic.models.nemotron_h import Ranking, arch_of, make_arch, slice_model
-from elastic.models.nemotron_h_elastic import ElasticNemotronH
+from elastic.models.nemotron_h.masking import ElasticNemotronH
 from elastic.router import Router
 from elastic.search_space import Space
 from tiny import tiny_model, tokens

@@ -12,17 +12,6 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "elastic"
 
-# The per-family modules under elastic/models/ (nemotron_h*, llama) are being reorganised separately, and a
-# family and its helpers legitimately reach each other through the registry while that lasts: they are left
-# out of the graph (their edges in and out both). The registry (elastic/models/__init__.py) and the family
-# interface (elastic/models/family.py) are core modules and stay in.
-_CORE_MODELS = {"elastic.models", "elastic.models.family"}
-
-
-def _excluded(name: str) -> bool:
-    return name.startswith("elastic.models.") and name not in _CORE_MODELS
-
-
 def _modules() -> dict[str, Path]:
     out = {}
     for f in PKG.rglob("*.py"):
@@ -40,12 +29,11 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> the elastic modules it imports (anywhere in its body), per-family model modules left out."""
+    """module -> the elastic modules it imports (anywhere in its body); every module counts, the families'
+    own (a family package's submodules import only downward, never the package that re-exports them)."""
     modules = _modules()
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
-        if _excluded(name):
-            continue
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -62,7 +50,7 @@ def import_graph() -> dict[str, set[str]]:
             for t in targets:
                 if t.startswith("elastic"):
                     dep = _resolve(t, modules)
-                    if dep and dep != name and not _excluded(dep):
+                    if dep and dep != name:
                         deps.add(dep)
         graph[name] = deps
     return graph
@@ -129,7 +117,9 @@ def test_the_graph_sees_the_imports_it_must_see():
     assert "elastic.rundir" in g["elastic.train"]  # module level
     assert "elastic.parallel" in g["elastic.train"]  # inside a function
     assert "elastic.stages" in g["elastic.run"]  # `from elastic.stages import ORDER`
-    assert not any(_excluded(d) for deps in g.values() for d in deps)
+    # a family package: its interface imports its submodules; `from pkg import sub` lands in the submodule
+    assert {"elastic.models.nemotron_h.sizes", "elastic.models.nemotron_h.plan"} <= g["elastic.models.nemotron_h"]
+    assert "elastic.models.nemotron_h.sizes" in g["elastic.models.nemotron_h.surgery"]
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from elastic.arch import ArchError
 from elastic.models.nemotron_h import Ranking, arch_of
-from elastic.models.nemotron_h_elastic import ElasticNemotronH
+from elastic.models.nemotron_h.masking import ElasticNemotronH
 from elastic.router import Cost, Router, Schedule, budget_loss, check_budgets
 from elastic.search_space import Space
 from tiny import tiny_model

@@ -12,7 +12,7 @@ from elastic.arch import ArchError
 from elastic.models.nemotron_h import Arch
 from elastic.data import DataError
 from elastic.models.nemotron_h import arch_of
-from elastic.models.nemotron_h_elastic import ElasticNemotronH
+from elastic.models.nemotron_h.masking import ElasticNemotronH
 from elastic.router import Router
 from elastic.rundir import RunDir, read_json
 from elastic.run import pipeline

@@ -1,11 +1,14 @@
 """Model families, registered by Hugging Face `model_type`.
 
-A family is one module here (or a pair) that knows everything architecture-specific: its elastic
-axes and their granularity, its sizes type (parameter count, memory, exported config), its
-importance hooks, the physical slice and the masked (elastic) wrapper. The interface is described in
-`elastic.models.family`; stages and core modules reach a family only through `family_for`.
+A family is a module here (``llama.py``) or a package (``nemotron_h/``) that knows everything
+architecture-specific: its elastic axes and their granularity, its sizes type (parameter count,
+memory, exported config), its importance hooks, the physical slice and the masked (elastic) wrapper.
+A package splits these by role into submodules that import only downward (sizes, surgery, masking,
+plan, ...), and its ``__init__`` is the interface re-exporting them; no submodule imports it.
+The interface is described in `elastic.models.family`; stages and core modules reach a family only
+through `family_for`.
 
-Adding a family = one new module + one line in `FAMILIES`.
+Adding a family = one new module or package + one line in `FAMILIES`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The family interface: what a model family provides, and the parts every family shares.
 
-A family module (``elastic/models/<family>.py``, registered in ``elastic.models.FAMILIES``) defines:
+A family module or package (``elastic/models/<family>.py`` or ``elastic/models/<family>/``, registered in
+``elastic.models.FAMILIES``) defines:
 
 * ``MODEL_TYPES``   -- the Hugging Face ``model_type`` values it handles (`Sizes.MODEL_TYPE` is one
   value, so a family covering several model types has one `Sizes` subclass per type and its

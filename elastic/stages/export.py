@@ -3,7 +3,7 @@
 Features: llama.cpp's own converter writes one lossless GGUF (f32 / bf16 / f16, the checkpoint's
 dtype) and llama.cpp's quantizer makes every requested type from it (Q8_0, Q4_K_M, ... as
 `llama-quantize` would); a config goes to the converter in the hub's style when its family says so
-(NemotronH: ``elastic/models/nemotron_h_export.py``) and tokenizers unknown to llama.cpp are mapped
+(NemotronH: ``elastic/models/nemotron_h/export.py``) and tokenizers unknown to llama.cpp are mapped
 by behaviour and verified (``elastic/gguf.py``); each GGUF is loaded in llama.cpp and compared with
 the Hugging Face model: greedy tokens, held-out perplexity, size on disk, CPU tokens/s. Needs the
 gguf extra: ``bash scripts/install.sh --gguf``.

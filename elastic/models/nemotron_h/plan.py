@@ -18,8 +18,8 @@ answered here, read off transformers' NemotronH (5.x) modules under bf16 autocas
 from __future__ import annotations
 
 from elastic.arch import ArchError
-from elastic.models import nemotron_h_kernels as kernels
-from elastic.models.nemotron_h import Sizes as Arch
+import elastic.models.nemotron_h.kernels as kernels
+from elastic.models.nemotron_h.sizes import Sizes as Arch
 
 SIZES = Arch  # the sizes type this model reads
 FP32, BF16 = 4, 2

@@ -1,4 +1,4 @@
-"""The elastic NemotronH: one set of weights, any sub-network of the search space by masking.
+"""The elastic NemotronH (the family's `Elastic`): one set of weights, any sub-network of the search space by masking.
 
 Construction (`ElasticNemotronH.from_parent`): the parent is first physically reordered into
 importance order with ``slice_model(parent, parent_arch, ranking)`` -- the same function, the same
@@ -38,11 +38,14 @@ call the original ones).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
-from elastic.models import nemotron_h
 from elastic.models.family import ElasticBase, masked_units, mixture_scale, prefix_masks
+from elastic.models.nemotron_h.sizes import Sizes
+from elastic.models.nemotron_h.surgery import slice_model
 
 
 class ElasticNemotronH(ElasticBase):
@@ -52,7 +55,9 @@ class ElasticNemotronH(ElasticBase):
     ranking (most important first) and ``protect_kinds`` the layer kinds never dropped.
     """
 
-    family = nemotron_h
+    # what `ElasticBase` reads of its family, taken from the modules below this one (a submodule never
+    # imports the family package, which imports it)
+    family = SimpleNamespace(Sizes=Sizes, slice_model=slice_model)
 
     def _patch_axes(self) -> None:
         from transformers.models.nemotron_h import modeling_nemotron_h as mh
