@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from elastic import fp8
 from elastic.export_check import check, tensor_headers
-from elastic.run import CONF_DIR
+from elastic.run import CONF_DIR, pipeline
 
 from tiny import MOE, save_tiny_moe, tiny_moe_model, tokens
 
@@ -109,3 +109,25 @@ def test_moe_fp8_export_is_per_expert_and_reads_back_as_the_fake_quant_model(tmp
         assert (deq(held, use_cache=False).logits - fake).abs().mean() > (dq - fake).abs().mean()
     assert (weight_only - dq).abs().max() > 0
     assert deq.generate(held[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+
+def gguf_cfg(run_dir, *overrides):
+    from test_gguf import make_cfg as export_cfg
+
+    return export_cfg(run_dir, "export.quant=[q8_0]", "export.heldout_sequences=4", "export.max_new_tokens=8", *overrides)
+
+
+def test_moe_with_dense_mlp_layers_is_refused_for_gguf_in_one_line(toy_parent, tmp_path):
+    """llama.cpp's nemotron_h_moe has no dense MLP layers: its converter would write one with feed-forward
+    length 0 and llama.cpp would then look for Mamba tensors there; refused before anything is converted."""
+    from elastic.gguf import GGUFError
+    from test_gguf import llama_cpp
+
+    llama_cpp()
+    ckpt = save_tiny_moe(tmp_path / "moe", toy_parent, pattern="ME*E-ME")
+    with pytest.raises(GGUFError, match=r"no dense MLP layers \('-'\) beside MoE layers \('E'\).*\(ME\*E-ME\)"):
+        pipeline(gguf_cfg(tmp_path / "run", f"export.model={ckpt}"))
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "config.yaml"]
