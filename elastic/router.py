@@ -7,11 +7,12 @@ one-hots linearly. Sampling is Gumbel-softmax on ``scale * logits`` with tempera
 (`Schedule`: ``tau = max(tau_min, tau0 * decay**step)``, ``scale`` rising linearly 1 -> 10); a hard
 sample is the straight-through one-hot; extraction takes the argmax.
 
-`Cost` is the differentiable closed form of the resource the budget constrains -- parameters, or
-memory (weights + KV cache + recurrent state at a context length and batch) -- evaluated on the
-*expected* architecture (``probs @ choices`` per width axis, expected number of kept layers of each
-kind for depth). At one-hot probabilities it equals the sizes type's ``num_params()`` / ``memory_bytes()``
-exactly: both are the family's one closed form (tested). The budget loss is ``|C / (budget * C_full) - 1|``, zero inside a ``band``
+`Cost` is the differentiable closed form of the resource the budget constrains -- parameters, the
+parameters one token touches (``active_params``: mixture-of-experts layers count their top-k routed
+experts), or memory (weights + KV cache + recurrent state at a context length and batch) -- evaluated
+on the *expected* architecture (``probs @ choices`` per width axis, expected number of kept layers of
+each kind for depth). At one-hot probabilities it equals the sizes type's ``num_params()`` /
+``active_params()`` / ``memory_bytes()`` exactly: each is the family's one closed form (tested). The budget loss is ``|C / (budget * C_full) - 1|``, zero inside a ``band``
 (default 5%).
 """
 
@@ -27,7 +28,7 @@ from torch import nn
 from elastic.arch import ArchError
 from elastic.search_space import Space, read_budget
 
-RESOURCES = ("params", "non_embedding_params", "memory")
+RESOURCES = ("params", "non_embedding_params", "active_params", "memory")
 
 
 def check_budgets(budgets) -> tuple[float, ...]:
@@ -48,7 +49,7 @@ def check_budgets(budgets) -> tuple[float, ...]:
 class Cost:
     """The resource of an architecture of `space` as a closed form in the (expected) axis sizes.
 
-    The closed form is the family's own (`Sizes.params_of` / `Sizes.memory_of`), the one that gives
+    The closed form is the family's own (`Sizes.params_of` / `active_of` / `memory_of`), the one that gives
     every parameter count in the project: the router's cost and the extracted model cannot disagree.
     ``kept_layers[j]`` are the layers kept by depth choice ``j`` (from the elastic model).
     """
@@ -73,6 +74,8 @@ class Cost:
             return self.parent.params_of(sizes, per_kind)
         if self.resource == "non_embedding_params":
             return self.parent.params_of(sizes, per_kind) - self.parent.embedding_of(sizes)
+        if self.resource == "active_params":
+            return self.parent.active_of(sizes, per_kind)
         return self.parent.memory_of(sizes, per_kind, self.context, self.batch, self.bpv)
 
     def expected(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -82,11 +85,13 @@ class Cost:
         return self.of_sizes(sizes, counts)
 
     def of_arch(self, arch) -> int:
-        """The same cost read from a sizes object (its num_params / memory_bytes)."""
+        """The same cost read from a sizes object (its num_params / active_params / memory_bytes)."""
         if self.resource == "params":
             return arch.num_params()
         if self.resource == "non_embedding_params":
             return arch.non_embedding_params()
+        if self.resource == "active_params":
+            return arch.active_params()
         return arch.memory_bytes(self.context, self.batch, self.bpv)
 
     @property

@@ -54,7 +54,9 @@ class Axis:
 
     `field` is the `Sizes` field holding the kept count (total over groups), `kinds` the layer kinds
     that carry the axis, `groups_field` the `Sizes` field giving the number of groups (None = one
-    group), `label` the name used in plots and summaries.
+    group), `label` the name used in plots and summaries. An `optional` axis belongs only to networks
+    that have its layer kinds (NemotronH's MoE axes): a dense network neither lists it in `Sizes.axes`
+    nor gets a one-choice router, grid or name part for it, so it behaves as before the axis existed.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Axis:
     kinds: str
     label: str
     groups_field: str | None = None
+    optional: bool = False
 
     def groups(self, sizes: "Sizes") -> int:
         return int(getattr(sizes, self.groups_field)) if self.groups_field else 1
@@ -122,6 +125,11 @@ class Sizes:
         kept layers per kind; works on numbers and (fractional, differentiable) tensors alike."""
         raise NotImplementedError
 
+    def active_of(self, sizes: Mapping[str, Any], counts: Mapping[str, Any]):
+        """Parameters one token touches (`params_of` with only the routed experts a token is sent to
+        counted in mixture-of-experts layers); a family without such layers: `params_of`."""
+        return self.params_of(sizes, counts)
+
     def kv_cache_of(self, sizes: Mapping[str, Any], counts: Mapping[str, Any], bytes_per_value: int):
         """KV-cache bytes per token."""
         raise NotImplementedError
@@ -144,22 +152,26 @@ class Sizes:
         raise NotImplementedError
 
     def short(self) -> str:
-        widths = ", ".join(f"{a.label} {self.axis_size(a.name)}" for a in (HIDDEN, *self.AXES))
+        widths = ", ".join(f"{a.label} {self.axis_size(a.name)}" for a in self.axes())
         kinds = " ".join(f"{self.count(k)}{k}" for k in self.KINDS if self.count(k))
         return f"{widths}, layers {self.num_layers} ({kinds}), {human_count(self.num_params())} params"
 
     # ------------------------------------------------------------------ generic
     @classmethod
-    def axes(cls) -> tuple[Axis, ...]:
-        """Every width axis, hidden first."""
+    def all_axes(cls) -> tuple[Axis, ...]:
+        """Every width axis the family declares, hidden first."""
         return (HIDDEN, *cls.AXES)
+
+    def axes(self) -> tuple[Axis, ...]:
+        """This network's width axes, hidden first: an `optional` axis only where its layer kinds occur."""
+        return tuple(a for a in self.all_axes() if not a.optional or any(k in self.pattern for k in a.kinds))
 
     @classmethod
     def axis(cls, name: str) -> Axis:
-        for a in cls.axes():
+        for a in cls.all_axes():
             if a.name == name:
                 return a
-        raise ArchError(f"{cls.MODEL_TYPE} has no axis {name!r}; its axes are {[a.name for a in cls.axes()]}, depth")
+        raise ArchError(f"{cls.MODEL_TYPE} has no axis {name!r}; its axes are {[a.name for a in cls.all_axes()]}, depth")
 
     def axis_size(self, name: str) -> int:
         return int(getattr(self, self.axis(name).field))
@@ -184,13 +196,17 @@ class Sizes:
     def layout(self) -> dict[str, dict[int, tuple[int, int]]]:
         """Per-layer axes: axis -> layer -> (groups, units per group)."""
         out = {}
-        for a in self.AXES:
+        for a in self.axes()[1:]:
             g = a.groups(self)
             out[a.name] = {i: (g, self.axis_size(a.name) // g) for i in range(self.num_layers) if self.carries(a, i)}
         return out
 
     def num_params(self) -> int:
         return int(self.params_of(self.sizes(), self.counts()))
+
+    def active_params(self) -> int:
+        """Parameters one token touches (`active_of`); equal to `num_params` for a family without experts."""
+        return int(self.active_of(self.sizes(), self.counts()))
 
     def embedding_of(self, sizes: Mapping[str, Any]):
         """Input embedding plus an untied output head, for hidden size ``sizes["hidden"]``."""
@@ -223,7 +239,7 @@ class Sizes:
 
     def with_sizes(self, sizes: Mapping[str, int | None], layers: tuple[int, ...]) -> "Sizes":
         """A child of this (parent) network: new axis sizes (None = keep) and the kept parent layers."""
-        unknown = set(sizes) - {a.name for a in self.axes()}
+        unknown = {k for k, v in sizes.items() if v is not None} - {a.name for a in self.axes()}
         if unknown:
             raise ArchError(f"{self.MODEL_TYPE} has no axes {sorted(unknown)}; its axes are "
                             f"{[a.name for a in self.axes()]}")

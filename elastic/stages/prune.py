@@ -80,15 +80,17 @@ def build_space(parent: Sizes, c: Any) -> Space:
                        protect_kinds=c.protect_kinds)
 
 
-COUNTS = ("params", "non_embedding_params")
+COUNTS = ("params", "non_embedding_params", "active_params")
 
 
 def counter(c: Any):
-    """What `prune.target` counts (`prune.count`): all parameters, or all but the vocabulary's share."""
+    """What `prune.target` counts (`prune.count`): all parameters, all but the vocabulary's share, or those one
+    token touches (mixture-of-experts layers count their top-k routed experts; = params for a dense model)."""
     kind = c.get("count") or "params"
     if kind not in COUNTS:
         raise ArchError(f"prune.count must be one of {', '.join(COUNTS)}, got {kind!r}")
-    return (lambda a: a.num_params()) if kind == "params" else (lambda a: a.non_embedding_params())
+    return {"params": lambda a: a.num_params(), "non_embedding_params": lambda a: a.non_embedding_params(),
+            "active_params": lambda a: a.active_params()}[kind]
 
 
 def grid_candidates(parent: Sizes, ranking: Ranking, target: int, c: Any) -> list[Sizes]:

@@ -28,6 +28,15 @@ everything; we replace the ``forward`` of these module *instances* (no modeling 
   are active (that kernel would apply its own, unmasked, gated norm); the pure path is used instead.
 * ``NemotronHMLP.forward`` -- the FFN axis: the activation is multiplied by the expected prefix mask
   ``sum_j p_j * 1[n < f_j]`` before ``down_proj`` (exact for a hard mask: zero neurons contribute nothing).
+* MoE layers (``NemotronHMoE``): ``NemotronHTopkRouter.forward`` -- the experts axis. Experts are
+  stored most-important-first (within each routing group), so choice ``j`` keeps the first ``e_j / n_group``
+  of each group; a dropped expert's score is ``-inf`` before the group and top-k selection, so the top-k
+  is taken among kept experts -- what the sliced model's router computes. The soft router is the mixture
+  over choices: ``sum_j p_j * MoE_j(x)``, exact because the experts' output is linear in the routing
+  weights: one routing whose weights are ``sum_j p_j * w_j`` over the union of the choices' top-k sets
+  (each expert runs once per token however many choices picked it). ``experts.act_fn`` -- the moe_ffn
+  axis, the prefix mask on every routed expert's activation (as the MLP's); ``shared_experts`` is an
+  MLP masked by the shared_ffn axis.
 * ``NemotronHBlock.forward`` -- depth: layer ``l`` is kept with probability ``g_l = sum_j p_j keep_j(l)``
   and its output is ``x + g_l * (block(x) - x)``; a layer with ``g_l == 0`` and no gradient is skipped
   (its input passes through the residual).
@@ -64,6 +73,8 @@ class ElasticNemotronH(ElasticBase):
 
         a, G, hd = self.arch, self.arch.n_groups, self.arch.mamba_head_dim
         self.register_buffer("ffn_masks", prefix_masks(list(self.space.choices["ffn"]), a.intermediate_size), persistent=False)
+        if a.is_moe:
+            self._moe_masks()
         kc = [m // G * hd for m in self.space.choices["mamba"]]  # kept channels per group
         self.register_buffer("mamba_kc", torch.tensor(kc), persistent=False)
         self.register_buffer("mamba_masks", prefix_masks(kc, a.mamba_intermediate // G), persistent=False)
@@ -76,7 +87,31 @@ class ElasticNemotronH(ElasticBase):
                 self.patch(mixer, _mamba_forward, self.state)
                 self.patch(mixer.norm, _gated_norm_forward, self.state, lambda: self.mamba_kc, lambda: self.mamba_masks, G)
             elif isinstance(mixer, mh.NemotronHMLP):
-                self.patch(mixer, _mlp_forward, self.state, lambda: self.ffn_masks)
+                self.patch(mixer, _mlp_forward, self.state, "ffn", lambda: self.ffn_masks)
+            elif isinstance(mixer, mh.NemotronHMoE):
+                self.patch(mixer.gate, _router_forward, self.state, lambda: self.expert_keep)
+                self.patch(mixer.experts.act_fn, _expert_act_forward, self.state, lambda: self.moe_ffn_masks)
+                self.patch(mixer.shared_experts, _mlp_forward, self.state, "shared_ffn", lambda: self.shared_ffn_masks)
+
+    def _moe_masks(self) -> None:
+        a = self.arch
+        for e in self.space.choices["experts"]:
+            a.replace(n_routed_experts=e)  # one ArchError line for a choice the router cannot run (e.g. < top-k)
+        per_group = a.n_routed_experts // a.n_group
+        kept = [e // a.n_group for e in self.space.choices["experts"]]
+        # [J, E]: choice j keeps the first kept[j] experts of every routing group (groups are contiguous)
+        self.register_buffer("expert_keep", prefix_masks(kept, per_group).bool().repeat(1, a.n_group), persistent=False)
+        self.register_buffer("moe_ffn_masks", prefix_masks(list(self.space.choices["moe_ffn"]), a.moe_intermediate_size),
+                             persistent=False)
+        self.register_buffer("shared_ffn_masks", prefix_masks(list(self.space.choices["shared_ffn"]),
+                                                              a.moe_shared_expert_intermediate_size), persistent=False)
+
+    def set_probs(self, **probs) -> None:
+        super().set_probs(**probs)
+        p = probs.get("experts")
+        if p is not None and not p.requires_grad:
+            # the choices a fixed distribution gives weight to, read once per forward rather than once per MoE layer
+            self._state["experts_host"] = [j for j, v in enumerate(p.tolist()) if v != 0.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,10 +142,56 @@ def _mamba_forward(mixer, orig, st, *args, **kwargs):
         mixer.training = True
 
 
-def _mlp_forward(mlp, orig, st, masks, x):
-    p = st().get("ffn")
+def _mlp_forward(mlp, orig, st, axis, masks, x):
+    p = st().get(axis)
     if p is None:
         return orig(mlp, x)
     return mlp.down_proj(masked_units(mlp.act_fn(mlp.up_proj(x)), p, masks(), 1))
+
+
+def _expert_act_forward(act, orig, st, masks, x):
+    """Every routed expert's activation ``[routed tokens, f]`` (whatever experts implementation runs: they
+    all call ``act_fn`` between the two projections), masked to the moe_ffn prefix."""
+    p = st().get("moe_ffn")
+    out = orig(act, x)
+    return out if p is None else masked_units(out, p, masks(), 1)
+
+
+def _router_forward(gate, orig, st, keep, hidden_states):
+    """transformers' `NemotronHTopkRouter.forward` with the dropped experts of each choice out of the top-k,
+    and the routing of the mixture over choices (see the module docstring)."""
+    state = st()
+    p = state.get("experts")
+    if p is None:
+        return orig(gate, hidden_states)
+    keep = keep()
+    E, G = gate.num_experts, gate.num_group
+    h = hidden_states.view(-1, gate.hidden_dim)
+    logits = F.linear(h.type(torch.float32), gate.weight.type(torch.float32))
+    scores = logits.sigmoid()
+    for_choice = scores + gate.e_score_correction_bias
+    chosen = state.get("experts_host", range(len(keep)))  # a fixed distribution: only the choices it weighs
+    dense = torch.zeros_like(scores)  # [T, E] routing weight of the mixture
+    picked = torch.zeros_like(scores, dtype=torch.bool)
+    for j in chosen:
+        c = for_choice.masked_fill(~keep[j], float("-inf"))
+        if G > 1:
+            group_scores = c.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, k=gate.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+            c = c.masked_fill(~group_mask.repeat_interleave(E // G, dim=1), float("-inf"))
+        idx = torch.topk(c, k=gate.top_k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        if gate.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        w = w * gate.routed_scaling_factor
+        dense = dense.scatter_add(1, idx, w * p[j].to(w.dtype))
+        picked = picked.scatter(1, idx, True)
+    if len(chosen) == 1:
+        return logits, dense.gather(1, idx), idx
+    # the union of the choices' top-k sets, padded with unpicked experts of weight 0 to the widest token's count
+    width = int(picked.sum(-1).max())
+    index = torch.topk(picked.to(scores.dtype), k=width, dim=-1)[1]
+    return logits, dense.gather(1, index), index
 
 

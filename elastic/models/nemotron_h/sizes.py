@@ -12,9 +12,23 @@ family is nested):
   indices per Mamba layer) so every group keeps the same count; B and C, shared by a group's heads,
   are never cut; ``head_dim`` is kept.
 * ``depth``   -- whole layers, ranked from most to least important; a depth budget drops the tail.
+* MoE layers (``E``, transformers' `NemotronHMoE`: a sigmoid top-k router ``gate``, routed experts
+  ``experts`` stacked as ``up_proj [E, f, h]`` / ``down_proj [E, h, f]``, one shared expert MLP):
+  ``experts`` -- routed experts, one ranking per MoE layer (within each of ``n_group`` routing groups),
+  the kept count the same in every layer; ``moe_ffn`` -- each routed expert's neurons, one ranking per
+  layer shared by all its experts (one ``moe_intermediate_size`` holds for all); ``shared_ffn`` -- the
+  shared expert's neurons. These three axes exist only for networks with MoE layers (`Axis.optional`):
+  a dense NemotronH has exactly the axes, fields and counts it had before MoE support.
 
 Layer kinds use the single-letter pattern of NVIDIA's configs: ``M`` Mamba-2, ``-`` MLP, ``*``
-attention (``E`` MoE is recognised but not supported by the surgery yet).
+attention, ``E`` MoE.
+
+Parameter counts (`params_of`) are every tensor of the checkpoint: ``parameters()`` plus each MoE
+router's ``e_score_correction_bias`` (a persistent buffer, one float per expert, read by every token's
+routing). `active_of` counts what one token touches: the embedding and head (like ModelOpt's active
+count; no non-embedding variant), every non-MoE layer, and in each MoE layer its norm, the router's
+weight and correction bias (all experts' rows: every token is scored against every kept expert), the
+shared expert and ``num_experts_per_tok`` routed experts.
 """
 
 from __future__ import annotations
@@ -68,15 +82,33 @@ class Sizes(_Sizes):
     use_conv_bias: bool = True
     mlp_bias: bool = False
     attention_bias: bool = False  # transformers' NemotronH ignores it (q/k/v/o never have a bias)
+    # MoE layers ('E'): the axes' fields, then fixed ones; defaults are transformers' NemotronHConfig's.
+    # A dense network keeps the defaults whatever its config says (`from_config`): they describe no layer.
+    n_routed_experts: int = 8
+    moe_intermediate_size: int = 7688
+    moe_shared_expert_intermediate_size: int = 7688
+    num_experts_per_tok: int = 2  # top-k: a child keeps at least this many experts
+    n_shared_experts: int = 1  # transformers builds one shared MLP whatever this says
+    n_group: int = 1  # routing groups (experts are ranked and kept within each)
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    moe_latent_size: int | None = None  # only None (no latent projection) is supported
 
     AXES = (
         Axis("ffn", "intermediate_size", "-", "FFN size"),
         Axis("mamba", "mamba_num_heads", "M", "Mamba heads", groups_field="n_groups"),
+        Axis("experts", "n_routed_experts", "E", "routed experts", groups_field="n_group", optional=True),
+        Axis("moe_ffn", "moe_intermediate_size", "E", "expert FFN size", optional=True),
+        Axis("shared_ffn", "moe_shared_expert_intermediate_size", "E", "shared expert FFN size", optional=True),
     )
     KINDS = "M-*E"
+    MOE_FIXED = ("num_experts_per_tok", "n_shared_experts", "n_group", "topk_group", "routed_scaling_factor",
+                 "norm_topk_prob", "moe_latent_size")
+    MOE_FIELDS = ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size") + MOE_FIXED
     FIXED = ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "mamba_head_dim", "n_groups",
              "ssm_state_size", "conv_kernel", "tie_word_embeddings", "use_bias", "use_conv_bias", "mlp_bias",
-             "attention_bias")
+             "attention_bias") + MOE_FIXED
     MODEL_TYPE = "nemotron_h"
 
     def __post_init__(self):
@@ -91,7 +123,20 @@ class Sizes(_Sizes):
                 raise ArchError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                                 f"num_key_value_heads={self.num_key_value_heads} (GQA)")
         if "E" in self.pattern:
-            raise ArchError("MoE layers ('E') are not supported yet")
+            if self.moe_latent_size is not None:
+                raise ArchError(f"moe_latent_size={self.moe_latent_size}: MoE layers with a latent projection are not "
+                                "supported (only moe_latent_size null)")
+            k, e, g = self.num_experts_per_tok, self.n_routed_experts, self.n_group
+            if not 0 < k <= e:
+                raise ArchError(f"n_routed_experts={e} is fewer than num_experts_per_tok={k} (the router's top-k): "
+                                f"keep at least {k} experts")
+            if g > 1 and (e // g < 2 or self.topk_group * (e // g) < k):
+                raise ArchError(f"n_routed_experts={e} leaves {e // g} per routing group (n_group={g}): the router needs "
+                                f"at least 2 per group and topk_group={self.topk_group} groups holding {k} experts")
+
+    @property
+    def is_moe(self) -> bool:
+        return "E" in self.pattern
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -107,8 +152,10 @@ class Sizes(_Sizes):
         return self.mamba_intermediate + 2 * self.n_groups * self.ssm_state_size
 
     # ------------------------------------------------------------------ the one closed form
-    def _block_params(self, kind: str, h, f, m):
-        """Parameters of one block of `kind`, its pre-norm included, for hidden `h`, FFN `f`, Mamba heads `m`."""
+    def _block_params(self, kind: str, h, f, m, e=None, fe=None, fs=None, active: bool = False):
+        """Parameters of one block of `kind`, its pre-norm included, for hidden `h`, FFN `f`, Mamba heads `m`,
+        and for a MoE block `e` routed experts of width `fe` and a shared expert of width `fs`; `active`: only
+        what one token touches (``num_experts_per_tok`` routed experts)."""
         n = h  # the block's RMSNorm
         if kind == "M":
             i = m * self.mamba_head_dim
@@ -122,24 +169,46 @@ class Sizes(_Sizes):
         elif kind == "*":
             q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
             n = n + h * q + 2 * h * kv + q * h
+        elif kind == "E":
+            n = n + e * h + e  # router weight [E, h] and e_score_correction_bias [E]
+            routed = self.num_experts_per_tok if active else e
+            n = n + routed * 2 * h * fe  # experts' up_proj [E, fe, h] and down_proj [E, h, fe], no biases
+            n = n + 2 * h * fs + (fs + h) * self.mlp_bias  # the shared expert (a NemotronH MLP)
         else:
             raise ArchError(f"unsupported layer kind {kind!r}")
         return n
 
     def layer_params(self, kind: str) -> int:
         """Exact parameter count of one block of the given kind, its pre-norm included."""
-        return int(self._block_params(kind, self.hidden_size, self.intermediate_size, self.mamba_num_heads))
+        return int(self._block_params(kind, self.hidden_size, self.intermediate_size, self.mamba_num_heads,
+                                      self.n_routed_experts, self.moe_intermediate_size,
+                                      self.moe_shared_expert_intermediate_size))
 
-    def params_of(self, sizes, counts):
+    def params_of(self, sizes, counts, active: bool = False):
         h = sizes["hidden"]
         n = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h  # embeddings (+ lm_head) + norm_f
-        for kind in "M-*":
+        for kind in self.KINDS:
             c = counts.get(kind, 0)
             if not isinstance(c, torch.Tensor) and c == 0:
                 continue
             n = n + c * self._block_params(kind, h, sizes.get("ffn", self.intermediate_size),
-                                           sizes.get("mamba", self.mamba_num_heads))
+                                           sizes.get("mamba", self.mamba_num_heads),
+                                           sizes.get("experts", self.n_routed_experts),
+                                           sizes.get("moe_ffn", self.moe_intermediate_size),
+                                           sizes.get("shared_ffn", self.moe_shared_expert_intermediate_size), active)
         return n
+
+    def active_of(self, sizes, counts):
+        """`params_of` with ``num_experts_per_tok`` routed experts per MoE layer (see the module docstring:
+        embedding and head included); equal to `params_of` for a dense network."""
+        return self.params_of(sizes, counts, active=True)
+
+    def allows(self, sizes):
+        """A MoE network keeps at least ``num_experts_per_tok`` experts (grids and the router's decode skip
+        fewer); every other combination is accepted."""
+        if not self.is_moe or "experts" not in sizes:
+            return True
+        return sizes["experts"] >= self.num_experts_per_tok
 
     def kv_cache_of(self, sizes, counts, bytes_per_value):
         """K and V of every attention layer for one token."""
@@ -170,7 +239,11 @@ class Sizes(_Sizes):
         else:
             raise ArchError("config has neither layers_block_type nor hybrid_override_pattern")
         defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-        kw = {k: c.get(k, defaults.get(k)) for k in cls.FIXED}
+        moe = "E" in pattern
+        # a dense config's MoE keys (transformers fills them into every NemotronH config) describe no layer:
+        # the defaults stand for them, so that a dense network's sizes do not depend on them
+        kw = {k: (c.get(k, defaults.get(k)) if moe or k not in cls.MOE_FIELDS else defaults.get(k))
+              for k in cls.FIXED + (cls.MOE_FIELDS if moe else ())}
         if c.get("head_dim") is None:
             kw["head_dim"] = c["hidden_size"] // c["num_attention_heads"]
         return cls(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
@@ -189,20 +262,35 @@ class Sizes(_Sizes):
             d.pop(stale, None)
         d.update(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                  mamba_num_heads=self.mamba_num_heads, layers_block_type=list(self.layer_types))
-        for k in self.FIXED:
-            d[k] = getattr(self, k)
+        # a dense network leaves the parent config's MoE keys as they are (they describe no layer)
+        for k in self.FIXED + (self.MOE_FIELDS if self.is_moe else ()):
+            if self.is_moe or k not in self.MOE_FIELDS:
+                d[k] = getattr(self, k)
         cfg = NemotronHConfig(**d)
         if not cfg.architectures:
             cfg.architectures = ["NemotronHForCausalLM"]
         return cfg
 
+    def to_dict(self) -> dict:
+        """As the base, without the MoE fields for a dense network (its record is the one it had before MoE
+        support; `from_dict` restores the defaults)."""
+        d = super().to_dict()
+        return d if self.is_moe else {k: v for k, v in d.items() if k not in self.MOE_FIELDS}
+
     def short(self) -> str:
-        """One-line human summary, e.g. ``hidden 3136, ffn 12544, mamba heads 96, layers 42 (...), 3.97B params``."""
+        """One-line human summary, e.g. ``hidden 3136, ffn 12544, mamba heads 96, layers 42 (...), 3.97B params``;
+        a MoE network adds its experts and its active parameters."""
         from elastic.arch import human_count
 
+        if not self.is_moe:
+            return (f"hidden {self.hidden_size}, ffn {self.intermediate_size}, mamba heads {self.mamba_num_heads}, "
+                    f"layers {self.num_layers} ({self.count('M')}M {self.count('-')}- {self.count('*')}*), "
+                    f"{human_count(self.num_params())} params")
         return (f"hidden {self.hidden_size}, ffn {self.intermediate_size}, mamba heads {self.mamba_num_heads}, "
-                f"layers {self.num_layers} ({self.count('M')}M {self.count('-')}- {self.count('*')}*), "
-                f"{human_count(self.num_params())} params")
+                f"experts {self.n_routed_experts} x {self.moe_intermediate_size} (top {self.num_experts_per_tok}), "
+                f"shared expert {self.moe_shared_expert_intermediate_size}, layers {self.num_layers} "
+                f"({self.count('M')}M {self.count('-')}- {self.count('*')}* {self.count('E')}E), "
+                f"{human_count(self.num_params())} params, {human_count(self.active_params())} active")
 
 
 Arch = Sizes  # the name this type had before families existed (tests, scripts)
@@ -214,8 +302,12 @@ def arch_of(model) -> Sizes:
 
 
 def make_arch(parent: Sizes, ranking: Ranking | None = None, *, hidden_size: int | None = None,
-              intermediate_size: int | None = None, mamba_num_heads: int | None = None, drop_layers: int = 0,
+              intermediate_size: int | None = None, mamba_num_heads: int | None = None,
+              n_routed_experts: int | None = None, moe_intermediate_size: int | None = None,
+              moe_shared_expert_intermediate_size: int | None = None, drop_layers: int = 0,
               layers: tuple[int, ...] | None = None, protect_kinds: str = "") -> Sizes:
-    """`Sizes.cut` with NemotronH's config field names."""
-    return parent.cut(ranking, sizes={"hidden": hidden_size, "ffn": intermediate_size, "mamba": mamba_num_heads},
+    """`Sizes.cut` with NemotronH's config field names (None keeps the parent's size)."""
+    return parent.cut(ranking, sizes={"hidden": hidden_size, "ffn": intermediate_size, "mamba": mamba_num_heads,
+                                      "experts": n_routed_experts, "moe_ffn": moe_intermediate_size,
+                                      "shared_ffn": moe_shared_expert_intermediate_size},
                       drop_layers=drop_layers, layers=layers, protect_kinds=protect_kinds)
