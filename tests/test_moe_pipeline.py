@@ -2,14 +2,20 @@
 sigmoid router), from the same entry point as the dense toy; exports load with plain `from_pretrained`."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from elastic import fp8
+from elastic.arch import sizes_from_config
 from elastic.export_check import check, tensor_headers
 from elastic.run import CONF_DIR, pipeline
+from elastic.rundir import RunDir
+
+from test_pipeline import make_cfg
+from test_quantize import TINY_RUN
 
 from tiny import MOE, save_tiny_moe, tiny_moe_model, tokens
 
@@ -131,3 +137,109 @@ def test_moe_with_dense_mlp_layers_is_refused_for_gguf_in_one_line(toy_parent, t
     with pytest.raises(GGUFError, match=r"no dense MLP layers \('-'\) beside MoE layers \('E'\).*\(ME\*E-ME\)"):
         pipeline(gguf_cfg(tmp_path / "run", f"export.model={ckpt}"))
     assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "config.yaml"]
+
+
+# ------------------------------------------------------------------------------------------------ every stage
+
+
+# Widths in steps of 8: transformers' grouped_mm expert kernel (its default on CPU with torch >= 2.11 as on GPU)
+# needs 16-byte aligned rows, so an expert width such as 27 fails in training with "strides should be multiple of 16
+# bytes". Mamba head_dim 64 as in the real parent: llama.cpp's converter needs heads x head_dim a multiple of 64.
+MOE_RUN = ["budget=all", "search.budgets=[0.6,0.8]", "prune.granularity.hidden=8", "search.granularity.hidden=8",
+           "+search.granularity.moe_ffn=8", "+search.granularity.shared_ffn=8", "+prune.granularity.moe_ffn=8",
+           "+prune.granularity.shared_ffn=8", *TINY_RUN]
+STAGE_RUN = {
+    "export": ["export.format=gguf", "export.quant=[q8_0]", "export.heldout_sequences=4", "export.seq_len=64",
+               "export.max_new_tokens=8"],
+    "evaluate": ["evaluate.heldout_sequences=8", "evaluate.batch_size=8", "evaluate.task_limit=8", "evaluate.passkey.lengths=[48]",
+                 "evaluate.passkey.depths=[0.5]", "evaluate.passkey.trials=2", "evaluate.cost.lengths=[32]",
+                 "evaluate.cost.decode_tokens=2", "evaluate.cost.curve_points=2"],
+}
+STAGES = ("importance", "search", "prune", "distill", "quantize", "export", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def moe_parent(toy_parent, tmp_path_factory):
+    """A tiny MoE parent with the real one's layer kinds (Mamba, MoE, attention; no dense MLP: llama.cpp's
+    nemotron_h_moe has none) and the toy tokenizer."""
+    return save_tiny_moe(tmp_path_factory.mktemp("moe-parent"), toy_parent, pattern="ME*EME", mamba_num_heads=4,
+                         mamba_head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def moe_run(moe_parent, tmp_path_factory):
+    from test_gguf import llama_cpp
+
+    llama_cpp()
+    run_dir = tmp_path_factory.mktemp("moe-run")
+    results = {}
+    for stage in STAGES:
+        results |= pipeline(make_cfg(moe_parent, run_dir, f"stage={stage}", *MOE_RUN, *STAGE_RUN.get(stage, [])))
+    return run_dir, results
+
+
+def test_every_stage_runs_on_a_moe_and_exports_plain_checkpoints(moe_run, moe_parent):
+    run_dir, results = moe_run
+    run = RunDir(run_dir)
+    assert list(results) == list(STAGES)
+    parent = sizes_from_config(AutoModelForCausalLM.from_pretrained(moe_parent))
+    assert parent.is_moe and parent.n_routed_experts == MOE["n_routed_experts"]
+    children = [run.path("prune", f"budget-{b}") for b in ("0.6", "0.8")] + [Path(results["distill"]["output"])]
+    ids = torch.tensor([[5, 6, 7]])
+    for folder in children:
+        child = AutoModelForCausalLM.from_pretrained(folder).eval()
+        sizes = sizes_from_config(child)
+        # the exported config is the kept weights': router rows, correction bias and stacked experts agree
+        for layer in child.model.layers:
+            if layer.block_type == "moe":
+                m = layer.mixer
+                assert m.gate.weight.shape[0] == m.gate.e_score_correction_bias.numel() == m.experts.up_proj.shape[0] \
+                    == sizes.n_routed_experts >= sizes.num_experts_per_tok
+                assert m.experts.up_proj.shape[1] == sizes.moe_intermediate_size
+        stored = sum(p.numel() for p in child.parameters()) + sum(
+            b.numel() for n, b in child.named_buffers() if n.endswith("e_score_correction_bias"))
+        assert stored == sizes.num_params() < parent.num_params()
+        assert sizes.active_params() < sizes.num_params()
+        assert child.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)
+        assert check(folder) == []
+    budgets = json.loads(run.path("search/archs.json").read_text())["budgets"]
+    assert any(r["choices"]["experts"] < parent.n_routed_experts or r["choices"]["moe_ffn"] < parent.moe_intermediate_size
+               for r in budgets.values()), budgets  # the MoE axes are searched, not only the dense ones
+
+
+def test_moe_fp8_export_of_the_run(moe_run):
+    run_dir, results = moe_run
+    q = results["quantize"]
+    report = json.loads(RunDir(run_dir).beside(Path(q["path"]), "report.json").read_text())
+    assert "backbone.layers.1.mixer.experts" in report["quantized"]
+    assert not [n for n in report["quantized"] + report["kept_bf16"] if n.endswith(".gate")]  # no linear: never FP8
+    loss = report["heldout_loss"]
+    assert abs(loss["dequantized_export"] - loss["fake_quant"]) < 2e-3 and loss["fake_quant"] - loss["bf16"] < 0.02
+    assert check(q["path"]) == []
+    deq = fp8.load_dequantized(q["path"])
+    assert deq.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_moe_gguf_export_of_the_run_runs_in_llama_cpp(moe_run):
+    run_dir, results = moe_run
+    out = run_dir / "export"
+    meta = json.loads((out / "distill-phase2-q8_0.gguf.meta.json").read_text())
+    assert meta["architecture"] == "nemotron_h_moe" and meta["inputs"]["checkpoint"] == results["distill"]["output"]
+    report = json.loads((out / "distill-phase2.check.json").read_text())
+    hf, q8 = report["models"]["hf"], report["models"]["q8_0"]
+    assert abs(q8["ppl"] - hf["ppl"]) / hf["ppl"] < 0.01
+    # an untrained model's next-token logits are nearly flat: greedy paths may part only at near-ties
+    assert all(g is None or abs(g) < 0.05 for g in q8["hf_logit_gap_at_divergence"]), q8
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_moe_evaluate_reports_active_params(moe_run):
+    run_dir, results = moe_run
+    run = RunDir(run_dir)
+    assert results["evaluate"]["failed"] == [] and results["evaluate"]["models"] == 6  # parent, 2 budgets, 2 phases, FP8
+    doc = json.loads(run.path("evaluate/results.json").read_text())
+    for m in doc["models"]:
+        sizes = sizes_from_config(json.loads((Path(m["path"]) / "config.json").read_text()))
+        assert m["cost"]["active_params"] == sizes.active_params() < m["cost"]["params"] == sizes.num_params(), m["name"]
+    table = run.path("evaluate/report/report.md").read_text()
+    assert "| model | params | active params |" in table
