@@ -178,6 +178,7 @@ def moe_run(moe_parent, tmp_path_factory):
     return run_dir, results
 
 
+@pytest.mark.smoke
 def test_every_stage_runs_on_a_moe_and_exports_plain_checkpoints(moe_run, moe_parent):
     run_dir, results = moe_run
     run = RunDir(run_dir)
@@ -207,6 +208,7 @@ def test_every_stage_runs_on_a_moe_and_exports_plain_checkpoints(moe_run, moe_pa
                for r in budgets.values()), budgets  # the MoE axes are searched, not only the dense ones
 
 
+@pytest.mark.smoke
 def test_moe_fp8_export_of_the_run(moe_run):
     run_dir, results = moe_run
     q = results["quantize"]
@@ -220,6 +222,7 @@ def test_moe_fp8_export_of_the_run(moe_run):
     assert deq.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 
+@pytest.mark.smoke
 def test_moe_gguf_export_of_the_run_runs_in_llama_cpp(moe_run):
     run_dir, results = moe_run
     out = run_dir / "export"
@@ -233,6 +236,7 @@ def test_moe_gguf_export_of_the_run_runs_in_llama_cpp(moe_run):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.smoke
 def test_moe_evaluate_reports_active_params(moe_run):
     run_dir, results = moe_run
     run = RunDir(run_dir)
