@@ -247,3 +247,18 @@ def test_moe_evaluate_reports_active_params(moe_run):
         assert m["cost"]["active_params"] == sizes.active_params() < m["cost"]["params"] == sizes.num_params(), m["name"]
     table = run.path("evaluate/report/report.md").read_text()
     assert "| model | params | active params |" in table
+
+
+def test_active_params_column_only_where_a_model_has_experts():
+    """A dense run's model table keeps its columns; a run with a MoE model adds active params after params."""
+    from elastic.evaluation.report import model_table
+
+    def entry(name, params, active):
+        return {"name": name, "status": "ok", "cost": {"params": params, "active_params": active, "non_embedding_params": 1,
+                                                        "weight_bytes": 2, "kv_bytes_per_token": 3, "mamba_state_bytes": 4}}
+
+    dense_cols, dense_rows = model_table({"models": [entry("parent", 2_000_000, 2_000_000)]})
+    assert "active params" not in dense_cols and len(dense_rows[0]) == len(dense_cols)
+    cols, rows = model_table({"models": [entry("parent", 2_000_000, 1_000_000), entry("child", 900_000, 900_000)]})
+    assert cols[:3] == ["model", "params", "active params"] and cols[3:] == dense_cols[2:]
+    assert [r[2] for r in rows] == ["1.00M", "900.00K"] and all(len(r) == len(cols) for r in rows)
