@@ -81,8 +81,9 @@ def quantizable(model) -> list[str]:
 
 def keep_fp32(model) -> list[str]:
     """Parameters the model's family computes in fp32 whatever the load dtype (transformers'
-    ``_keep_in_fp32_modules_strict``; NemotronH: the MoE router ``gate.weight`` and its
-    ``e_score_correction_bias``): they stay fp32 in the FP8 export too, as in the family's own checkpoints."""
+    ``_keep_in_fp32_modules_strict``; NemotronH: the MoE router's ``gate.weight``, its
+    ``e_score_correction_bias`` being a buffer no cast touches): they stay fp32 in the FP8 export too, as in
+    the family's own checkpoints."""
     keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     return [n for n, _ in model.named_parameters() if any(k in n for k in keep)]
 

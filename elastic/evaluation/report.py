@@ -297,8 +297,8 @@ def model_table(results: dict) -> tuple[list[str], list[list[str]]]:
         lengths |= {int(n) for n in ((results.get("settings") or {}).get("passkey") or {}).get("lengths") or []}
     lengths = sorted(lengths)
     # MoE models: the parameters a token touches next to the total (a dense run's table stays as it was)
-    moe = any((m.get("cost") or {}).get("active_params", (m.get("cost") or {}).get("params")) != (m.get("cost") or {}).get("params")
-              for m in models)
+    costs = [m.get("cost") or {} for m in models]
+    moe = any(c.get("active_params", c.get("params")) != c.get("params") for c in costs)
     cols = ["model", "params", *(["active params"] if moe else []), "non-emb params", "weights", "KV / token (bf16)",
             "Mamba state / seq", "held-out loss", "ppl", *[f"{t} acc" for t in tasks], *[f"passkey@{n}" for n in lengths]]
     rows = []
