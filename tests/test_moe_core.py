@@ -254,3 +254,16 @@ def test_the_two_expert_statistics_differ_where_outputs_differ():
         model.model.layers[0].mixer.experts.down_proj[2].zero_()
     scores = width_scores(model, [tokens(batch=2, length=32)], progress=False)
     assert scores["experts.0"][2] == 0 and scores["experts_frequency.0"][2] > 0
+
+
+def test_nemotron3_nano_30b_a3b_counts_match_nvidia():
+    """NVIDIA's card for NVIDIA-Nemotron-3-Nano-30B-A3B: 31.6B parameters, 3.6B active with the embeddings."""
+    cfg = dict(model_type="nemotron_h", hidden_size=2688, intermediate_size=1856, vocab_size=131072,
+               hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", mamba_num_heads=64,
+               mamba_head_dim=64, n_groups=8, ssm_state_size=128, conv_kernel=4, num_attention_heads=32,
+               num_key_value_heads=2, head_dim=128, n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=6,
+               moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, n_group=1, topk_group=1,
+               norm_topk_prob=True, routed_scaling_factor=2.5, tie_word_embeddings=False)
+    sizes = Sizes.from_config(cfg)
+    assert sizes.num_params() == pytest.approx(31.6e9, rel=0.005)
+    assert sizes.active_params() == pytest.approx(3.6e9, rel=0.01)

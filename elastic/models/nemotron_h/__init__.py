@@ -24,8 +24,9 @@ from elastic.models.nemotron_h import plan as plan_model  # training memory / FL
 from elastic.models.nemotron_h.masking import ElasticNemotronH as Elastic
 from elastic.models.nemotron_h.sizes import (CHAR_TO_LAYER_TYPE, LAYER_TYPE_TO_CHAR, MODEL_TYPES, Arch, Ranking, Sizes,
                                              arch_of, make_arch, pattern_to_types, types_to_pattern)
-from elastic.models.nemotron_h.surgery import decoder_layers, set_decoder_layers, slice_model, width_hooks
+from elastic.models.nemotron_h.surgery import (EXPERT_SCORES, decoder_layers, expert_scores, set_decoder_layers,
+                                               slice_model, width_hooks)
 
 __all__ = ["MODEL_TYPES", "Sizes", "Arch", "Ranking", "arch_of", "make_arch", "pattern_to_types", "types_to_pattern",
            "LAYER_TYPE_TO_CHAR", "CHAR_TO_LAYER_TYPE", "decoder_layers", "set_decoder_layers", "width_hooks",
-           "slice_model", "Elastic", "export_facts", "kernels", "plan_model"]
+           "EXPERT_SCORES", "expert_scores", "slice_model", "Elastic", "export_facts", "kernels", "plan_model"]
