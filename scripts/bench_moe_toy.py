@@ -45,8 +45,7 @@ from elastic import toy  # noqa: E402
 from elastic.data import load_text, pack_tokens  # noqa: E402
 from elastic.importance import width_scores  # noqa: E402
 from elastic.losses import heldout_loss  # noqa: E402
-from elastic.models.nemotron_h import Ranking, arch_of, make_arch, slice_model  # noqa: E402
-from elastic.models.nemotron_h.surgery import expert_scores  # noqa: E402
+from elastic.models.nemotron_h import Ranking, arch_of, expert_scores, make_arch, slice_model  # noqa: E402
 
 KINDS = {"M": "linear_attention", "-": "mlp", "*": "full_attention", "E": "moe"}
 PATTERN = "MEM*EMEME"  # the toy's depth with its MLP layers as MoE (the real parent has no dense MLP layers)
