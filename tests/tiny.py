@@ -19,11 +19,10 @@ MOE = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_in
 
 
 def tiny_config(pattern: str = "M-*M-", **overrides) -> NemotronHConfig:
-    kinds = KINDS
     kw = dict(
         vocab_size=256, hidden_size=64, intermediate_size=96, mamba_num_heads=8, mamba_head_dim=8, n_groups=2,
         ssm_state_size=8, conv_kernel=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, chunk_size=16,
-        layers_block_type=[kinds[c] for c in pattern], max_position_embeddings=1024,
+        layers_block_type=[KINDS[c] for c in pattern], max_position_embeddings=1024,
     )
     kw.update(overrides)
     return NemotronHConfig(**kw)
@@ -37,11 +36,6 @@ def tiny_model(pattern: str = "M-*M-", seed: int = 0, **overrides) -> NemotronHF
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "norm_f.weight", "dt_bias", "D", "A_log", "conv1d.bias")):
                 p.add_(0.3 * torch.randn_like(p))
-            if name.endswith("gate.weight"):  # a router at init scores every expert ~0.5: make the choice clear-cut
-                p.normal_(0.0, 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # zero at init: a wrong expert index would not show
-                b.copy_(0.1 * torch.randn_like(b))
     return model
 
 
@@ -51,8 +45,17 @@ def tiny_moe_config(pattern: str = MOE_PATTERN, **overrides) -> NemotronHConfig:
 
 
 def tiny_moe_model(pattern: str = MOE_PATTERN, seed: int = 0, **overrides) -> NemotronHForCausalLM:
-    """A tiny MoE NemotronH (Mamba, MoE, attention and MLP layers), perturbed like `tiny_model`."""
-    return tiny_model(pattern, seed, **(MOE | overrides))
+    """A tiny MoE NemotronH (Mamba, MoE, attention and MLP layers), perturbed like `tiny_model`, and its routers
+    too: at init a router scores every expert ~0.5 and its correction bias is zero, so a wrong expert index
+    would not show."""
+    model = tiny_model(pattern, seed, **(MOE | overrides))
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("gate.weight"):
+                t.normal_(0.0, 0.3)
+            elif name.endswith("e_score_correction_bias"):
+                t.copy_(0.1 * torch.randn_like(t))
+    return model
 
 
 def save_tiny_moe(out: str | Path, tokenizer_dir: str | Path, seed: int = 0, **overrides) -> Path:
