@@ -61,9 +61,43 @@ def hub_namer(model) -> Callable[[str], str]:
     return name
 
 
+def is_fused_experts(module) -> bool:
+    """A MoE layer's routed experts stored as 3-D tensors (transformers 5.x ``@use_experts_implementation``,
+    e.g. NemotronH's ``mixer.experts``: ``up_proj`` [experts, ffn, hidden], ``down_proj`` [experts, hidden, ffn]).
+    modelopt quantizes them as one unit (`_QuantFusedExperts`): one FP8 weight scale per expert and projection,
+    one input scale per projection shared by the layer's experts; its export writes them per expert
+    (``experts.<i>.up_proj.weight``), the hub layout transformers and vLLM read."""
+    down = getattr(module, "down_proj", None)
+    first = getattr(module, "up_proj", None) if getattr(module, "gate_up_proj", None) is None else module.gate_up_proj
+    return (hasattr(module, "num_experts") and isinstance(down, torch.Tensor) and down.dim() == 3
+            and isinstance(first, torch.Tensor) and first.dim() == 3)
+
+
 def quantizable(model) -> list[str]:
-    """Modules modelopt gives an FP8 weight quantizer (embeddings never: vLLM does not quantize them)."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
+    """Modules modelopt gives FP8 weight quantizers: linears, convolutions and fused routed experts
+    (embeddings never: vLLM does not quantize them; a MoE router is no linear module, never either)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d)) or is_fused_experts(m)]
+
+
+def keep_fp32(model) -> list[str]:
+    """Parameters the model's family computes in fp32 whatever the load dtype (transformers'
+    ``_keep_in_fp32_modules_strict``; NemotronH: the MoE router's ``gate.weight``, its
+    ``e_score_correction_bias`` being a buffer no cast touches): they stay fp32 in the FP8 export too, as in
+    the family's own checkpoints."""
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return [n for n, _ in model.named_parameters() if any(k in n for k in keep)]
+
+
+def round_to_export_dtype(model, dtype: torch.dtype, compute: torch.dtype | None = None) -> None:
+    """Round every parameter to the export's `dtype` (those of `keep_fp32` stay fp32), held in `compute`
+    (default: `dtype` itself; fp32 on a CPU, where bf16 matmuls are slow)."""
+    fp32 = set(keep_fp32(model))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in fp32:
+                p.data = p.data.to(torch.float32)
+            else:
+                p.data = p.data.to(dtype).to(compute or dtype)
 
 
 def keep_bf16(model, globs: Iterable[str], to_hub: Callable[[str], str] | None = None) -> tuple[list[str], list[str]]:
@@ -128,9 +162,16 @@ def quantize(model, config: dict, batches: list[torch.Tensor]) -> Any:
 
 
 def quantized_modules(model) -> list[str]:
-    """Modules whose FP8 weight quantizer is on, after `quantize`."""
-    return [n for n, m in model.named_modules()
-            if getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.is_enabled]
+    """Modules whose FP8 weight quantizer is on, after `quantize` (fused experts: every expert's, both projections)."""
+    def on(m) -> bool:
+        if getattr(m, "weight_quantizer", None) is not None:
+            return m.weight_quantizer.is_enabled
+        lists = [getattr(m, a, None) for a in ("gate_up_proj_weight_quantizers", "up_proj_weight_quantizers",
+                                               "down_proj_weight_quantizers")]
+        lists = [q for q in lists if q is not None]
+        return bool(lists) and all(q.is_enabled for ql in lists for q in ql)
+
+    return [n for n, m in model.named_modules() if on(m)]
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -149,9 +190,7 @@ def export(model, folder: str | Path, dtype: torch.dtype, to_hub: Callable[[str]
     # them here (the quantizers' amax buffers stay fp32, so the scales written are those calibrated).
     # It then divides each weight by its scale in `dtype`: in bf16 that rounds twice and flips some
     # FP8 values against the fake-quant model; in fp32 the FP8 weights are exactly the fake-quant ones.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.to(dtype)
+    round_to_export_dtype(model, dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch.tensor\(sourceTensor\).*")
         warnings.filterwarnings("ignore", message=r".*original dtype.*differs from target dtype.*")
@@ -323,10 +362,28 @@ def load_dequantized(path: str | Path, dtype: str | torch.dtype = "float32", dev
             hub = to_hub(name) if name else name
             if f"{hub}.input_scale" in scales:
                 module.register_forward_pre_hook(_round_input(scales[f"{hub}.input_scale"].to(device)))
+            if is_fused_experts(module) and f"{hub}.0.down_proj.input_scale" in scales:
+                _round_experts(module, hub, scales, device, p)
             for kv in ("k_scale", "v_scale"):
                 if f"{hub}.{kv}" in scales:
                     module.register_forward_hook(_round_output(scales[f"{hub}.{kv}"].to(device)))
     return model
+
+
+def _round_experts(module, hub: str, scales: Mapping[str, torch.Tensor], device, path) -> None:
+    """Round the inputs of fused routed experts as an FP8 engine does: the layer's input (what every
+    expert's ``up_proj`` reads) and the activation's output (what every ``down_proj`` reads), each with
+    the one input scale modelopt calibrates per projection for all the layer's experts."""
+    if getattr(module, "has_gate", False) or getattr(module, "gate_up_proj", None) is not None:
+        raise ModelError(f"{path}: FP8 activations of gated fused experts ({hub}) are not emulated; "
+                         "load it with activations=False")
+    for proj in ("up_proj", "down_proj"):
+        found = {scales[k].item() for i in range(module.num_experts) if (k := f"{hub}.{i}.{proj}.input_scale") in scales}
+        if len(found) != 1:
+            raise ModelError(f"{path}: the experts of {hub} have {len(found)} different {proj} input scales; "
+                             "modelopt writes one per layer and projection")
+    module.register_forward_pre_hook(_round_input(scales[f"{hub}.0.up_proj.input_scale"].to(device)))
+    module.act_fn.register_forward_hook(_round_output(scales[f"{hub}.0.down_proj.input_scale"].to(device)))
 
 
 def _round_input(scale: torch.Tensor):

@@ -51,10 +51,15 @@ def weight_bytes(folder: Path) -> int:
 
 
 def static_cost(arch: Arch, folder: Path | None = None, bytes_per_value: int = 2) -> dict:
-    """Sizes of one model; memory figures in `bytes_per_value` (2 = bf16) except the stored weights."""
+    """Sizes of one model; memory figures in `bytes_per_value` (2 = bf16) except the stored weights.
+
+    ``active_params``: the parameters one token touches (`Sizes.active_params`: embeddings and head, every
+    non-MoE layer, and per MoE layer the router, the shared expert and top-k routed experts); equal to
+    ``params`` for a dense model. Memory figures hold every expert: they are all resident."""
     total = arch.num_params()
     out = {
         "params": total,
+        "active_params": arch.active_params(),
         "non_embedding_params": total - arch.embedding_params(),
         "kv_bytes_per_token": arch.kv_cache_bytes_per_token(bytes_per_value),
         "mamba_state_bytes": arch.state_bytes(bytes_per_value),

@@ -296,16 +296,20 @@ def model_table(results: dict) -> tuple[list[str], list[list[str]]]:
     if any(figure_error(m, "passkey") for m in models):  # the asked lengths, so a failed pass key still has columns
         lengths |= {int(n) for n in ((results.get("settings") or {}).get("passkey") or {}).get("lengths") or []}
     lengths = sorted(lengths)
-    cols = ["model", "params", "non-emb params", "weights", "KV / token (bf16)", "Mamba state / seq",
-            "held-out loss", "ppl", *[f"{t} acc" for t in tasks], *[f"passkey@{n}" for n in lengths]]
+    # MoE models: the parameters a token touches next to the total (a dense run's table stays as it was)
+    costs = [m.get("cost") or {} for m in models]
+    moe = any(c.get("active_params", c.get("params")) != c.get("params") for c in costs)
+    cols = ["model", "params", *(["active params"] if moe else []), "non-emb params", "weights", "KV / token (bf16)",
+            "Mamba state / seq", "held-out loss", "ppl", *[f"{t} acc" for t in tasks], *[f"passkey@{n}" for n in lengths]]
     rows = []
     for m in models:
         c = m.get("cost")
         if c:
-            sizes = [human_count(c["params"]), human_count(c["non_embedding_params"]), human_bytes(c.get("weight_bytes")),
+            sizes = [human_count(c["params"]), *([human_count(c.get("active_params", c["params"]))] if moe else []),
+                     human_count(c["non_embedding_params"]), human_bytes(c.get("weight_bytes")),
                      human_bytes(c["kv_bytes_per_token"]), human_bytes(c["mamba_state_bytes"])]
         else:
-            sizes = [FAILED if figure_error(m, "cost") else "-"] * 5
+            sizes = [FAILED if figure_error(m, "cost") else "-"] * (6 if moe else 5)
         held = m.get("heldout")
         loss = [_fmt(held.get("loss")), _fmt(held.get("perplexity"), 1)] if held else [FAILED if figure_error(m, "heldout") else "-"] * 2
         accs = [_fmt(((m.get("tasks") or {}).get(t) or {}).get("acc")) if t in (m.get("tasks") or {})

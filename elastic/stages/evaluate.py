@@ -6,7 +6,8 @@
 
 Models: the parent, then every exported folder under ``prune/``, ``distill/`` and ``quantize/``
 (FP8 exports through `elastic.fp8.load_dequantized`), or the list in ``evaluate.models``.
-Per model: sizes and memory from its config (`Arch`), held-out loss / perplexity (chunked over
+Per model: sizes and memory from its config (`Arch`; a MoE model also its active parameters, those one
+token touches, in the table and the trackers), held-out loss / perplexity (chunked over
 tokens), multiple-choice accuracy through lm-evaluation-harness on shipped local tasks, pass-key
 retrieval at several context lengths and needle depths, and measured prefill / decode throughput
 and peak memory.
@@ -209,6 +210,8 @@ def track(cfg: Any, run: RunDir, results: dict) -> None:
     for m in report.ok_models(results):  # the figures a model has; a failed one is in the tables below
         if m.get("cost"):
             scalars[f"{m['name']}/params"] = m["cost"]["params"]
+            if m["cost"].get("active_params", m["cost"]["params"]) != m["cost"]["params"]:  # a MoE model
+                scalars[f"{m['name']}/active_params"] = m["cost"]["active_params"]
         if m.get("heldout"):
             scalars[f"{m['name']}/heldout_loss"] = m["heldout"]["loss"]
         for t, r in (m.get("tasks") or {}).items():

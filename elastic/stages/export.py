@@ -24,6 +24,9 @@ Outputs: ``RUN/export/<name>-<quant>.gguf``, each with a ``.meta.json`` sidecar 
 quant, size, tensor types, tool versions), and ``RUN/export/<name>.check.json`` (the comparison).
 GGUF files are made in a temporary folder inside ``RUN/export`` and renamed into place only after
 llama.cpp loaded them and tokenized the test texts like transformers: no half-written ``.gguf``.
+A MoE NemotronH (layers ``E``) becomes llama.cpp's ``nemotron_h_moe`` (routed experts stacked per layer,
+shared expert, router with its correction bias); one that also has dense MLP layers (``-``) is refused
+in one line before anything is written: that llama.cpp architecture has none.
 With ``export.format: null`` (the toy default, so ``python -m elastic.run`` needs no extra) the
 stage prints one line and writes nothing. Bad input -- an unknown GGUF type, a checkpoint or
 tokenizer llama.cpp cannot take -- stops with one error line.

@@ -13,6 +13,19 @@ export still writes float8 weights. modelopt's HF export writes the folder; its 
 back, known modelopt defects repaired (`elastic.fp8.repair`) and the folder checked the way vLLM
 reads it (`elastic.export_check`): anything not repairable stops the stage, with nothing written.
 
+MoE layers (NemotronH layer type "moe", pattern letter ``E``), following modelopt's hybrid MoE configs
+(`MAMBA_MOE_FP8_AGGRESSIVE_CFG` = preset ``nvidia_nano``, `MAMBA_MOE_FP8_CONSERVATIVE_CFG` = ``conservative``;
+``default`` also FP8s attention):
+- FP8 in every preset: the routed experts, one unit per layer (``mixer.experts``; each expert's
+  ``up_proj`` and ``down_proj`` with its own ``weight_scale``, one ``input_scale`` per projection shared by
+  the layer's experts, written per expert as ``experts.<i>.up_proj.weight`` like the hub checkpoints), and
+  the shared expert (``mixer.shared_experts.up_proj`` / ``down_proj``);
+- never FP8: the router (``mixer.gate.weight`` and ``e_score_correction_bias``: no linear module, kept in
+  fp32 as transformers computes them, listed in the export's exclusions; modelopt's ``*router*``), and as for
+  dense models ``lm_head``, the embeddings and ``mixer.conv1d`` BF16. A glob such as
+  ``"*.mixer.experts"`` in ``quantize.keep_bf16`` keeps routed experts BF16. (modelopt's configs also keep
+  ``fc1/fc2_latent_proj`` BF16: NemotronH with ``moe_latent_size`` is not supported here.)
+
 Inputs: ``quantize.model``, else the last distilled phase (``distill/DONE.json``), else the model
 ``prune/latest.json`` names. Outputs: ``RUN/quantize/<name>/`` (FP8 weights with ``weight_scale`` and
 ``input_scale``, config.json with ``quantization_config``, hf_quant_config.json, tokenizer) and
@@ -125,9 +138,7 @@ def run(cfg: Any, run: RunDir) -> dict:
     device = resolve_device(cfg.device)
     model = load_model(source, "float32", device)
     kernels.announce(STAGE, model, device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.to(dtype) if device.type != "cpu" else p.data.to(dtype).to(torch.float32)
+    fp8.round_to_export_dtype(model, dtype, torch.float32 if device.type == "cpu" else None)
     to_hub = fp8.hub_namer(model)
     kept, unmatched = fp8.keep_bf16(model, globs, to_hub)
     for g in unmatched:

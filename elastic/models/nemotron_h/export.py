@@ -34,7 +34,8 @@ def llama_cpp_config(config: dict[str, Any]) -> dict[str, Any]:
 
     ``layers_block_type`` becomes the ``hybrid_override_pattern`` string (``M`` Mamba-2, ``-`` MLP,
     ``*`` attention, ``E`` MoE) plus ``num_hidden_layers``, and a model without MoE layers loses the MoE
-    keys transformers 5.x fills in; ValueError for layer kinds llama.cpp has no name for.
+    keys transformers 5.x fills in; ValueError for layer kinds llama.cpp has no name for,
+    and for a MoE model with dense MLP layers (llama.cpp's ``nemotron_h_moe`` has none).
     """
     out = dict(config)
     kinds = out.pop("layers_block_type", None)
@@ -48,6 +49,11 @@ def llama_cpp_config(config: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"layers_block_type holds layer kinds llama.cpp's NemotronH has no equivalent for: {unknown} "
                              f"(known: {sorted(PATTERN_CHARS)})")
         pattern = "".join(PATTERN_CHARS[k] for k in kinds)
+    if "E" in pattern and "-" in pattern:
+        # the converter takes a MoE model for llama.cpp's nemotron_h_moe, whose FFN layers are all MoE: it writes
+        # a dense MLP layer with feed-forward length 0, and llama.cpp then loads that layer as a Mamba layer and fails
+        raise ValueError(f"llama.cpp's nemotron_h_moe has no dense MLP layers ('-') beside MoE layers ('E'), and this "
+                         f"model has both ({pattern}): it cannot be exported to GGUF")
     out["hybrid_override_pattern"] = pattern
     out["num_hidden_layers"] = len(pattern)
     if "E" not in pattern:
