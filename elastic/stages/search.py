@@ -28,10 +28,19 @@ only, so a resumed run with the same process count makes the same ones):
    around the router's argmax, and when that argmax is outside the budget's band the extracted
    in-band neighbour has seen little training (measured in benchmarks/search_toy.md).
 
+Router prior (``search.router.prior=grid``, our addition, off by default): before training, each budget's
+grid shape -- the prune stage's rule (`elastic.grid`) applied to the search's own space and resource, the
+``prior_candidates`` largest in-band architectures scored by held-out loss -- is added to that budget's router
+logits with weight ``prior_strength`` (`Router.set_prior`). The router starts where the grid ends and leaves the
+grid's shape only when its trained logits outweigh the prior. Why: with an uninformed router, the distillation
+loss pulls every axis toward its largest choice and the budget loss pulls hardest on the axis whose step removes
+the most resource -- the residual stream (one hidden step removes ~4x the parameters of one FFN step on SmolLM2)
+-- which is also the most damaging cut (benchmarks/router_ablation.md).
+
 Outputs: ``search/elastic/`` (plain HF checkpoint of the importance-ordered, trained weights) and beside
 it ``search/elastic.ranking.safetensors``, ``elastic.router.safetensors``, ``elastic.router.json``; ``search/archs.json`` (per budget
 the router's argmax architecture, ``params``, ``parent_params``, the cost when the resource is memory, the
-held-out loss of the hard-masked model), ``search/widths.png`` (chosen sizes per budget over
+held-out loss of the hard-masked model; ``prior``: the grid shape each budget started from), ``search/widths.png`` (chosen sizes per budget over
 training) and ``search/logs/`` (tensorboard / wandb offline / metrics.jsonl).
 
 Crash-resume: checkpoints (the last step's included) stay until ``archs.json``, written last with the run's
