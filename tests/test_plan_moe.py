@@ -340,6 +340,4 @@ def test_plan_rehearse_traces_the_moe_recipe_search_row(tmp_path):
     assert cats["sharded_param"] == pytest.approx(search["terms"]["parameters"]["gib"], abs=0.01)
     assert cats["optstate"] == pytest.approx(search["terms"]["optimizer"]["gib"], abs=0.01)
     ratio = search["peak_gib"] / search["rehearsal_peak_gib"]
-    print(f"search: plan {search['peak_gib']} vs rehearsal {search['rehearsal_peak_gib']} GiB ({ratio:.3f}); "
-          f"rehearsal {cats}; plan {dict((k, v['gib']) for k, v in search['terms'].items())}")
     assert abs(ratio - 1) <= 0.15, f"search: plan {search['peak_gib']} vs rehearsal {search['rehearsal_peak_gib']} GiB"
