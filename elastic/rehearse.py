@@ -476,12 +476,12 @@ def _host_read_site(err: BaseException) -> str:
     return f"{Path(f.filename).resolve().relative_to(root.parent)}:{f.lineno}: {f.line}"
 
 
-def rehearse_rows(cfg, rows: list[StagePlan], *, log=print, skipped: dict[str, str] | None = None) -> dict[str, Rehearsal]:
+def rehearse_rows(cfg, rows: list[StagePlan], *, log=print) -> dict[str, Rehearsal]:
     """Rehearse every training row of a plan (search, each distill phase; importance has no training step).
 
-    A row whose step reads a tensor's value on the host to decide a shape cannot run on fake tensors (they have
-    no values): it is left out with its reason in `skipped` (row -> one line naming the code that read it) and
-    the other rows are rehearsed; without `skipped` the error propagates."""
+    A step that reads a tensor's value on the host to decide a shape cannot run on fake tensors (they have no
+    values) and is a sync on a GPU: it is refused in one line naming the code that read it (the masked models
+    and the stages' steps read none: `tests/test_moe_core.py` counts them)."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
     from elastic.plan import _get, parent_config
@@ -502,15 +502,11 @@ def rehearse_rows(cfg, rows: list[StagePlan], *, log=print, skipped: dict[str, s
         log(f"rehearsing {r.row}: {r.world_size} ranks, {r.strategy}/{r.teacher_mode}, {r.micro_batch} x {r.seq_len}, "
             f"accumulation {r.grad_accum} ...")
         try:
-            res = _rehearse_row(cfg, r, pcfg, phases, mixed, student_config)
+            res, student_config = _rehearse_row(cfg, r, pcfg, phases, mixed, student_config)
         except DataDependentOutputException as err:
-            if skipped is None:
-                raise
-            skipped[r.row] = (f"{r.row}: not rehearsed -- its step reads a tensor's value on the host to size a tensor, "
-                              f"which fake tensors do not have ({_host_read_site(err)})")
-            log(skipped[r.row])
-            continue
-        res, student_config = res
+            raise RehearsalError(f"plan.rehearse: the {r.row} step reads a tensor's value on the host to size a tensor "
+                                 f"({_host_read_site(err)}), which fake tensors cannot run -- rerun with "
+                                 f"plan.rehearse=false and report it") from err
         log(f"rehearsed {r.row}: peak {res.peak_gib:.1f} GiB per GPU (plan {r.peak_bytes / GiB:.1f}) in {res.seconds:.0f} s")
         out[r.row] = res
     return out

@@ -189,6 +189,57 @@ def test_soft_experts_mask_is_the_mixture_over_choices_and_differentiable(elasti
     assert g.abs().min() > 0
 
 
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that reads a tensor's value back on the host (``item`` / ``tolist`` / ``int(t)`` all
+    dispatch ``_local_scalar_dense``; ``nonzero`` sizes its output by values): a sync on a GPU, and what fake
+    tensors (the plan's rehearsal) cannot run."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_masked_forward_reads_no_value_on_the_host(elastic_setup):
+    """The search's draws (soft and straight-through probabilities with gradients, every axis) and a hard
+    architecture set by its indices run forward and backward reading no tensor value back beyond what the plain
+    parent's forward reads (transformers' mask code checks for packed sequences when given no attention mask):
+    the MoE router's union of the choices' top-k sets has a width fixed by the configuration, min(E, top_k x
+    choices)."""
+    _, arch, _, space, el = elastic_setup
+    ids = tokens()
+    g = torch.Generator().manual_seed(5)
+    soft = {a: torch.softmax(torch.randn(len(el.choices(a)), generator=g), 0).requires_grad_() for a in el.axes}
+    straight = {a: el.one_hot(a, i).requires_grad_() * 1.0 for a, i in enumerate_axes(el)}
+    sub = el.arch_from_indices(dict(enumerate_axes(el)))
+
+    def reads(select, backward: bool = True) -> list:
+        with HostReads() as mode:
+            select()
+            out = el(ids).logits
+            if backward:
+                out.square().mean().backward()
+        el.set_full()
+        return mode.reads
+
+    parent = reads(el.set_full)
+    assert reads(lambda: el.set_probs(**soft)) == parent
+    assert reads(lambda: el.set_probs(**straight)) == parent
+    assert reads(lambda: el.set_arch(sub), backward=False) == reads(el.set_full, backward=False)
+
+
+def enumerate_axes(el) -> list[tuple[str, int]]:
+    """A choice index per axis that is neither the full nor the smallest one where the axis has three or more."""
+    return [(a, min(1, len(el.choices(a)) - 1)) for a in el.axes]
+
+
 def test_cost_at_one_hot_is_active_params(elastic_setup):
     _, arch, _, space, el = elastic_setup
     for resource, read in (("active_params", lambda a: a.active_params()), ("params", lambda a: a.num_params())):

@@ -95,7 +95,7 @@ def test_a_row_the_rehearsal_puts_above_usable_memory_is_refused(tmp_path, monke
     parent = _folder(tmp_path, "p9", json.loads((DATA / "nemotron-nano-9b-v2.config.json").read_text()))
     cfg = _cfg(tmp_path, f"parent.path={parent}", "plan.rehearse=true", "plan.mamba_path=torch")
 
-    def too_big(cfg, rows, log=print, skipped=None):
+    def too_big(cfg, rows, log=print):
         return {r.row: rehearse.Rehearsal(row=r.row, peak_bytes=int(r.budget_bytes + GiB), by_category={}, world_size=8,
                                           strategy=r.strategy, micro_batches=2, grad_accum=r.grad_accum, seconds=0.0)
                 for r in rows if r.row == "search"}

@@ -634,7 +634,10 @@ class ElasticBase(nn.Module):
         self._state = {}
 
     def one_hot(self, axis: str, index: int) -> torch.Tensor:
-        return F.one_hot(torch.tensor(index), len(self.choices(axis))).float().to(self.hidden_masks.device)
+        # written, not `F.one_hot`: that one reads its input's range back on the host (a sync per axis on a GPU)
+        p = torch.zeros(len(self.choices(axis)), device=self.hidden_masks.device)
+        p[index] = 1.0
+        return p
 
     def choice_indices(self, arch: Sizes) -> dict[str, int]:
         """The choice index of each axis for an architecture of this space (ArchError if not in it)."""
@@ -649,9 +652,19 @@ class ElasticBase(nn.Module):
         out["depth"] = self.kept_layers.index(tuple(arch.layers))
         return out
 
+    def set_indices(self, idx: Mapping[str, int]) -> None:
+        """A hard architecture given by its choice index on every axis (host integers): the one-hot masks, and
+        what the forward would otherwise read back from them (which layers are skipped, which expert choice
+        routes) taken from the indices, so that the forward reads no tensor value on the host."""
+        self.set_probs(**{a: self.one_hot(a, i) for a, i in idx.items()})
+        self._state["indices"] = {a: int(i) for a, i in idx.items()}
+        if "depth" in idx:
+            kept = set(self.kept_layers[int(idx["depth"])])
+            self._state["gates_host"] = [1.0 if layer in kept else 0.0 for layer in range(self.arch.num_layers)]
+
     def set_arch(self, arch: Sizes) -> None:
         """A hard mask: exactly the function of ``slice_model(model, arch)``."""
-        self.set_probs(**{a: self.one_hot(a, i) for a, i in self.choice_indices(arch).items()})
+        self.set_indices(self.choice_indices(arch))
 
     def arch_from_indices(self, idx: Mapping[str, int]) -> Sizes:
         sizes = {a: self.space.choices[a][idx[a]] for a in self.space.choices}

@@ -44,8 +44,10 @@ def run(cfg, run: RunDir) -> dict:
     if not c.depth:  # keep the layer order as given so depth pruning still has a (trivial) ranking
         import torch
 
-        scores["depth_mse"] = scores["depth_loss"] = torch.arange(arch.num_layers, 0, -1).float()
-    ranking = Ranking.from_scores(scores, arch, depth_metric=c.depth_metric)
+        # two tensors: safetensors refuses to save one tensor under two names
+        scores["depth_mse"] = torch.arange(arch.num_layers, 0, -1).float()
+        scores["depth_loss"] = scores["depth_mse"].clone()
+    ranking = Ranking.from_scores(ranked_scores(model, scores, c.get("expert_score")), arch, depth_metric=c.depth_metric)
     ranking.validate(arch)
     inputs = {"parent": str(parent_path), "calibration_sequences": sum(len(b) for b in batches)}
     meta = dict(stage=STAGE, config=cfg.importance, inputs=inputs, arch=arch.to_dict())
@@ -63,6 +65,19 @@ def run(cfg, run: RunDir) -> dict:
     }
     run.save_json("importance/summary.json", summary, **meta)
     return {"ranking": str(run.path("importance/ranking.safetensors")), "depth_order": summary["depth_order"]}
+
+
+def ranked_scores(model, scores: dict, expert_score: str | None) -> dict:
+    """The scores the ranking is built from: for a family with routed experts (``expert_scores``), the experts'
+    scores by `expert_score` (``importance.expert_score``: share_gate_norm | frequency; one ArchError line for
+    another); a model without experts (no ``experts.<layer>`` scores) ranks `scores` as they are. The raw scores,
+    every statistic, are what ``scores.safetensors`` keeps."""
+    from elastic.models import family_for
+
+    select = getattr(family_for(model), "expert_scores", None)
+    if select is None or expert_score is None or not any(k.startswith("experts.") for k in scores):
+        return scores
+    return select(scores, str(expert_score))
 
 
 def load_ranking(run: RunDir) -> Ranking:

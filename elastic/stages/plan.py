@@ -94,8 +94,6 @@ def _markdown(doc: dict) -> str:
         "|" + "---|" * len(head),
     ]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
-    if doc.get("rehearsal_skipped"):
-        lines += ["", "Not rehearsed:", ""] + [f"- {r}" for r in doc["rehearsal_skipped"]]
     refusals = doc.get("_refusals", [r.refusal() for r in doc["_rows"] if not r.fits])
     if refusals:
         lines += ["", "Refused:", ""] + [f"- {r}" for r in refusals]
@@ -124,8 +122,6 @@ def _print(doc: dict) -> None:
     if doc["tau_warning"]:
         con.print(f"[yellow]warning:[/] {doc['tau_warning']}")
     con.print(f"total: {doc['gpu_hours']:,.0f} GPU-hours at the stated MFU")
-    for line in doc.get("rehearsal_skipped", []):
-        con.print(f"[yellow]{line}[/]")
 
 
 def _rehearse(cfg, doc: dict) -> list[str]:
@@ -134,15 +130,11 @@ def _rehearse(cfg, doc: dict) -> list[str]:
     refusals the rehearsal adds."""
     from elastic.rehearse import rehearse_rows
 
-    skipped: dict[str, str] = {}
-    measured = rehearse_rows(cfg, doc["_rows"], skipped=skipped)
-    doc["rehearsal_skipped"] = list(skipped.values())  # rows fake tensors cannot run, each with the reason
+    measured = rehearse_rows(cfg, doc["_rows"])
     refusals = []
     for r, d in zip(doc["_rows"], doc["rows"]):
         m = measured.get(r.row)
         d["rehearsal_peak_gib"] = round(m.peak_gib, 2) if m else None
-        if r.row in skipped:
-            d["rehearsal_skipped"] = skipped[r.row]
         if m is None:
             continue
         d["rehearsal"] = m.to_dict()

@@ -183,7 +183,7 @@ class SearchModel(nn.Module):
             # settle: the router is frozen (it gets no gradient) and the budget trains exactly the
             # architecture that extraction will cut out -- the constrained argmax of `chosen_archs`
             idx, _ = self.router.constrained_argmax(budget, self.cost, self.band)
-            self.elastic.set_probs(**{a: self.elastic.one_hot(a, i) for a, i in idx.items()})
+            self.elastic.set_indices(idx)
             bl = input_ids.new_zeros((), dtype=torch.float32)
             info["ratio"] = self.cost.of_arch(self.elastic.arch_from_indices(idx)) / (budget * self.cost.full)
         else:

@@ -106,13 +106,6 @@ class ElasticNemotronH(ElasticBase):
         self.register_buffer("shared_ffn_masks", prefix_masks(list(self.space.choices["shared_ffn"]),
                                                               a.moe_shared_expert_intermediate_size), persistent=False)
 
-    def set_probs(self, **probs) -> None:
-        super().set_probs(**probs)
-        p = probs.get("experts")
-        if p is not None and not p.requires_grad:
-            # the choices a fixed distribution gives weight to, read once per forward rather than once per MoE layer
-            self._state["experts_host"] = [j for j, v in enumerate(p.tolist()) if v != 0.0]
-
 
 # ---------------------------------------------------------------------------------------------
 # the patched forwards (module instance, original unbound forward, state getter, ...)
@@ -159,7 +152,15 @@ def _expert_act_forward(act, orig, st, masks, x):
 
 def _router_forward(gate, orig, st, keep, hidden_states):
     """transformers' `NemotronHTopkRouter.forward` with the dropped experts of each choice out of the top-k,
-    and the routing of the mixture over choices (see the module docstring)."""
+    and the routing of the mixture over choices (see the module docstring).
+
+    Every shape is fixed by the configuration, never by a value: the forward reads nothing back on the host (a
+    sync per MoE layer on a GPU, and fake tensors, which the plan's rehearsal runs on, have no values). A hard
+    architecture set by its indices (`set_indices`) routes its one choice's top-k, exactly the sliced model's
+    router; any other distribution routes the union of all choices' top-k sets, at most ``min(E, top_k * J)``
+    experts per token (J choices), padded to that fixed width with experts of weight 0 (each of them runs and
+    adds nothing; the experts' output is linear in the routing weights). Every choice is routed even where its
+    probability is 0: a straight-through one-hot's gradient reaches the choices it did not pick."""
     state = st()
     p = state.get("experts")
     if p is None:
@@ -170,7 +171,8 @@ def _router_forward(gate, orig, st, keep, hidden_states):
     logits = F.linear(h.type(torch.float32), gate.weight.type(torch.float32))
     scores = logits.sigmoid()
     for_choice = scores + gate.e_score_correction_bias
-    chosen = state.get("experts_host", range(len(keep)))  # a fixed distribution: only the choices it weighs
+    hard = state.get("indices", {}).get("experts")
+    chosen = range(len(keep)) if hard is None else (hard,)
     dense = torch.zeros_like(scores)  # [T, E] routing weight of the mixture
     picked = torch.zeros_like(scores, dtype=torch.bool)
     for j in chosen:
@@ -185,13 +187,12 @@ def _router_forward(gate, orig, st, keep, hidden_states):
         if gate.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         w = w * gate.routed_scaling_factor
+        if hard is not None:
+            return logits, w * p[j].to(w.dtype), idx  # p[j] == 1: the sliced model's routing
         dense = dense.scatter_add(1, idx, w * p[j].to(w.dtype))
         picked = picked.scatter(1, idx, True)
-    if len(chosen) == 1:
-        return logits, dense.gather(1, idx), idx
-    # the union of the choices' top-k sets, padded with unpicked experts of weight 0 to the widest token's count
-    width = int(picked.sum(-1).max())
+    # the union of the choices' top-k sets first (a picked expert sorts above an unpicked one), then unpicked
+    # experts, whose mixture weight is exactly 0, up to the fixed width
+    width = min(E, gate.top_k * len(chosen))
     index = torch.topk(picked.to(scores.dtype), k=width, dim=-1)[1]
     return logits, dense.gather(1, index), index
-
-
