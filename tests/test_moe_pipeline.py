@@ -146,8 +146,8 @@ def test_moe_with_dense_mlp_layers_is_refused_for_gguf_in_one_line(toy_parent, t
 # needs 16-byte aligned rows, so an expert width such as 27 fails in training with "strides should be multiple of 16
 # bytes". Mamba head_dim 64 as in the real parent: llama.cpp's converter needs heads x head_dim a multiple of 64.
 MOE_RUN = ["budget=all", "search.budgets=[0.6,0.8]", "prune.granularity.hidden=8", "search.granularity.hidden=8",
-           "+search.granularity.moe_ffn=8", "+search.granularity.shared_ffn=8", "+prune.granularity.moe_ffn=8",
-           "+prune.granularity.shared_ffn=8", *TINY_RUN]
+           "search.granularity.moe_ffn=8", "search.granularity.shared_ffn=8", "prune.granularity.moe_ffn=8",
+           "prune.granularity.shared_ffn=8", *TINY_RUN]
 STAGE_RUN = {
     "export": ["export.format=gguf", "export.quant=[q8_0]", "export.heldout_sequences=4", "export.seq_len=64",
                "export.max_new_tokens=8"],
