@@ -12,10 +12,10 @@ from elastic.arch import ArchError
 from elastic.models.nemotron_h import Ranking, arch_of, expert_scores
 from elastic.run import CONF_DIR, pipeline
 from elastic.rundir import RunDir
+from test_bad_input import VOCAB, make_tokenizer  # the tiny BPE tokenizer those tests train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 300
 KINDS = {"M": "linear_attention", "-": "mlp", "*": "full_attention", "E": "moe"}
 WORDS = "the a of to and in that is was he for it with as his on be at by had not are but from or".split()
 LOUD = 2  # the expert every token routes to whose output is zero: frequent, yet it changes nothing
@@ -28,20 +28,6 @@ def _config(pattern: str, **moe) -> NemotronHConfig:
                            layers_block_type=[KINDS[c] for c in pattern], **moe)
 
 
-def _tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def parents(tmp_path_factory):
     """Calibration text and two checkpoints with a tokenizer: a MoE parent (8 experts, top-2) in which expert
@@ -52,7 +38,7 @@ def parents(tmp_path_factory):
     texts = ["\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(60)) for _ in range(3)]
     for i, t in enumerate(texts):
         (root / f"doc{i}.txt").write_text(t)
-    tok = _tokenizer(texts)
+    tok = make_tokenizer(texts)
     torch.manual_seed(0)
     moe = NemotronHForCausalLM(_config("MEM*E", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                        moe_shared_expert_intermediate_size=48)).eval()

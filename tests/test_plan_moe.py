@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from test_rehearse import _folder  # a folder holding one config.json
+
 DATA = Path(__file__).parent / "data"
 CONFIG = json.loads((DATA / "nemotron-3-nano-30b-a3b.config.json").read_text())
 
@@ -161,13 +163,6 @@ def test_the_rehearsal_builds_the_fp32_student_in_fp32_whatever_the_config_says(
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-
-
-def _folder(tmp_path: Path, name: str, config: dict) -> Path:
-    d = tmp_path / name
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(config))
-    return d
 
 
 def _cfg(tmp_path: Path, *overrides: str):
