@@ -325,7 +325,7 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
             f"{r['ppl']:.2f} | {dist} | {_tokens(r)} | {r['prune_s']} | {r['eval_s']} |".replace("| nan |", "| - (trained by the search) |"))
     means = seed_means(result)
     if any(len(v["seeds"]) > 1 for v in means.values()):
-        lines += ["", "Mean over seeds of the distilled perplexity (each seed's value in brackets):", "",
+        lines += ["", "Distilled perplexity, mean over seeds and each seed's:", "",
                   "| method | target | seeds | mean distilled ppl | per seed | training tokens per seed |", "|---|---|---|---|---|---|"]
         for (m, bud), v in means.items():
             lines.append(f"| {m} | {bud:.0%} | {len(v['seeds'])} | {v['mean']:.2f} | {', '.join(f'{x:.2f}' for x in v['values'])} | "
@@ -382,6 +382,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/smollm2.md", help="Markdown report (the plot and a JSON go beside it)")
     ap.add_argument("--partial", default=None, help="mark the report as partial with this sentence")
     ap.add_argument("--report-only", action="store_true", help="re-render the Markdown and plot from the JSON beside --out")
+    ap.add_argument("--reading", default=None, metavar="MD", help="with --report-only: the report's Reading section, from a file")
     ap.add_argument("--merge", action="append", default=[], metavar="JSON",
                     help="with --report-only: add the rows of another run's JSON (same token budgets; e.g. methods run as a "
                          "second process beside the first) to the JSON beside --out")
@@ -401,7 +402,9 @@ def main(argv=None) -> int:
             result["commands"] = list(dict.fromkeys((result.get("commands") or [result["command"]]) + (more.get("commands") or [more["command"]])))
             result["seconds"] = round(float(result["seconds"]) + float(more["seconds"]), 1)
             result["merged"] = sorted(set(result.get("merged", [])) | {str(other)})
-        if args.merge:
+        if args.reading:
+            result["reading"] = Path(args.reading).read_text().strip()
+        if args.merge or args.reading:
             js.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, png)
         report(result, md, png, command=result["command"], seconds=result["seconds"], partial=args.partial)
