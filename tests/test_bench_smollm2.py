@@ -159,3 +159,35 @@ def test_torch_pruning_at_ratio_zero_keeps_the_parent_logits(tiny_llama):
     with torch.no_grad():
         after = pruned(ids).logits
     torch.testing.assert_close(after, before)
+
+
+def test_report_merges_rows_of_a_second_run_with_the_same_budgets(tmp_path):
+    """Methods run as a second process beside the first (e.g. the router's rows) join the first run's file:
+    rows are added once, commands kept; a file of other token budgets is refused."""
+    import bench_smollm2
+
+    def doc(rows, command, budgets=bench_smollm2.MEDIUM):
+        return {"parent": "p", "parent_nonembed": 1000, "budgets": budgets.__dict__, "data": {}, "seconds": 60.0,
+                "settings": {"budgets": budgets.__dict__, "seed": 0}, "command": command, "commands": [command],
+                "machine": "m", "date": "d", "rows": rows}
+
+    def row(method, budget, seed, ppl):
+        return {"method": method, "label": method, "budget": budget, "seed": seed, "nonembed": int(1000 * budget),
+                "params": 2000, "ppl": ppl, "ppl_distilled": ppl / 2, "tokens": 10, "prune_s": 0, "eval_s": 0,
+                "shape": {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+                          "num_hidden_layers": 2}, "folder": "", "variant": ""}
+
+    md = tmp_path / "full.md"
+    parent = row("unpruned", 1.0, 0, 10.0)
+    md.with_suffix(".json").write_text(json.dumps(doc([parent, row("ours_grid", 0.6, 0, 40.0)], "A")))
+    other = tmp_path / "router.json"
+    other.write_text(json.dumps(doc([parent, row("ours_router", 0.6, 0, 30.0), row("ours_router", 0.6, 1, 32.0)], "B")))
+    assert bench_smollm2.main(["--report-only", "--out", str(md), "--merge", str(other)]) == 0
+    merged = json.loads(md.with_suffix(".json").read_text())
+    assert [(r["method"], r["seed"]) for r in merged["rows"]] == [("unpruned", 0), ("ours_grid", 0), ("ours_router", 0),
+                                                                   ("ours_router", 1)]
+    assert merged["commands"] == ["A", "B"]
+    text = md.read_text()
+    assert "`A`" in text and "`B`" in text and "| ours_router | 60% | 2 | 15.50 |" in text  # the seeds' mean
+    other.write_text(json.dumps(doc([parent], "C", budgets=bench_smollm2.REDUCED)))
+    assert bench_smollm2.main(["--report-only", "--out", str(md), "--merge", str(other)]) == 2
