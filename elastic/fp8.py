@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from elastic.models.family import EXPERT_PROJECTIONS, is_fused_experts
 from elastic.parent import ModelError
 
 FP8_MAX = 448.0  # the largest float8 e4m3fn value: scale = amax / FP8_MAX
@@ -59,18 +60,6 @@ def hub_namer(model) -> Callable[[str], str]:
         return cache[module]
 
     return name
-
-
-def is_fused_experts(module) -> bool:
-    """A MoE layer's routed experts stored as 3-D tensors (transformers 5.x ``@use_experts_implementation``,
-    e.g. NemotronH's ``mixer.experts``: ``up_proj`` [experts, ffn, hidden], ``down_proj`` [experts, hidden, ffn]).
-    modelopt quantizes them as one unit (`_QuantFusedExperts`): one FP8 weight scale per expert and projection,
-    one input scale per projection shared by the layer's experts; its export writes them per expert
-    (``experts.<i>.up_proj.weight``), the hub layout transformers and vLLM read."""
-    down = getattr(module, "down_proj", None)
-    first = getattr(module, "up_proj", None) if getattr(module, "gate_up_proj", None) is None else module.gate_up_proj
-    return (hasattr(module, "num_experts") and isinstance(down, torch.Tensor) and down.dim() == 3
-            and isinstance(first, torch.Tensor) and first.dim() == 3)
 
 
 def quantizable(model) -> list[str]:
@@ -362,7 +351,7 @@ def load_dequantized(path: str | Path, dtype: str | torch.dtype = "float32", dev
             hub = to_hub(name) if name else name
             if f"{hub}.input_scale" in scales:
                 module.register_forward_pre_hook(_round_input(scales[f"{hub}.input_scale"].to(device)))
-            if is_fused_experts(module) and f"{hub}.0.down_proj.input_scale" in scales:
+            if is_fused_experts(module) and f"{hub}.0.{EXPERT_PROJECTIONS[-1]}.input_scale" in scales:
                 _round_experts(module, hub, scales, device, p)
             for kv in ("k_scale", "v_scale"):
                 if f"{hub}.{kv}" in scales:
@@ -377,13 +366,14 @@ def _round_experts(module, hub: str, scales: Mapping[str, torch.Tensor], device,
     if getattr(module, "has_gate", False) or getattr(module, "gate_up_proj", None) is not None:
         raise ModelError(f"{path}: FP8 activations of gated fused experts ({hub}) are not emulated; "
                          "load it with activations=False")
-    for proj in ("up_proj", "down_proj"):
+    for proj in EXPERT_PROJECTIONS:
         found = {scales[k].item() for i in range(module.num_experts) if (k := f"{hub}.{i}.{proj}.input_scale") in scales}
         if len(found) != 1:
             raise ModelError(f"{path}: the experts of {hub} have {len(found)} different {proj} input scales; "
                              "modelopt writes one per layer and projection")
-    module.register_forward_pre_hook(_round_input(scales[f"{hub}.0.up_proj.input_scale"].to(device)))
-    module.act_fn.register_forward_hook(_round_output(scales[f"{hub}.0.down_proj.input_scale"].to(device)))
+    first, second = EXPERT_PROJECTIONS
+    module.register_forward_pre_hook(_round_input(scales[f"{hub}.0.{first}.input_scale"].to(device)))
+    module.act_fn.register_forward_hook(_round_output(scales[f"{hub}.0.{second}.input_scale"].to(device)))
 
 
 def _round_input(scale: torch.Tensor):

@@ -174,7 +174,7 @@ def test_cli_bad_budget_one_line(toy_parent, tmp_path):
 def test_help_lists_stages_and_recipes():
     r = subprocess.run([sys.executable, "-m", "elastic.run", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
-    for word in ("importance", "prune", "search", "distill", "plan", "recipe: nemotron_12b_elastic, nemotron_9b_to_4b, toy",
+    for word in ("importance", "prune", "search", "distill", "plan", "recipe: nemotron3_nano_30b_a3b, nemotron_12b_elastic, nemotron_9b_to_4b, toy",
                  "prune.target"):
         assert word in r.stdout, word
 

@@ -752,3 +752,22 @@ def gated_block_forward(block, orig, st, index, elastic, hidden_states, *args, *
         if host == 1.0:
             return call(run, hidden_states)
     return call(gated, hidden_states, g)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' fused routed experts (the layout FP8 quantization and its emulation must know)
+# ---------------------------------------------------------------------------------------------
+EXPERT_PROJECTIONS = ("up_proj", "down_proj")  # a fused-experts module's two stacked projections, input side first
+
+
+def is_fused_experts(module) -> bool:
+    """A MoE layer's routed experts stored as 3-D tensors (transformers 5.x ``@use_experts_implementation``,
+    e.g. NemotronH's ``mixer.experts``: ``up_proj`` [experts, ffn, hidden], ``down_proj`` [experts, hidden, ffn]).
+    modelopt quantizes them as one unit (`_QuantFusedExperts`): one FP8 weight scale per expert and projection,
+    one input scale per projection shared by the layer's experts; its export writes them per expert
+    (``experts.<i>.up_proj.weight``), the hub layout transformers and vLLM read."""
+    first_name, second_name = EXPERT_PROJECTIONS
+    down = getattr(module, second_name, None)
+    first = getattr(module, first_name, None) if getattr(module, "gate_up_proj", None) is None else module.gate_up_proj
+    return (hasattr(module, "num_experts") and isinstance(down, torch.Tensor) and down.dim() == 3
+            and isinstance(first, torch.Tensor) and first.dim() == 3)
