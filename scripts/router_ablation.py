@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -86,11 +85,11 @@ def report(md: Path) -> None:
     grid, gdoc = _rows(OUT / "grid.json")
     parent = grid[("unpruned", 1.0)]["ppl"]
     lines = ["# Router variants on SmolLM2-135M at equal tokens (issue #21)", "",
-             f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python scripts/router_ablation.py` "
+             f"- command: `{gdoc['command'].split()[0]} python scripts/router_ablation.py` "
              "(each variant: `scripts/bench_smollm2.py --preset reduced --methods ours_router --router-set ...`; JSON per "
              "variant in `benchmarks/ablations/router/`)",
              f"- machine: {gdoc.get('machine')}; date: {gdoc.get('date')}",
-             f"- tokens: {gdoc['budgets']['distill_rows']} x {gdoc['budgets']['seq_len']} per separately distilled model "
+             f"- tokens: {gdoc['budgets']['distill_rows']} rows x {gdoc['budgets']['seq_len']} per separately distilled model "
              "(the grid's); the router's one search has the two models' tokens together; held-out: "
              f"{gdoc['budgets']['heldout_rows']} x {gdoc['budgets']['seq_len']} tokens of Wikipedia never read; parent ppl {parent:.2f}",
              "", "| variant | what it changes | 60%: shape (hidden / FFN / q heads / layers) | 60% ppl | 40%: shape | 40% ppl | search tokens |",
