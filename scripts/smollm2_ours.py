@@ -95,16 +95,20 @@ def make_methods(effort: Effort, data_dir: Path, Method, fractions: list[float],
     def importance(parent_dir, run_dir):
         _run(_compose(parent_dir, run_dir, data_dir, effort, 0, "stage=importance"))  # skipped once done
 
-    def grid(ranking: str):
+    def grid(ranking: str, *space: str, tag: str = ""):
         def fn(parent_dir, target, calib, seed, *, out, work):
             run_dir = shared(work)
             if ranking == "importance":
                 importance(parent_dir, run_dir)
             res = _run(_compose(parent_dir, run_dir, data_dir, effort, seed, "stage=prune", "force=true",
                                 f"prune.target={int(target)}", "prune.count=non_embedding_params",
-                                f"prune.ranking={ranking}", f"prune.name={ranking}-t{int(target)}-s{seed}"))
+                                f"prune.ranking={ranking}", f"prune.name={ranking}{tag}-t{int(target)}-s{seed}", *space))
             return _copy(Path(res["prune"]["path"]), Path(out))
         return fn
+
+    # the grid over the search's own space and band (the search stage's defaults): the shapes the router's grid
+    # prior starts from, distilled alone -- the control that separates the router family's shapes from its joint training
+    search_space = ("prune.max_width_prune=0.5", "prune.max_depth_prune=0.25", "prune.tolerance=0.05")
 
     def router(budgets: list[float]):
         def fn(parent_dir, target, calib, seed, *, out, work):
@@ -137,6 +141,8 @@ def make_methods(effort: Effort, data_dir: Path, Method, fractions: list[float],
                               label="ours: router search, both budgets at once (search + prune stages)"
                               + (f" [{' '.join(router_overrides)}]" if router_overrides else "")),
         "random": Method("random", grid("random"), seeds=random_seeds, label="random structured (prune.ranking=random)"),
+        "ours_grid_wide": Method("ours_grid_wide", grid("importance", *search_space, tag="-wide"), seeds=seeds,
+                                 label="control: grid over the search's space (the router prior's shapes), each budget distilled alone"),
     }
 
 
