@@ -12,6 +12,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from elastic.arch import ArchError, human_count
+from elastic.inputs import heldout_loss
 from elastic.models.family import Ranking, Sizes
 from elastic.search_space import Space
 
@@ -43,8 +44,6 @@ def candidates(parent: Sizes, space: Space, ranking: Ranking, target: float, cou
 
 def score(model, cands: list[Sizes], ranking: Ranking, batches, slice_model, desc: str = "scoring candidates") -> list[tuple[float, Sizes]]:
     """(held-out loss, architecture) of each candidate, sliced from `model` with `ranking` one at a time."""
-    from elastic.inputs import heldout_loss
-
     out = []
     for a in tqdm(cands, desc=desc, unit="arch"):
         child = slice_model(model, a, ranking)
