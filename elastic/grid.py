@@ -7,7 +7,7 @@ here knows a family: the axes come from the parent's sizes type, the slice from 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -52,6 +52,10 @@ def score(model, cands: list[Sizes], ranking: Ranking, batches, slice_model, des
     return out
 
 
-def best(scored: list[tuple[float, Any]]):
-    """The candidate with the lowest held-out loss."""
-    return min(scored, key=lambda t: t[0])[1]
+def pick(model, cands: list[Sizes], ranking: Ranking, batches, slice_model, desc: str = "scoring candidates"):
+    """The grid's choice among `cands` (largest first): the lowest held-out loss on `batches`, or the largest
+    when there is nothing to score (no batches, or one candidate). Returns (architecture, scored or None)."""
+    if batches is None or len(cands) < 2:
+        return cands[0], None
+    scored = score(model, cands, ranking, batches, slice_model, desc)
+    return min(scored, key=lambda t: t[0])[1], scored

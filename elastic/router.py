@@ -86,13 +86,9 @@ class Cost:
 
     def of_arch(self, arch) -> int:
         """The same cost read from a sizes object (its num_params / active_params / memory_bytes)."""
-        if self.resource == "params":
-            return arch.num_params()
-        if self.resource == "non_embedding_params":
-            return arch.non_embedding_params()
-        if self.resource == "active_params":
-            return arch.active_params()
-        return arch.memory_bytes(self.context, self.batch, self.bpv)
+        if self.resource == "memory":
+            return arch.memory_bytes(self.context, self.batch, self.bpv)
+        return arch.count_of(self.resource)
 
     @property
     def full(self) -> int:

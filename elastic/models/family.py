@@ -219,6 +219,17 @@ class Sizes:
         """What papers usually report (Minitron, the SmolLM2 benchmark): everything but the vocabulary's share."""
         return self.num_params() - self.embedding_params()
 
+    # the parameter counts a budget may be given in (`prune.count`, `search.resource` besides memory)
+    COUNTS: ClassVar[tuple[str, ...]] = ("params", "non_embedding_params", "active_params")
+
+    def count_of(self, kind: str) -> int:
+        """The parameter count named `kind` (one of `COUNTS`): the one dispatch the prune stage's budget and the
+        router's cost share."""
+        if kind not in self.COUNTS:
+            raise ArchError(f"a parameter count must be one of {', '.join(self.COUNTS)}, got {kind!r}")
+        return {"params": self.num_params, "non_embedding_params": self.non_embedding_params,
+                "active_params": self.active_params}[kind]()
+
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         return int(self.kv_cache_of(self.sizes(), self.counts(), bytes_per_value))
 

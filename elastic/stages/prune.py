@@ -79,7 +79,7 @@ def build_space(parent: Sizes, c: Any) -> Space:
                        protect_kinds=c.protect_kinds)
 
 
-COUNTS = ("params", "non_embedding_params", "active_params")
+COUNTS = Sizes.COUNTS
 
 
 def counter(c: Any):
@@ -88,8 +88,7 @@ def counter(c: Any):
     kind = c.get("count") or "params"
     if kind not in COUNTS:
         raise ArchError(f"prune.count must be one of {', '.join(COUNTS)}, got {kind!r}")
-    return {"params": lambda a: a.num_params(), "non_embedding_params": lambda a: a.non_embedding_params(),
-            "active_params": lambda a: a.active_params()}[kind]
+    return lambda a: a.count_of(kind)
 
 
 def grid_candidates(parent: Sizes, ranking: Ranking, target: int, c: Any) -> list[Sizes]:
@@ -187,14 +186,12 @@ def run(cfg, run: RunDir) -> dict:
         cands = grid_candidates(parent, ranking, target, c)
         record.update(rule="grid", target=target, count=c.get("count") or "params", grid_matches=len(cands))
         cands = cands[: int(c.num_candidates)]
+        batches = None
         if int(c.score_sequences) > 0 and len(cands) > 1:
             batches = token_batches(cfg, tok, "heldout", num_sequences=int(c.score_sequences), batch_size=int(c.score_batch_size))
-            scored = grid.score(model, cands, ranking, batches, slice_model, desc="prune: scoring candidates")
-            record["candidates"] = [{"arch": a.to_dict(), "params": a.num_params(), "heldout_loss": l} for l, a in scored]
-            arch = grid.best(scored)
-        else:
-            record["candidates"] = [{"arch": a.to_dict(), "params": a.num_params()} for a in cands]
-            arch = cands[0]
+        arch, scored = grid.pick(model, cands, ranking, batches, slice_model, desc="prune: scoring candidates")
+        record["candidates"] = ([{"arch": a.to_dict(), "params": a.num_params(), "heldout_loss": l} for l, a in scored]
+                                if scored else [{"arch": a.to_dict(), "params": a.num_params()} for a in cands])
 
     t0 = time.time()
     child = slice_model(model, arch, ranking)

@@ -235,12 +235,7 @@ def grid_prior(parent_model, ranking, c, batches=None) -> dict[float, dict]:
     for b in check_budgets(c.budgets):
         cands = grid.candidates(parent, space, ranking, b * cost.full, cost.of_arch, float(c.band), c.protect_kinds)
         cands = cands[: max(1, int(c.router.prior_candidates))]
-        scored = None
-        if batches is not None and len(cands) > 1:
-            scored = grid.score(parent_model, cands, ranking, batches, slice_model, desc=f"search: grid prior, budget {b:g}")
-            arch = grid.best(scored)
-        else:
-            arch = cands[0]
+        arch, scored = grid.pick(parent_model, cands, ranking, batches, slice_model, desc=f"search: grid prior, budget {b:g}")
         idx = {a: space.choices[a].index(arch.axis_size(a)) for a in space.choices}
         idx["depth"] = space.drops.index(parent.num_layers - arch.num_layers)
         out[b] = {"choices": idx, "arch": arch.to_dict(), "summary": arch.short(), "ratio": cost.of_arch(arch) / (b * cost.full),
